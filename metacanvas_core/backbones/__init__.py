@@ -1,0 +1,41 @@
+"""Backbone adapters, chosen by the `_class_name` in a diffusers folder's model_index.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import MetaCanvasInputError
+from .base import SCHEDULERS, Backbone, CanvasInjection
+from .sana import SanaBackbone
+
+BACKBONES: dict[str, type[Backbone]] = {cls.kind: cls for cls in (SanaBackbone,)}
+
+
+def backbone_class_for(folder: str | Path) -> type[Backbone]:
+    """The adapter for a diffusers folder, with an error naming the folder when none fits."""
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise MetaCanvasInputError(
+            f"'{folder}' has no model_index.json: the Backbone Loader needs a diffusers-format pipeline folder "
+            "(e.g. Sana_1600M_512px_diffusers)."
+        )
+
+    name = json.loads(index.read_text()).get("_class_name")
+    for cls in BACKBONES.values():
+        if name in cls.pipeline_class_names:
+            return cls
+    known = ", ".join(n for cls in BACKBONES.values() for n in cls.pipeline_class_names)
+    raise MetaCanvasInputError(f"'{folder}' is a '{name}' folder; MetaCanvas backbones are: {known}.")
+
+
+def load_backbone(
+    folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Backbone:
+    return backbone_class_for(folder).from_folder(Path(folder), dtype, device)
+
+
+__all__ = ["BACKBONES", "SCHEDULERS", "Backbone", "CanvasInjection", "backbone_class_for", "load_backbone"]

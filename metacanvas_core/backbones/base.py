@@ -1,0 +1,185 @@
+"""What every diffusion backbone gives MetaCanvas, and the one shared canvas mechanism.
+
+A backbone adapter wraps a diffusers transformer + VAE (+ native text encoder) loaded from a
+diffusers-format folder. The canvas residual is added to the transformer's patch embeddings by a
+forward hook on its patch-embed module: after patchify, before the first block (paper §2.3).
+Per-backbone files only say how their patch tokens are laid out and how they call their model.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from torch import nn
+
+from ..connectors import CanvasConnector
+from ..errors import MetaCanvasInputError
+
+SCHEDULERS = ("dpm_solver_flow", "flow_euler")
+
+
+@dataclass
+class CanvasInjection:
+    """The aligned canvas on the DiT token grid, for the batch rows of the conditional branch."""
+
+    connector: CanvasConnector
+    canvas: torch.Tensor  # (b, T, H, W, D) for the rows in `rows`
+    rows: slice
+
+    def add_to(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, T, H, W, D) plus the fuse block's residual on `rows`; other rows untouched.
+
+        The fuse block runs frame by frame, `(b t) (h w) d`, which bounds its memory on video.
+        """
+        x = tokens[self.rows]
+        b, t, h, w, d = x.shape
+        r = self.connector.fuse(
+            x.reshape(b * t, h * w, d),
+            self.canvas.to(x.dtype).reshape(b * t, h * w, d),
+            timestep[self.rows].repeat_interleave(t),
+            h,
+            w,
+        )
+        residual = torch.zeros_like(tokens)
+        residual[self.rows] = r.reshape(b, t, h, w, d).to(tokens.dtype)
+        return tokens + residual
+
+
+@contextmanager
+def patch_embedding_hook(module: nn.Module, transform) -> Iterator[None]:
+    """Replace `module`'s output with `transform(output)` for the duration of the block."""
+    handle = module.register_forward_hook(lambda _m, _args, out: transform(out))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+class Backbone(ABC):
+    """A diffusion backbone as MetaCanvas sees it."""
+
+    kind: ClassVar[str]  # "sana", ...: stored in checkpoints
+    pipeline_class_names: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s this adapter loads
+    context_source: ClassVar[str]  # "native" (own text encoder) or "mllm" (context connector)
+    canvas_factor: ClassVar[int]  # canvas grid = token grid / factor [D, §2.2]
+
+    def __init__(self, folder: str, transformer: nn.Module, vae: nn.Module, scheduler_config: dict) -> None:
+        self.folder = folder
+        self.transformer = transformer
+        self.vae = vae
+        self.scheduler_config = scheduler_config
+
+    # --- geometry -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def pixel_stride(self) -> int:
+        """Pixels per DiT token along height and width (VAE stride × patch size)."""
+
+    @property
+    @abstractmethod
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) the backbone was trained at; the checkpoint's canvas grid is stored there."""
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int, int]:
+        return 1, height // self.pixel_stride, width // self.pixel_stride
+
+    def check_size(self, height: int, width: int) -> None:
+        s = self.pixel_stride
+        for name, value in (("width", width), ("height", height)):
+            if value % s or value <= 0:
+                raise MetaCanvasInputError(
+                    f"{name} {value} is not a positive multiple of {s}, the pixel stride of the {self.kind} "
+                    f"backbone '{self.folder}': use {max(s, value // s * s)} or {(value // s + 1) * s}."
+                )
+
+    # --- sizes of the transformer ---------------------------------------------------------
+    @property
+    @abstractmethod
+    def width(self) -> int:
+        """Hidden width of the DiT (the canvas connector's output width)."""
+
+    @property
+    @abstractmethod
+    def attention_heads(self) -> tuple[int, int]:
+        """(heads, head_dim) of the DiT, reused by the connector's blocks."""
+
+    @property
+    @abstractmethod
+    def text_dim(self) -> int:
+        """Width of the DiT's text slot (what a context connector must produce)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def modules(self) -> list[nn.Module]:
+        """Every module holding weights, for device moves and memory accounting."""
+        return [self.transformer, self.vae]
+
+    # --- the model ------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Native text encoder: (embeds (B, L, text_dim), mask (B, L))."""
+
+    def encode_negative(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Native encoding of the unconditional branch (some pipelines encode it differently)."""
+        return self.encode_prompt(prompts)
+
+    @abstractmethod
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """Shape of the noisy latent for `batch` samples of height × width pixels."""
+
+    @abstractmethod
+    def predict(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        canvas: CanvasInjection | None,
+    ) -> torch.Tensor:
+        """Velocity for `latents` at scheduler timestep `t`, with the canvas added when given."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images (B, H, W, 3) float in 0..1."""
+
+    # --- shared machinery -----------------------------------------------------------------
+    def initial_noise(self, seed: int, batch: int, height: int, width: int) -> torch.Tensor:
+        """Float32 noise from a CPU generator, so a seed gives the same image on any device."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        shape = self.latent_shape(batch, height, width)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    def make_scheduler(self, name: str):
+        """A fresh flow-matching scheduler; the folder's own config when it is of the asked kind."""
+        config = dict(self.scheduler_config)
+        own = config.get("_class_name")
+        shift = config.get("flow_shift") or config.get("shift") or 1.0
+        if name == "dpm_solver_flow":
+            if own == "DPMSolverMultistepScheduler":
+                return DPMSolverMultistepScheduler.from_config(config)
+            return DPMSolverMultistepScheduler(
+                prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift
+            )
+        if name == "flow_euler":
+            if own == "FlowMatchEulerDiscreteScheduler":
+                return FlowMatchEulerDiscreteScheduler.from_config(config)
+            return FlowMatchEulerDiscreteScheduler(shift=shift)
+        raise MetaCanvasInputError(f"scheduler '{name}' is not one of {', '.join(SCHEDULERS)}.")

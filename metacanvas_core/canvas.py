@@ -1,0 +1,99 @@
+"""Canvas tokens: the learnable grid the MLLM writes its plan into, and its geometry.
+
+A canvas is a (K, Hc, Wc) grid: K = 1 for images, K sparse keyframes for video. Its learnable
+embeddings are stored at the grid they were trained at and resized (like ViT position embeddings)
+when a plan asks for another resolution, so one checkpoint serves every size and aspect ratio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MetaCanvasInputError
+
+
+@dataclass(frozen=True)
+class CanvasGrid:
+    """Canvas shape in tokens: keyframes × rows × columns."""
+
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def numel(self) -> int:
+        return self.frames * self.height * self.width
+
+    def as_thw(self) -> list[int]:
+        return [self.frames, self.height, self.width]
+
+
+def canvas_grid_for(token_grid: tuple[int, int, int], factor: int, keyframes: int = 1) -> CanvasGrid:
+    """Canvas grid for a DiT token grid (T, H, W): the spatial grid divided by `factor` [D, §2.2]."""
+    _, h, w = token_grid
+    if h % factor or w % factor:
+        raise MetaCanvasInputError(
+            f"The canvas grid must divide the DiT token grid: {h}×{w} tokens is not divisible by the "
+            f"checkpoint's canvas factor {factor}. Choose a width/height that gives a token grid divisible "
+            f"by {factor} (a multiple of {factor} × the backbone's pixel stride)."
+        )
+    return CanvasGrid(keyframes, h // factor, w // factor)
+
+
+class CanvasEmbedding(nn.Module):
+    """Learnable canvas tokens plus the start marker that opens the canvas in the MLLM sequence.
+
+    The start marker is the invocation token of the canvas LoRA: everything from it on is canvas.
+    """
+
+    def __init__(self, hidden_size: int, grid: CanvasGrid) -> None:
+        super().__init__()
+        self.grid = grid
+        self.tokens = nn.Parameter(torch.randn(grid.frames, grid.height, grid.width, hidden_size) * 0.02)
+        self.start = nn.Parameter(torch.randn(hidden_size) * 0.02)
+
+    def forward(self, grid: CanvasGrid) -> torch.Tensor:
+        """The MLLM input rows: start marker, then the canvas at `grid` frame-major: (1 + K·H·W, D)."""
+        tokens = self.tokens
+        if grid != self.grid:
+            x = tokens.permute(3, 0, 1, 2)[None]  # (1, D, K, H, W)
+            x = F.interpolate(x.float(), size=grid.as_thw(), mode="trilinear", align_corners=False)
+            tokens = x[0].permute(1, 2, 3, 0).to(self.tokens.dtype)
+        return torch.cat([self.start[None], tokens.reshape(grid.numel, -1)])
+
+
+def canvas_rope_positions(prev_max: torch.Tensor, grid: CanvasGrid) -> torch.Tensor:
+    """mRoPE (t, h, w) ids of a start marker followed by the canvas, as Qwen2.5-VL gives a visual input.
+
+    Reference computation for tests; the planner gets the same ids from the model's own
+    `get_rope_index` with the canvas typed as visual. `prev_max` is the last prompt position.
+    Returns (3, 1 + K·H·W).
+    """
+    s = int(prev_max) + 1
+    k, h, w = torch.meshgrid(
+        torch.arange(grid.frames), torch.arange(grid.height), torch.arange(grid.width), indexing="ij"
+    )
+    canvas = torch.stack([k.flatten(), h.flatten(), w.flatten()]) + s + 1
+    return torch.cat([torch.full((3, 1), s), canvas], dim=1)
+
+
+def interpolate_canvas(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Resize per-position canvas outputs (B, K, Hc, Wc, D) to the token grid (B, T, H, W, D).
+
+    Bilinear for single-frame canvases, trilinear across keyframes (the paper's linear interpolation
+    of the sparse 3D canvas to every latent frame), `align_corners=False`. Same size is returned as is.
+    """
+    b, k, hc, wc, d = x.shape
+    t, h, w = size
+    if (k, hc, wc) == (t, h, w):
+        return x
+    dtype = x.dtype
+    if k == 1 and t == 1:
+        y = F.interpolate(x[:, 0].permute(0, 3, 1, 2).float(), size=(h, w), mode="bilinear", align_corners=False)
+        return y.permute(0, 2, 3, 1)[:, None].to(dtype)
+    y = F.interpolate(x.permute(0, 4, 1, 2, 3).float(), size=size, mode="trilinear", align_corners=False)
+    return y.permute(0, 2, 3, 4, 1).to(dtype)

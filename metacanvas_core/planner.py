@@ -1,0 +1,231 @@
+"""The MLLM planner: Qwen2.5-VL reads prompt (+ images) and writes a plan into canvas tokens.
+
+One forward pass, no generation (paper §2.1): the chat-formatted prompt, then a start marker and the
+canvas tokens. Under causal attention the prompt never sees the canvas, so the same pass yields the
+context states (for a context connector) and the canvas states (for the canvas connector). Canvas
+tokens take the mRoPE positions of a visual input of grid (K, Hc, Wc) that follows the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .canvas import CanvasGrid
+from .errors import MetaCanvasInputError
+
+QWEN25_VL_MODEL_TYPE = "qwen2_5_vl"
+
+
+@dataclass
+class CanvasLora:
+    """A canvas-only LoRA for the MLLM (peft Activated LoRA invoked by the canvas start marker)."""
+
+    name: str
+    config: dict  # r, lora_alpha, lora_dropout, target_modules
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+
+
+@dataclass
+class Plan:
+    """What the MLLM wrote: prompt states and canvas states, on the MLLM's device and dtype."""
+
+    prompt: str
+    negative_prompt: str
+    context: torch.Tensor  # (1, L, D) last hidden states of the prompt tokens
+    context_mask: torch.Tensor  # (1, L)
+    canvas: torch.Tensor  # (1, K·Hc·Wc, D) frame-major
+    grid: CanvasGrid
+    negative_context: torch.Tensor | None = None  # (1, L', D), only for MLLM-context backbones
+    negative_mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Plan:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        return Plan(**moved)
+
+
+def read_model_config(folder: Path) -> dict:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise MetaCanvasInputError(f"'{folder}' has no config.json: it is not a Hugging Face model folder.")
+    return json.loads(config_file.read_text())
+
+
+class Planner:
+    """A loaded Qwen2.5-VL with its tokenizer and image processor."""
+
+    def __init__(self, model, tokenizer, image_processor, folder: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.folder = folder
+        self._peft = None  # a PeftModel around `model`, made the first time a canvas LoRA is used
+        vocab = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) + 2 > vocab:
+            raise MetaCanvasInputError(
+                f"MLLM '{folder}': its embedding table ({vocab} rows) has no unused rows after the tokenizer's "
+                f"{len(tokenizer)} tokens, which MetaCanvas needs as canvas placeholders."
+            )
+        # Two rows no tokenizer id reaches: their embeddings are always overwritten with learned ones.
+        self.canvas_start_id = vocab - 2
+        self.canvas_token_id = vocab - 1
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise MetaCanvasInputError(f"MLLM folder '{folder}' does not exist.")
+        model_type = read_model_config(folder).get("model_type")
+        if model_type != QWEN25_VL_MODEL_TYPE:
+            raise MetaCanvasInputError(
+                f"'{folder}' holds a '{model_type}' model; the MLLM Loader needs Qwen2.5-VL "
+                f"(model_type '{QWEN25_VL_MODEL_TYPE}'), e.g. the Qwen2.5-VL-7B-Instruct folder."
+            )
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+        model.to(device).eval().requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if tokenizer.chat_template is None and (folder / "chat_template.json").is_file():
+            tokenizer.chat_template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder, local_files_only=True)
+        return cls(model, tokenizer, image_processor, str(folder))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def _prompt_inputs(self, prompt: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """Token ids of the chat-formatted prompt with image placeholders expanded, plus pixel inputs."""
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        inputs: dict[str, torch.Tensor] = {}
+        if images:
+            vision = self.image_processor(images=images, return_tensors="pt")
+            merge = self.image_processor.merge_size**2
+            pad = "<|image_pad|>"
+            parts = text.split(pad)
+            if len(parts) != len(images) + 1:
+                raise MetaCanvasInputError(
+                    f"MLLM '{self.folder}': its chat template did not place {len(images)} images."
+                )
+            counts = (vision["image_grid_thw"].prod(-1) // merge).tolist()
+            text = parts[0] + "".join(pad * n + rest for n, rest in zip(counts, parts[1:], strict=False))
+            inputs = {"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+        inputs["input_ids"] = self.tokenizer(text, return_tensors="pt").input_ids
+        return inputs
+
+    @torch.no_grad()
+    def plan(
+        self,
+        prompt: str,
+        canvas_embeddings: torch.Tensor,
+        grid: CanvasGrid,
+        images: list[Image.Image] | None = None,
+        negative_prompt: str = "",
+        with_negative_context: bool = False,
+        lora: CanvasLora | None = None,
+    ) -> Plan:
+        """Run the planner. `canvas_embeddings` is `CanvasEmbedding(grid)`: start marker, then the canvas."""
+        hidden, n_prompt = self.forward(prompt, images or [], canvas_embeddings, grid, lora)
+        plan = Plan(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            context=hidden[:, :n_prompt],
+            context_mask=torch.ones(1, n_prompt, dtype=torch.long, device=hidden.device),
+            canvas=hidden[:, n_prompt + 1 :],
+            grid=grid,
+        )
+        if with_negative_context:
+            neg, n_neg = self.forward(negative_prompt, images or [], None, grid, None)
+            plan.negative_context = neg
+            plan.negative_mask = torch.ones(1, n_neg, dtype=torch.long, device=neg.device)
+        return plan
+
+    def forward(
+        self,
+        prompt: str,
+        images: list[Image.Image],
+        canvas_embeddings: torch.Tensor | None,
+        grid: CanvasGrid,
+        lora: CanvasLora | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Last hidden states (1, L, D) of prompt [+ start marker + canvas], and the prompt length.
+
+        Differentiable in `canvas_embeddings` (the trainer calls it with grad enabled).
+        """
+        inputs = self._prompt_inputs(prompt, images)
+        ids = inputs["input_ids"]
+        n_prompt = ids.shape[1]
+        mm = (ids == self.model.config.image_token_id).long()
+        grids = inputs.get("image_grid_thw")
+        if canvas_embeddings is not None:
+            n_canvas = grid.numel
+            if canvas_embeddings.shape[0] != n_canvas + 1:
+                raise ValueError(f"canvas embeddings have {canvas_embeddings.shape[0]} rows, expected {n_canvas + 1}")
+            ids = torch.cat([ids, torch.tensor([[self.canvas_start_id] + [self.canvas_token_id] * n_canvas])], 1)
+            mm = torch.cat([mm, torch.tensor([[0] + [1] * n_canvas])], 1)  # canvas typed visual: grid mRoPE
+            merge = self.model.config.vision_config.spatial_merge_size
+            canvas_thw = torch.tensor([[grid.frames, grid.height * merge, grid.width * merge]])
+            grids = canvas_thw if grids is None else torch.cat([grids, canvas_thw])
+        device = self.device
+        ids, mm = ids.to(device), mm.to(device)
+        position_ids, _ = self.model.model.get_rope_index(ids, mm, image_grid_thw=grids)
+        embeds = self.model.get_input_embeddings()(ids)
+        if canvas_embeddings is not None:
+            embeds = torch.cat([embeds[:, :n_prompt], canvas_embeddings.to(device, embeds.dtype)[None]], 1)
+        self.model.model.rope_deltas = None  # never let a stale multimodal call leak positions
+        vision = {k: v.to(device) for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+        with self._lm(lora) as lm:
+            out = lm(
+                input_ids=ids,
+                inputs_embeds=embeds,
+                position_ids=position_ids,
+                attention_mask=torch.ones_like(ids),
+                output_hidden_states=True,
+                logits_to_keep=1,
+                **vision,
+            )
+        return out.hidden_states[-1], n_prompt
+
+    @contextmanager
+    def _lm(self, lora: CanvasLora | None) -> Iterator[torch.nn.Module]:
+        """The module to call: the plain model, or the peft wrapper with `lora` active (or disabled)."""
+        if self._peft is None and lora is None:
+            yield self.model
+            return
+        if lora is None:
+            with self._peft.disable_adapter():
+                yield self._peft
+            return
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+        if self._peft is None or lora.name not in self._peft.peft_config:
+            config = LoraConfig(**lora.config, alora_invocation_tokens=[self.canvas_start_id], task_type="CAUSAL_LM")
+            if self._peft is None:
+                self._peft = get_peft_model(self.model, config, adapter_name=lora.name)
+            else:
+                self._peft.add_adapter(lora.name, config)
+            result = set_peft_model_state_dict(self._peft, lora.state_dict, adapter_name=lora.name)
+            if result.unexpected_keys:
+                raise MetaCanvasInputError(f"canvas LoRA '{lora.name}' does not fit MLLM '{self.folder}'.")
+            self._peft.requires_grad_(False)
+        self._peft.set_adapter(lora.name)
+        yield self._peft

@@ -1,0 +1,227 @@
+"""Tiny random models in the real on-disk formats, so every workflow runs offline in seconds.
+
+    python -m metacanvas_core.tiny --comfyui-models DIR
+
+writes into ComfyUI's models layout:
+    LLM/tiny-qwen2_5-vl/                Qwen2.5-VL (config, safetensors, tokenizer, image processor)
+    diffusers/tiny-sana/                SANA pipeline folder (transformer, DC-AE, Gemma-2, tokenizer, scheduler)
+    metacanvas/tiny-sana-metacanvas.safetensors   a MetaCanvas checkpoint for that pair
+Weights are random (seeded): outputs are noise-like images, but every shape, file and code path is real.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+QWEN_SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+# The Qwen2-VL chat template, as shipped with Qwen2.5-VL-*-Instruct.
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "a red circle at the top left and a blue square in the center",
+    "a photo of a cat sitting on a wooden table next to a green cup",
+    "make the sky purple, add a yellow sun, remove the car, a dog runs on the beach",
+    "given a user prompt, generate an enhanced prompt with detailed visual descriptions",
+] * 20
+
+
+def _byte_bpe(special: list[str], vocab_size: int, bos: str | None = None):
+    """A byte-level BPE tokenizer trained in memory (no hub files), wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator(_CORPUS, trainer)
+    if bos is not None:
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tk.token_to_id(bos))]
+        )
+    return tk, PreTrainedTokenizerFast
+
+
+def write_tiny_qwen(folder: Path, seed: int = 0) -> Path:
+    """Qwen2.5-VL with hidden size 64, 2 layers, a 2-block vision tower; images of 56×56 → 4 tokens."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tk, Fast = _byte_bpe(QWEN_SPECIAL, 320)
+    tokenizer = Fast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN_SPECIAL[1:],
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer) + 8,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, temporal_patch_size=2, merge_size=2
+    ).save_pretrained(folder)
+    return folder
+
+
+def write_tiny_sana(folder: Path, seed: int = 0) -> Path:
+    """SANA pipeline folder: a 2-layer transformer (width 16), a DC-AE with stride 4, a 2-layer Gemma-2."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tk, Fast = _byte_bpe(GEMMA_SPECIAL, 300, bos="<bos>")
+    tokenizer = Fast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=2048,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        )
+    ).eval()
+    transformer = SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=32,
+        mlp_ratio=2.5,
+        sample_size=16,
+        patch_size=1,
+        norm_elementwise_affine=False,
+    ).eval()
+    blocks = ["ResBlock", "ResBlock", "EfficientViTBlock"]
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=blocks,
+        decoder_block_types=blocks,
+        encoder_block_out_channels=[8, 16, 16],
+        decoder_block_out_channels=[8, 16, 16],
+        encoder_qkv_multiscales=[[], [], [5]],
+        decoder_qkv_multiscales=[[], [], [5]],
+        encoder_layers_per_block=[1, 1, 1],
+        decoder_layers_per_block=[1, 1, 1],
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    ).eval()
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = SanaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def write_tiny_metacanvas(path: Path, mllm_folder: Path, backbone_folder: Path, seed: int = 0) -> Path:
+    """A MetaCanvas checkpoint for the tiny pair with small random (not zero) projections, so the
+    canvas visibly changes the output: a stand-in for a trained checkpoint in tests and demos."""
+    from .backbones import load_backbone
+    from .checkpoint import new_metacanvas, save_metacanvas
+    from .planner import Planner
+
+    mc = new_metacanvas(Planner.from_folder(mllm_folder), load_backbone(backbone_folder))
+    torch.manual_seed(seed)
+    for layer in (mc.canvas_connector.align_out, mc.canvas_connector.out_proj):
+        torch.nn.init.normal_(layer.weight, std=0.2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_metacanvas(mc, path)
+    return path
+
+
+def write_all(models: Path) -> dict[str, Path]:
+    """Every tiny model, laid out as in ComfyUI's models folder."""
+    qwen = write_tiny_qwen(models / "LLM" / "tiny-qwen2_5-vl")
+    sana = write_tiny_sana(models / "diffusers" / "tiny-sana")
+    ckpt = write_tiny_metacanvas(models / "metacanvas" / "tiny-sana-metacanvas.safetensors", qwen, sana)
+    return {"mllm": qwen, "sana": sana, "sana_metacanvas": ckpt}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui-models", type=Path, required=True, help="ComfyUI's models folder")
+    args = parser.parse_args()
+    for name, path in write_all(args.comfyui_models).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
