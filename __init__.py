@@ -1,0 +1,16 @@
+"""MetaCanvas for ComfyUI: the pack's entry point, loaded by ComfyUI from custom_nodes/.
+
+`metacanvas_core` (the method as a plain library) sits beside this file; it is made importable by
+appending this folder to sys.path (appended, so ComfyUI's own `nodes` module keeps precedence).
+"""
+
+import os
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+if _here not in sys.path:
+    sys.path.append(_here)
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,453 @@
+"""MetaCanvas graph nodes (classic V1 API): load, plan, project, sample, decode.
+
+Thin adapters over `metacanvas_core`: each node turns widget values into core calls, asks ComfyUI's
+memory manager for the models it needs, and hands tensors and models to the next node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metacanvas_core.backbones import SCHEDULERS, load_backbone
+from metacanvas_core.checkpoint import load_metacanvas, new_metacanvas
+from metacanvas_core.conditioning import project
+from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.planner import Planner
+from metacanvas_core.sampling import sample
+
+from .runtime import (
+    UNTRAINED,
+    Managed,
+    find_model,
+    intermediate_device,
+    list_models,
+    offload_device,
+    resolve_dtype,
+    step_callback,
+)
+
+CATEGORY = "MetaCanvas"
+DTYPES = ["auto", "bf16", "fp16", "fp32"]
+MLLM_KINDS = ("LLM", "text_encoders")
+MAX_SIZE = 8192
+SIZE_MULTIPLE = 16  # every backbone's pixel stride is a multiple of this; the exact one is checked when sampling
+
+
+@dataclass
+class Loaded:
+    """A core model plus its registration with the memory manager."""
+
+    model: Any
+    managed: Managed
+
+    def ready(self):
+        """The model, with its weights on the compute device."""
+        self.managed.load()
+        return self.model
+
+
+def _check_size(width: int, height: int) -> bool | str:
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0 or value % SIZE_MULTIPLE:
+            return f"{name} {value} must be a positive multiple of {SIZE_MULTIPLE} (32 for SANA): try {max(32, value // 32 * 32)}."
+    return True
+
+
+def _images_to_pil(images: torch.Tensor | None) -> list[Image.Image]:
+    if images is None:
+        return []
+    if images.shape[0] == 0:
+        raise MetaCanvasInputError("images: the image batch is empty; connect at least one image or disconnect it.")
+    arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a[..., :3])) for a in arrays]
+
+
+def _size_inputs(tip: str) -> dict:
+    return {
+        "width": (
+            "INT",
+            {"default": 512, "min": 32, "max": MAX_SIZE, "step": 32, "tooltip": f"Image width in pixels. {tip}"},
+        ),
+        "height": (
+            "INT",
+            {"default": 512, "min": 32, "max": MAX_SIZE, "step": 32, "tooltip": f"Image height in pixels. {tip}"},
+        ),
+    }
+
+
+class MetaCanvasMLLMLoader:
+    DESCRIPTION = (
+        "Loads the planner MLLM (Qwen2.5-VL, Hugging Face folder) that writes the layout plan into canvas tokens."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("METACANVAS_MLLM",)
+    RETURN_NAMES = ("mllm",)
+    OUTPUT_TOOLTIPS = ("The loaded Qwen2.5-VL planner.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = sorted(set(list_models("LLM")) | set(list_models("text_encoders")))
+        return {
+            "required": {
+                "mllm_folder": (
+                    names,
+                    {
+                        "tooltip": "A Qwen2.5-VL folder (config.json, *.safetensors, tokenizer) in models/LLM or models/text_encoders, e.g. Qwen2.5-VL-7B-Instruct."
+                    },
+                ),
+                "dtype": (
+                    DTYPES,
+                    {
+                        "default": "auto",
+                        "tooltip": "Weight precision. auto = bf16 where the GPU supports it, else fp32.",
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, mllm_folder):
+        try:
+            find_model(MLLM_KINDS, mllm_folder, "MLLM folder")
+        except MetaCanvasInputError as e:
+            return str(e)
+        return True
+
+    def load(self, mllm_folder: str, dtype: str):
+        folder = find_model(MLLM_KINDS, mllm_folder, "MLLM folder")
+        planner = Planner.from_folder(folder, resolve_dtype(dtype), offload_device())
+        return (Loaded(planner, Managed({"mllm": planner.model})),)
+
+
+class MetaCanvasBackboneLoader:
+    DESCRIPTION = (
+        "Loads a diffusion backbone from a diffusers folder; its kind (SANA, ...) is read from model_index.json."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("METACANVAS_BACKBONE",)
+    RETURN_NAMES = ("backbone",)
+    OUTPUT_TOOLTIPS = ("The backbone: transformer, VAE and (for SANA) its Gemma-2 text encoder.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "backbone_folder": (
+                    list_models("diffusers"),
+                    {"tooltip": "A diffusers pipeline folder in models/diffusers, e.g. Sana_1600M_512px_diffusers."},
+                ),
+                "dtype": (
+                    DTYPES,
+                    {
+                        "default": "auto",
+                        "tooltip": "Weight precision. auto = bf16 where the GPU supports it, else fp32.",
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, backbone_folder):
+        try:
+            find_model(("diffusers",), backbone_folder, "Backbone folder")
+        except MetaCanvasInputError as e:
+            return str(e)
+        return True
+
+    def load(self, backbone_folder: str, dtype: str):
+        folder = find_model(("diffusers",), backbone_folder, "Backbone folder")
+        backbone = load_backbone(folder, resolve_dtype(dtype), offload_device())
+        return (Loaded(backbone, Managed({m.__class__.__name__: m for m in backbone.modules()})),)
+
+
+class MetaCanvasConnectorLoader:
+    DESCRIPTION = (
+        "Loads a MetaCanvas checkpoint (canvas tokens + connectors) for this MLLM and backbone, checking that it fits "
+        "both. 'new (untrained)' makes a zero-initialised one: the output is then exactly the plain backbone's."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("METACANVAS",)
+    RETURN_NAMES = ("metacanvas",)
+    OUTPUT_TOOLTIPS = ("Canvas embeddings, canvas connector and context connector.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "mllm": ("METACANVAS_MLLM", {"tooltip": "The planner MLLM the checkpoint was trained with."}),
+                "backbone": ("METACANVAS_BACKBONE", {"tooltip": "The backbone the checkpoint was trained for."}),
+                "checkpoint": (
+                    [UNTRAINED] + list_models("metacanvas"),
+                    {
+                        "tooltip": "A .safetensors file in models/metacanvas, or 'new (untrained)': a zero-initialised connector that leaves the backbone's output unchanged."
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, checkpoint):
+        if checkpoint == UNTRAINED:
+            return True
+        try:
+            find_model(("metacanvas",), checkpoint, "MetaCanvas checkpoint")
+        except MetaCanvasInputError as e:
+            return str(e)
+        return True
+
+    def load(self, mllm: Loaded, backbone: Loaded, checkpoint: str):
+        if checkpoint == UNTRAINED:
+            mc = new_metacanvas(mllm.model, backbone.model).to(offload_device())
+        else:
+            mc = load_metacanvas(find_model(("metacanvas",), checkpoint, "MetaCanvas checkpoint"), offload_device())
+        mc.check_compatible(mllm.model, backbone.model)
+        return (Loaded(mc, Managed({"metacanvas": mc})),)
+
+
+class MetaCanvasPlan:
+    DESCRIPTION = (
+        "The MLLM reads the prompt (and optional images) together with the canvas tokens and writes its layout plan "
+        "into them, in one forward pass. Cached: changing only the seed does not re-run it."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "plan"
+    RETURN_TYPES = ("METACANVAS_PLAN",)
+    RETURN_NAMES = ("plan",)
+    OUTPUT_TOOLTIPS = ("Prompt states and canvas states from the MLLM.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "mllm": ("METACANVAS_MLLM", {"tooltip": "The planner MLLM."}),
+                "metacanvas": (
+                    "METACANVAS",
+                    {"tooltip": "The MetaCanvas checkpoint: its canvas tokens go into the MLLM."},
+                ),
+                "prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "What to make. Layout words (left, top, behind, three ...) are what the canvas plans.",
+                    },
+                ),
+                "negative_prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "The unconditional branch of guidance. It never gets the canvas.",
+                    },
+                ),
+                **_size_inputs("Sets the canvas grid; use the same size in the sampler."),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Optional input images the MLLM looks at with the prompt."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height):
+        return _check_size(width, height)
+
+    def plan(
+        self,
+        mllm: Loaded,
+        metacanvas: Loaded,
+        prompt: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        images: torch.Tensor | None = None,
+    ):
+        pil = _images_to_pil(images)
+        mc = metacanvas.ready()
+        planner = mllm.ready()
+        grid = mc.canvas_grid(height, width)
+        with torch.no_grad():
+            canvas = mc.canvas(grid)
+        result = planner.plan(
+            prompt,
+            canvas,
+            grid,
+            pil,
+            negative_prompt=negative_prompt,
+            with_negative_context=mc.info.context_source == "mllm",
+            lora=mc.lora,
+        )
+        return (result,)
+
+
+class MetaCanvasProject:
+    DESCRIPTION = "Projects the plan for the backbone: the canvas connector aligns the canvas to the DiT width; the prompt goes into the backbone's text slot."
+    CATEGORY = CATEGORY
+    FUNCTION = "project"
+    RETURN_TYPES = ("METACANVAS_COND",)
+    RETURN_NAMES = ("cond",)
+    OUTPUT_TOOLTIPS = ("Context for the text slot (positive and negative) and the aligned canvas.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "plan": ("METACANVAS_PLAN", {"tooltip": "The MLLM's plan."}),
+                "metacanvas": ("METACANVAS", {"tooltip": "The same MetaCanvas checkpoint the plan was made with."}),
+                "backbone": ("METACANVAS_BACKBONE", {"tooltip": "The backbone that will sample."}),
+            }
+        }
+
+    def project(self, plan, metacanvas: Loaded, backbone: Loaded):
+        bb = backbone.ready()
+        mc = metacanvas.ready()
+        return (project(plan.to(bb.device), mc, bb),)
+
+
+class MetaCanvasSampler:
+    DESCRIPTION = (
+        "Denoises with the backbone: flow matching with classifier-free guidance; the canvas residual is added to "
+        "the patch embeddings of the conditional branch only."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The denoised latent, in the backbone's own latent space (decode with MetaCanvas Decode).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "backbone": ("METACANVAS_BACKBONE", {"tooltip": "The backbone to sample with."}),
+                "cond": ("METACANVAS_COND", {"tooltip": "From MetaCanvas Project."}),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 0xFFFFFFFFFFFFFFFF,
+                        "control_after_generate": True,
+                        "tooltip": "Noise seed. Noise is drawn on the CPU, so a seed gives the same image on any GPU.",
+                    },
+                ),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
+                "cfg": (
+                    "FLOAT",
+                    {
+                        "default": 4.5,
+                        "min": 0.0,
+                        "max": 30.0,
+                        "step": 0.1,
+                        "round": 0.01,
+                        "tooltip": "Classifier-free guidance scale; 1 or less turns guidance off.",
+                    },
+                ),
+                **_size_inputs("A multiple of the backbone's pixel stride (32 for SANA)."),
+                "scheduler": (
+                    list(SCHEDULERS),
+                    {
+                        "default": "dpm_solver_flow",
+                        "tooltip": "dpm_solver_flow: DPM-Solver++ for flow models (SANA's default). flow_euler: flow-matching Euler.",
+                    },
+                ),
+                "use_canvas": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Off = the plain backbone with the same prompt, for A/B comparison against global conditioning.",
+                    },
+                ),
+            },
+            "optional": {
+                "negative": (
+                    "METACANVAS_COND",
+                    {
+                        "tooltip": "Optional: another projected plan whose prompt becomes the negative, instead of the plan's negative prompt."
+                    },
+                ),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height):
+        return _check_size(width, height)
+
+    def sample(
+        self,
+        backbone: Loaded,
+        cond,
+        seed: int,
+        steps: int,
+        cfg: float,
+        width: int,
+        height: int,
+        scheduler: str,
+        use_canvas: bool,
+        negative=None,
+    ):
+        bb = backbone.ready()
+        if negative is not None:
+            cond = cond.with_negative(negative)
+        latents = sample(
+            bb,
+            cond,
+            seed=seed,
+            steps=steps,
+            cfg=cfg,
+            height=height,
+            width=width,
+            scheduler=scheduler,
+            use_canvas=use_canvas,
+            on_step=step_callback(steps),
+        )
+        return ({"samples": latents.to(intermediate_device())},)
+
+
+class MetaCanvasDecode:
+    DESCRIPTION = "Decodes a MetaCanvas latent with the backbone's VAE into an IMAGE for the core Preview/Save nodes."
+    CATEGORY = CATEGORY
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("Decoded images, float 0..1, [B, H, W, C].",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "backbone": ("METACANVAS_BACKBONE", {"tooltip": "The backbone whose VAE made the latent space."}),
+                "latent": ("LATENT", {"tooltip": "From MetaCanvas Sampler."}),
+            }
+        }
+
+    def decode(self, backbone: Loaded, latent: dict):
+        bb = backbone.ready()
+        return (bb.decode(latent["samples"].to(bb.device)).to(intermediate_device()),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "MetaCanvasMLLMLoader": MetaCanvasMLLMLoader,
+    "MetaCanvasBackboneLoader": MetaCanvasBackboneLoader,
+    "MetaCanvasConnectorLoader": MetaCanvasConnectorLoader,
+    "MetaCanvasPlan": MetaCanvasPlan,
+    "MetaCanvasProject": MetaCanvasProject,
+    "MetaCanvasSampler": MetaCanvasSampler,
+    "MetaCanvasDecode": MetaCanvasDecode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MetaCanvasMLLMLoader": "MetaCanvas MLLM Loader",
+    "MetaCanvasBackboneLoader": "MetaCanvas Backbone Loader",
+    "MetaCanvasConnectorLoader": "MetaCanvas Connector Loader",
+    "MetaCanvasPlan": "MetaCanvas Plan",
+    "MetaCanvasProject": "MetaCanvas Project",
+    "MetaCanvasSampler": "MetaCanvas Sampler",
+    "MetaCanvasDecode": "MetaCanvas Decode",
+}
