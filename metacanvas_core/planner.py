@@ -159,6 +159,29 @@ class Planner:
             plan.negative_mask = torch.ones(1, n_neg, dtype=torch.long, device=neg.device)
         return plan
 
+    def sequence(self, prompt: str, images: list[Image.Image], grid: CanvasGrid | None) -> dict:
+        """The token sequence: ids, mRoPE position ids (3, 1, L), prompt length and vision inputs.
+
+        With a `grid`, a start marker and the canvas placeholders follow the prompt; the canvas is
+        typed visual so the model's own `get_rope_index` gives it the positions of a (K, Hc, Wc) grid.
+        """
+        inputs = self._prompt_inputs(prompt, images)
+        ids = inputs.pop("input_ids")
+        n_prompt = ids.shape[1]
+        mm = (ids == self.model.config.image_token_id).long()
+        grids = inputs.get("image_grid_thw")
+        if grid is not None:
+            ids = torch.cat([ids, torch.tensor([[self.canvas_start_id] + [self.canvas_token_id] * grid.numel])], 1)
+            mm = torch.cat([mm, torch.tensor([[0] + [1] * grid.numel])], 1)
+            merge = self.model.config.vision_config.spatial_merge_size
+            canvas_thw = torch.tensor([[grid.frames, grid.height * merge, grid.width * merge]])
+            grids = canvas_thw if grids is None else torch.cat([grids, canvas_thw])
+        device = self.device
+        ids, mm = ids.to(device), mm.to(device)
+        position_ids, _ = self.model.model.get_rope_index(ids, mm, image_grid_thw=grids)
+        vision = {k: v.to(device) for k, v in inputs.items()}
+        return {"ids": ids, "position_ids": position_ids, "n_prompt": n_prompt, "vision": vision}
+
     def forward(
         self,
         prompt: str,
@@ -171,37 +194,23 @@ class Planner:
 
         Differentiable in `canvas_embeddings` (the trainer calls it with grad enabled).
         """
-        inputs = self._prompt_inputs(prompt, images)
-        ids = inputs["input_ids"]
-        n_prompt = ids.shape[1]
-        mm = (ids == self.model.config.image_token_id).long()
-        grids = inputs.get("image_grid_thw")
+        seq = self.sequence(prompt, images, grid if canvas_embeddings is not None else None)
+        ids, n_prompt = seq["ids"], seq["n_prompt"]
+        embeds = self.model.get_input_embeddings()(ids[:, :n_prompt])
         if canvas_embeddings is not None:
-            n_canvas = grid.numel
-            if canvas_embeddings.shape[0] != n_canvas + 1:
-                raise ValueError(f"canvas embeddings have {canvas_embeddings.shape[0]} rows, expected {n_canvas + 1}")
-            ids = torch.cat([ids, torch.tensor([[self.canvas_start_id] + [self.canvas_token_id] * n_canvas])], 1)
-            mm = torch.cat([mm, torch.tensor([[0] + [1] * n_canvas])], 1)  # canvas typed visual: grid mRoPE
-            merge = self.model.config.vision_config.spatial_merge_size
-            canvas_thw = torch.tensor([[grid.frames, grid.height * merge, grid.width * merge]])
-            grids = canvas_thw if grids is None else torch.cat([grids, canvas_thw])
-        device = self.device
-        ids, mm = ids.to(device), mm.to(device)
-        position_ids, _ = self.model.model.get_rope_index(ids, mm, image_grid_thw=grids)
-        embeds = self.model.get_input_embeddings()(ids)
-        if canvas_embeddings is not None:
-            embeds = torch.cat([embeds[:, :n_prompt], canvas_embeddings.to(device, embeds.dtype)[None]], 1)
+            if canvas_embeddings.shape[0] != grid.numel + 1:
+                raise ValueError(f"canvas embeddings have {canvas_embeddings.shape[0]} rows, expected {grid.numel + 1}")
+            embeds = torch.cat([embeds, canvas_embeddings.to(embeds.device, embeds.dtype)[None]], 1)
         self.model.model.rope_deltas = None  # never let a stale multimodal call leak positions
-        vision = {k: v.to(device) for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
         with self._lm(lora) as lm:
             out = lm(
                 input_ids=ids,
                 inputs_embeds=embeds,
-                position_ids=position_ids,
+                position_ids=seq["position_ids"],
                 attention_mask=torch.ones_like(ids),
                 output_hidden_states=True,
                 logits_to_keep=1,
-                **vision,
+                **seq["vision"],
             )
         return out.hidden_states[-1], n_prompt
 

@@ -1,0 +1,68 @@
+"""Canvas geometry, MRoPE positions of the canvas, and interpolation to the DiT token grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from metacanvas_core.canvas import (
+    CanvasEmbedding,
+    CanvasGrid,
+    canvas_grid_for,
+    canvas_rope_positions,
+    interpolate_canvas,
+)
+from metacanvas_core.errors import MetaCanvasInputError
+
+
+def test_canvas_grid_divides_token_grid():
+    assert canvas_grid_for((1, 16, 16), 1) == CanvasGrid(1, 16, 16)  # SANA 512²
+    assert canvas_grid_for((31, 44, 80), 4, keyframes=3) == CanvasGrid(3, 11, 20)  # Wan 704×1280 [P]
+    with pytest.raises(MetaCanvasInputError, match="not divisible by the checkpoint's canvas factor 2"):
+        canvas_grid_for((1, 15, 16), 2)
+
+
+def test_embedding_rows_and_resize():
+    emb = CanvasEmbedding(8, CanvasGrid(1, 4, 4))
+    rows = emb(CanvasGrid(1, 4, 4))
+    assert rows.shape == (17, 8)
+    assert torch.equal(rows[0], emb.start) and torch.equal(rows[1:], emb.tokens.reshape(16, 8))
+    with torch.no_grad():
+        emb.tokens.fill_(0.5)
+    assert torch.allclose(emb(CanvasGrid(1, 3, 6))[1:], torch.full((18, 8), 0.5))
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_canvas_mrope_positions_are_a_visual_grid(planner, with_image):
+    grid = CanvasGrid(1, 4, 4)
+    images = [Image.new("RGB", (56, 56), (200, 10, 10))] if with_image else []
+    seq = planner.sequence("a cat on the left", images, grid)
+    pos = seq["position_ids"][:, 0]
+    n = seq["n_prompt"]
+    assert torch.equal(pos[:, n:], canvas_rope_positions(pos[:, :n].max(), grid))
+    # the prompt's positions do not depend on the canvas that follows it
+    assert torch.equal(pos[:, :n], planner.sequence("a cat on the left", images, None)["position_ids"][:, 0])
+
+
+def test_keyframe_canvas_positions(planner):
+    grid = CanvasGrid(3, 2, 5)
+    seq = planner.sequence("a dog runs", [], grid)
+    pos = seq["position_ids"][:, 0, seq["n_prompt"] :]
+    assert torch.equal(pos, canvas_rope_positions(seq["position_ids"][:, 0, : seq["n_prompt"]].max(), grid))
+    t, h, w = pos[:, 1:]
+    assert t.unique().numel() == 3 and h.unique().numel() == 2 and w.unique().numel() == 5
+
+
+def test_interpolation_to_token_grid():
+    x = torch.randn(2, 1, 4, 4, 8)
+    assert interpolate_canvas(x, (1, 4, 4)) is x
+    up = interpolate_canvas(x, (1, 8, 12))
+    assert up.shape == (2, 1, 8, 12, 8)
+    const = torch.full((1, 1, 3, 3, 2), 1.5)
+    assert torch.allclose(interpolate_canvas(const, (1, 7, 5)), torch.full((1, 1, 7, 5, 2), 1.5))
+    key = torch.stack([torch.zeros(2, 2, 1), torch.ones(2, 2, 1)])[None]  # 2 keyframes: 0 then 1
+    video = interpolate_canvas(key, (5, 2, 2))
+    assert video.shape == (1, 5, 2, 2, 1)
+    frames = video[0, :, 0, 0, 0]
+    assert frames[0] == 0 and frames[-1] == 1 and torch.all(frames[1:] >= frames[:-1])  # linear ramp in time
