@@ -1,0 +1,34 @@
+"""The shipped configs of the real models give the paper's shapes, offline and without weights."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderDC, SanaTransformer2DModel
+from transformers import Qwen2_5_VLConfig
+
+from metacanvas_core import realconfigs
+from metacanvas_core.backbones.sana import SanaBackbone
+from metacanvas_core.canvas import CanvasGrid, canvas_grid_for
+from metacanvas_core.connectors import CanvasConnector
+
+
+def test_qwen_widths():
+    assert Qwen2_5_VLConfig(**realconfigs.load("qwen2_5_vl_7b_instruct")).text_config.hidden_size == 3584
+    assert Qwen2_5_VLConfig(**realconfigs.load("qwen2_5_vl_3b_instruct")).text_config.hidden_size == 2048
+
+
+def test_sana_1600m_geometry_and_connector():
+    cfg = realconfigs.load("sana_1600m_512px")
+    with torch.device("meta"):
+        transformer = SanaTransformer2DModel.from_config(cfg["transformer"])
+        vae = AutoencoderDC.from_config(cfg["vae"])
+    sana = SanaBackbone("Sana_1600M_512px_diffusers", transformer, vae, cfg["scheduler"], None, None)
+    assert (sana.width, sana.pixel_stride, sana.default_size, sana.text_dim) == (2240, 32, (512, 512), 2304)
+    assert canvas_grid_for(sana.token_grid(512, 512), sana.canvas_factor) == CanvasGrid(1, 16, 16)  # [P] 16×16
+    assert sana.make_scheduler("dpm_solver_flow").config.flow_shift == cfg["scheduler"]["flow_shift"]
+    with torch.device("meta"):
+        connector = CanvasConnector(3584, sana.width, *sana.attention_heads)
+    params = sum(p.numel() for p in connector.parameters())
+    dit = sum(p.numel() for p in transformer.parameters())
+    assert 1.5e9 < dit < 1.7e9  # SANA-1.6B
+    assert params < 0.12 * dit  # light: ~172M next to the 1.6B DiT (align + fuse blocks at width 2240)
