@@ -86,3 +86,16 @@ def test_interrupt_stops_the_loop(sana, fresh_cond):
 
     with pytest.raises(Interrupted):
         sample(sana, fresh_cond, seed=0, steps=5, cfg=1.0, height=64, width=64, scheduler="flow_euler", on_step=on_step)
+
+
+def test_bf16_backbone_with_fp32_checkpoint(tiny, planner):
+    from metacanvas_core.backbones import load_backbone
+
+    sana16 = load_backbone(tiny["sana"], dtype=torch.bfloat16)
+    mc = load_metacanvas(tiny["sana_metacanvas"])
+    grid = mc.canvas_grid(64, 64)
+    cond = project(planner.plan(PROMPT, mc.canvas(grid), grid), mc, sana16)
+    kw = dict(seed=0, steps=2, cfg=4.5, height=64, width=64, scheduler="flow_euler")
+    on, off = sample(sana16, cond, **kw), sample(sana16, cond, use_canvas=False, **kw)
+    assert on.dtype == torch.float32 and torch.isfinite(on).all() and not torch.equal(on, off)
+    assert torch.isfinite(sana16.decode(on)).all()

@@ -39,12 +39,13 @@ class CanvasInjection:
 
         The fuse block runs frame by frame, `(b t) (h w) d`, which bounds its memory on video.
         """
-        x = tokens[self.rows]
+        dtype = next(self.connector.parameters()).dtype  # the connector keeps its own precision
+        x = tokens[self.rows].to(dtype)
         b, t, h, w, d = x.shape
         r = self.connector.fuse(
             x.reshape(b * t, h * w, d),
-            self.canvas.to(x.dtype).reshape(b * t, h * w, d),
-            timestep[self.rows].repeat_interleave(t),
+            self.canvas.to(dtype).reshape(b * t, h * w, d),
+            timestep[self.rows].repeat_interleave(t).to(dtype),
             h,
             w,
         )
