@@ -100,7 +100,7 @@ class MetaCanvas(nn.Module):
                 f"but the loaded MLLM '{planner.folder}' has hidden size {planner.hidden_size}. Load the MLLM it "
                 "was trained with (3584 = Qwen2.5-VL-7B, 2048 = Qwen2.5-VL-3B), or choose 'new (untrained)'."
             )
-        if i.context_source == "native" and i.text_dim != backbone.text_dim:
+        if i.text_dim != backbone.text_dim:
             raise MetaCanvasInputError(
                 f"MetaCanvas checkpoint '{self.name}' expects a text slot of width {i.text_dim}, but backbone "
                 f"'{backbone.folder}' has {backbone.text_dim}."
@@ -116,7 +116,7 @@ def new_metacanvas(planner: Planner, backbone: Backbone) -> MetaCanvas:
     if backbone.context_source == "mllm":
         context = {
             "mllm_dim": planner.hidden_size,
-            "hidden_dim": 4 * planner.hidden_size,
+            "hidden_dim": backbone.context_hidden_dim(planner.hidden_size),
             "text_dim": backbone.text_dim,
         }
     info = CheckpointInfo(

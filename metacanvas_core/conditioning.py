@@ -2,12 +2,14 @@
 
 The canvas is aligned once here (it does not depend on the noise or the timestep); the fuse half of
 the canvas connector runs inside every denoising step. Context comes from the backbone's own text
-encoder ("native") or from the MLLM through the context connector ("mllm").
+encoder ("native") or from the MLLM through the context connector ("mllm"). Editing backbones
+also get their own inputs made from the plan's input images (`Backbone.prepare_references`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +33,7 @@ class Conditioning:
     grid: CanvasGrid
     connector: CanvasConnector
     backbone_kind: str
+    references: dict[str, Any] | None = None  # backbone inputs from the input images (FLUX-Kontext: reference tokens)
 
     def with_negative(self, other: Conditioning) -> Conditioning:
         """This conditioning with another one's positive context as the unconditional branch."""
@@ -59,4 +62,7 @@ def project(plan: Plan, mc: MetaCanvas, backbone: Backbone) -> Conditioning:
     states = plan.canvas.to(device, next(connector.parameters()).dtype)
     g = plan.grid
     canvas = connector.align(states).reshape(1, g.frames, g.height, g.width, -1)
-    return Conditioning(context, mask, negative, negative_mask, canvas, g, connector, backbone.kind)
+    # The output size the plan was made for (its canvas grid × canvas factor × pixel stride).
+    scale = mc.info.canvas_factor * mc.info.pixel_stride
+    references = backbone.prepare_references(plan.images, g.height * scale, g.width * scale)
+    return Conditioning(context, mask, negative, negative_mask, canvas, g, connector, backbone.kind, references)

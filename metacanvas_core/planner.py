@@ -44,6 +44,8 @@ class Plan:
     grid: CanvasGrid
     negative_context: torch.Tensor | None = None  # (1, L', D), only for MLLM-context backbones
     negative_mask: torch.Tensor | None = None
+    # The input images the MLLM saw; editing backbones (FLUX-Kontext) also feed them to the DiT.
+    images: list[Image.Image] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> Plan:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
@@ -152,6 +154,7 @@ class Planner:
             context_mask=torch.ones(1, n_prompt, dtype=torch.long, device=hidden.device),
             canvas=hidden[:, n_prompt + 1 :],
             grid=grid,
+            images=list(images or []),
         )
         if with_negative_context:
             neg, n_neg = self.forward(negative_prompt, images or [], None, grid, None)

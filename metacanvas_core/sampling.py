@@ -1,5 +1,6 @@
 """The denoising loop: flow matching with classifier-free guidance whose unconditional branch has the
-negative prompt and no canvas (so the canvas steers only the conditional prediction)."""
+negative prompt and no canvas (so the canvas steers only the conditional prediction), plus image
+guidance for editing backbones."""
 
 from __future__ import annotations
 
@@ -42,8 +43,17 @@ def sample(
     scheduler: str,
     use_canvas: bool = True,
     on_step: Callable[[int, int], None] | None = None,
+    guidance: float | None = None,
+    image_cfg: float = 1.0,
 ) -> torch.Tensor:
-    """Latents of one sample. `on_step(i, steps)` is called after each step (progress, interrupt)."""
+    """Latents of one sample. `on_step(i, steps)` is called after each step (progress, interrupt).
+
+    Guidance, with v_c = (prompt, canvas, input images), v_i = (negative, no canvas, input images) and
+    v_u = (negative, no canvas, no input images), as InstructPix2Pix combines them:
+    v = v_u + image_cfg·(v_i − v_u) + cfg·(v_c − v_i). `cfg` ≤ 1 drops the text term's null branch
+    (cfg counts as 1); `image_cfg` applies only to backbones with input-image references
+    (FLUX-Kontext) and is off at 1. `guidance` is the embedded guidance of distilled models (FLUX).
+    """
     if cond.backbone_kind != backbone.kind:
         raise MetaCanvasInputError(f"this conditioning was projected for {cond.backbone_kind}, not {backbone.kind}.")
     backbone.check_size(height, width)
@@ -52,20 +62,33 @@ def sample(
     device = backbone.device
     latents = backbone.initial_noise(seed, 1, height, width)
     sched = backbone.make_scheduler(scheduler)
-    sched.set_timesteps(steps, device=device)
-    guided = cfg > 1.0
-    context, mask = batched_context(cond, guided)
-    context, mask = context.to(device), mask.to(device)
+    backbone.set_timesteps(sched, steps, height, width)
+    refs = cond.references
+    image_guided = image_cfg != 1.0 and refs is not None
+    text_guided = cfg > 1.0
+    null_text = text_guided or image_guided  # v_i is needed
+    batched = text_guided and backbone.batch_guidance
+    positive = cond.context.to(device), cond.context_mask.to(device)
+    negative = cond.negative_context.to(device), cond.negative_mask.to(device)
+    both = tuple(x.to(device) for x in batched_context(cond, True))
     canvas = None
     if use_canvas:
         tokens = interpolate_canvas(cond.canvas, backbone.token_grid(height, width)).to(device)
-        canvas = CanvasInjection(cond.connector, tokens, rows=slice(1, 2) if guided else slice(0, 1))
+        canvas = CanvasInjection(cond.connector, tokens, rows=slice(1, 2) if batched else slice(0, 1))
+    kw = dict(guidance=guidance)
     for i, t in enumerate(sched.timesteps):
-        x = torch.cat([latents] * 2) if guided else latents
-        v = backbone.predict(x, t, context, mask, canvas).float()
-        if guided:
-            v_uncond, v_cond = v.chunk(2)
-            v = v_uncond + cfg * (v_cond - v_uncond)
+        if batched:
+            v_i, v_c = backbone.predict(torch.cat([latents] * 2), t, *both, canvas, refs, **kw).float().chunk(2)
+        else:
+            v_c = backbone.predict(latents, t, *positive, canvas, refs, **kw).float()
+            if null_text:
+                v_i = backbone.predict(latents, t, *negative, None, refs, **kw).float()
+        v = v_c
+        if null_text:
+            v = v_i + (cfg if text_guided else 1.0) * (v_c - v_i)
+        if image_guided:
+            v_u = backbone.predict(latents, t, *negative, None, None, **kw).float()
+            v = v + (image_cfg - 1.0) * (v_i - v_u)
         latents = sched.step(v, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i, len(sched.timesteps))

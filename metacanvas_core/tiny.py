@@ -5,7 +5,9 @@
 writes into ComfyUI's models layout:
     LLM/tiny-qwen2_5-vl/                Qwen2.5-VL (config, safetensors, tokenizer, image processor)
     diffusers/tiny-sana/                SANA pipeline folder (transformer, DC-AE, Gemma-2, tokenizer, scheduler)
-    metacanvas/tiny-sana-metacanvas.safetensors   a MetaCanvas checkpoint for that pair
+    diffusers/tiny-flux-kontext/        FLUX.1-Kontext pipeline folder (transformer, 16-ch f8 AutoencoderKL, CLIP, no T5)
+    metacanvas/tiny-sana-metacanvas.safetensors          a MetaCanvas checkpoint for the Qwen + SANA pair
+    metacanvas/tiny-flux-kontext-metacanvas.safetensors  one for the Qwen + FLUX-Kontext pair
 Weights are random (seeded): outputs are noise-like images, but every shape, file and code path is real.
 """
 
@@ -26,6 +28,7 @@ QWEN_SPECIAL = [
     "<|video_pad|>",
 ]
 GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
+CLIP_SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 
 # The Qwen2-VL chat template, as shipped with Qwen2.5-VL-*-Instruct.
 QWEN_CHAT_TEMPLATE = (
@@ -191,6 +194,80 @@ def write_tiny_sana(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def write_tiny_flux_kontext(folder: Path, seed: int = 0) -> Path:
+    """FLUX.1-Kontext pipeline folder in the real layout: a 1+1-block transformer (width 32, guidance
+    embedding), a 16-channel AutoencoderKL with stride 8 (as FLUX's), a 2-layer CLIP text encoder for
+    the pooled slot; no T5 (MetaCanvas replaces it with the MLLM), so text_encoder_2/tokenizer_2 are None."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tk, Fast = _byte_bpe(CLIP_SPECIAL, 300, bos=CLIP_SPECIAL[0])
+    tokenizer = Fast(
+        tokenizer_object=tk, bos_token=CLIP_SPECIAL[0], eos_token=CLIP_SPECIAL[1], pad_token=CLIP_SPECIAL[1]
+    )
+    tokenizer.model_max_length = 77
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=[4, 4, 8],
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=[8, 8, 16, 16],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxKontextPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def write_tiny_metacanvas(path: Path, mllm_folder: Path, backbone_folder: Path, seed: int = 0) -> Path:
     """A MetaCanvas checkpoint for the tiny pair with small random (not zero) projections, so the
     canvas visibly changes the output: a stand-in for a trained checkpoint in tests and demos."""
@@ -212,7 +289,15 @@ def write_all(models: Path) -> dict[str, Path]:
     qwen = write_tiny_qwen(models / "LLM" / "tiny-qwen2_5-vl")
     sana = write_tiny_sana(models / "diffusers" / "tiny-sana")
     ckpt = write_tiny_metacanvas(models / "metacanvas" / "tiny-sana-metacanvas.safetensors", qwen, sana)
-    return {"mllm": qwen, "sana": sana, "sana_metacanvas": ckpt}
+    flux = write_tiny_flux_kontext(models / "diffusers" / "tiny-flux-kontext")
+    flux_ckpt = write_tiny_metacanvas(models / "metacanvas" / "tiny-flux-kontext-metacanvas.safetensors", qwen, flux)
+    return {
+        "mllm": qwen,
+        "sana": sana,
+        "sana_metacanvas": ckpt,
+        "flux_kontext": flux,
+        "flux_kontext_metacanvas": flux_ckpt,
+    }
 
 
 def main() -> None:

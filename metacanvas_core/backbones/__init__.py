@@ -9,9 +9,10 @@ import torch
 
 from ..errors import MetaCanvasInputError
 from .base import SCHEDULERS, Backbone, CanvasInjection
+from .flux import FluxKontextBackbone
 from .sana import SanaBackbone
 
-BACKBONES: dict[str, type[Backbone]] = {cls.kind: cls for cls in (SanaBackbone,)}
+BACKBONES: dict[str, type[Backbone]] = {cls.kind: cls for cls in (SanaBackbone, FluxKontextBackbone)}
 
 
 def backbone_class_for(folder: str | Path) -> type[Backbone]:
@@ -21,7 +22,7 @@ def backbone_class_for(folder: str | Path) -> type[Backbone]:
     if not index.is_file():
         raise MetaCanvasInputError(
             f"'{folder}' has no model_index.json: the Backbone Loader needs a diffusers-format pipeline folder "
-            "(e.g. Sana_1600M_512px_diffusers)."
+            "(e.g. Sana_1600M_512px_diffusers or FLUX.1-Kontext-dev)."
         )
 
     name = json.loads(index.read_text()).get("_class_name")

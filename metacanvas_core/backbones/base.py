@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
@@ -75,6 +75,8 @@ class Backbone(ABC):
     pipeline_class_names: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s this adapter loads
     context_source: ClassVar[str]  # "native" (own text encoder) or "mllm" (context connector)
     canvas_factor: ClassVar[int]  # canvas grid = token grid / factor [D, §2.2]
+    needs_input_image: ClassVar[bool] = False  # editing backbones: the plan must carry an input image
+    batch_guidance: ClassVar[bool] = True  # CFG branches in one 2B call (SANA) or one call each (FLUX)
 
     def __init__(self, folder: str, transformer: nn.Module, vae: nn.Module, scheduler_config: dict) -> None:
         self.folder = folder
@@ -129,6 +131,10 @@ class Backbone(ABC):
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
+    def context_hidden_dim(self, mllm_dim: int) -> int:
+        """Hidden width of a new context connector (MLLM → hidden → text slot)."""
+        return 4 * mllm_dim
+
     def modules(self) -> list[nn.Module]:
         """Every module holding weights, for device moves and memory accounting."""
         return [self.transformer, self.vae]
@@ -142,6 +148,14 @@ class Backbone(ABC):
         """Native encoding of the unconditional branch (some pipelines encode it differently)."""
         return self.encode_prompt(prompts)
 
+    def prepare_references(self, images: list, height: int, width: int) -> dict[str, Any] | None:
+        """Backbone inputs made from the plan's input images for an output of height × width.
+
+        Passed unchanged to every `predict` call as `references`. None: the backbone takes no image
+        input of its own (the images reach only the MLLM), which is the default.
+        """
+        return None
+
     @abstractmethod
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         """Shape of the noisy latent for `batch` samples of height × width pixels."""
@@ -154,8 +168,15 @@ class Backbone(ABC):
         context: torch.Tensor,
         context_mask: torch.Tensor,
         canvas: CanvasInjection | None,
+        references: dict[str, Any] | None = None,
+        guidance: float | None = None,
     ) -> torch.Tensor:
-        """Velocity for `latents` at scheduler timestep `t`, with the canvas added when given."""
+        """Velocity for `latents` at scheduler timestep `t`, with the canvas added when given.
+
+        `references`: from `prepare_references` (None = without the input images, e.g. the null
+        branch of image guidance). `guidance`: an embedded-guidance value for guidance-distilled
+        models (FLUX); backbones without a guidance embedding ignore it.
+        """
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -167,6 +188,10 @@ class Backbone(ABC):
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = self.latent_shape(batch, height, width)
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    def set_timesteps(self, scheduler, steps: int, height: int, width: int) -> None:
+        """The scheduler's timesteps for an output of height × width (default: its own spacing)."""
+        scheduler.set_timesteps(steps, device=self.device)
 
     def make_scheduler(self, name: str):
         """A fresh flow-matching scheduler; the folder's own config when it is of the asked kind."""

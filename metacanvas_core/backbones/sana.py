@@ -99,7 +99,10 @@ class SanaBackbone(Backbone):
         s = self.vae_stride
         return batch, self.transformer.config.in_channels, height // s, width // s
 
-    def predict(self, latents, t, context, context_mask, canvas: CanvasInjection | None):
+    def predict(
+        self, latents, t, context, context_mask, canvas: CanvasInjection | None, references=None, guidance=None
+    ):
+        """SANA has no reference input and no guidance embedding: `references`/`guidance` are unused."""
         model = self.transformer
         timestep = t.expand(latents.shape[0]) * model.config.timestep_scale
         p = model.config.patch_size

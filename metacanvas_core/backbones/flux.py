@@ -1,0 +1,252 @@
+"""FLUX.1-Kontext-dev image editing (the paper's editing backbone): FluxTransformer2DModel + AutoencoderKL.
+
+Sequence, as diffusers' `FluxKontextPipeline` builds it: the noisy target's packed 2×2 latent tokens,
+then the input image's packed tokens (the "reference"), whose position ids have 1 in the first
+channel; the transformer's output is sliced back to the target rows. The packing, unpacking, ids, VAE
+encoding, image resizing and timestep spacing are the pipeline's own helpers, so with the canvas off
+one branch computes what `FluxKontextPipeline` computes for the same prompt embeddings.
+
+Text: T5 is dropped; the MLLM's prompt states go through the context connector
+`Linear(MLLM → 3·4096) → SiLU → Linear(→ 4096)` into the joint text stream (paper §2.4).
+
+[D] Pooled projection (FLUX's 768-d CLIP pooled slot, which modulates every block with the timestep):
+a constant, the CLIP-L pooled embedding of the empty prompt, computed once when the folder is loaded
+(CLIP is then released). Reason: UniWorld-V1, whose connector MetaCanvas starts from, feeds exactly
+that when it drops T5 (`encode_prompt(..., '' ...)` → pooled), so the connector's states meet the
+pooled input it was trained with, and every piece of prompt information then comes from the MLLM
+(no second text encoder reading the prompt). A folder without `text_encoder/` (the tiny test
+models may omit it) gets zeros.
+
+Canvas: one canvas token per DiT token (canvas factor 1: 32×32 at 512², 64×64 at 1024²), added
+after `x_embedder` to the target rows only; reference and text rows are never touched (paper §2.3.5).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS, calculate_shift
+
+from ..errors import MetaCanvasInputError
+from .base import Backbone, CanvasInjection, patch_embedding_hook, read_json
+
+DEFAULT_GUIDANCE: float = inspect.signature(FluxKontextPipeline.__call__).parameters["guidance_scale"].default
+KONTEXT_AREA = 1024 * 1024  # the area of PREFERRED_KONTEXT_RESOLUTIONS (FLUX.1-Kontext's training buckets)
+CANVAS_SIDE = 32  # paper: a 32×32 canvas at 512² [P]; the checkpoint stores it at 32×32 tokens
+
+REFERENCE_RULE = (
+    "The input image is resized, never cropped: to the FLUX.1-Kontext preferred resolution nearest its own "
+    "aspect ratio (1024×1024, 1248×832, 1568×672, ...), scaled by √(output width·height / 1024²), each side "
+    "floored to a multiple of 16. So it keeps its aspect ratio whatever the output's, and holds about as "
+    "many tokens as the output."
+)
+
+
+def reference_size(image_width: int, image_height: int, height: int, width: int, multiple: int) -> tuple[int, int]:
+    """(height, width) of the reference for an input image and an output of height × width (REFERENCE_RULE)."""
+    aspect = image_width / image_height
+    _, w, h = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    scale = math.sqrt(height * width / KONTEXT_AREA)
+    return (max(multiple, int(h * scale) // multiple * multiple), max(multiple, int(w * scale) // multiple * multiple))
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) VAE latents → (B, h/2·w/2, 4C) FLUX tokens, with the pipeline's own helper."""
+    b, c, h, w = latents.shape
+    return FluxKontextPipeline._pack_latents(latents, b, c, h, w)
+
+
+def unpack(tokens: torch.Tensor, latent_height: int, latent_width: int, vae_scale: int) -> torch.Tensor:
+    """Inverse of `pack` for a latent of latent_height × latent_width."""
+    return FluxKontextPipeline._unpack_latents(tokens, latent_height * vae_scale, latent_width * vae_scale, vae_scale)
+
+
+class FluxKontextBackbone(Backbone):
+    kind = "flux_kontext"
+    pipeline_class_names = ("FluxKontextPipeline",)
+    context_source = "mllm"
+    canvas_factor = 1
+    needs_input_image = True
+    batch_guidance = False  # one call per branch, as FluxKontextPipeline does for true CFG (no text mask)
+
+    def __init__(self, folder: str, transformer, vae, scheduler_config: dict, pooled: torch.Tensor) -> None:
+        super().__init__(folder, transformer, vae, scheduler_config)
+        self.pooled = pooled  # (1, pooled_projection_dim), see [D] above
+        # Used only for its helpers (image processor, VAE encoding): the denoising loop is ours.
+        self.pipeline = FluxKontextPipeline(
+            scheduler=None,
+            vae=vae,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=transformer,
+        )
+
+    @classmethod
+    def from_folder(cls, folder: Path, dtype: torch.dtype, device: str | torch.device) -> FluxKontextBackbone:
+        kw = dict(local_files_only=True, use_safetensors=True)
+        transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **kw)
+        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+        pooled = empty_prompt_pooled(folder, transformer.config.pooled_projection_dim).to(dtype)
+        for module in (transformer, vae):
+            module.to(device).eval().requires_grad_(False)
+        return cls(str(folder), transformer, vae, scheduler_config, pooled)
+
+    # --- geometry ----------------------------------------------------------------------------
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def pixel_stride(self) -> int:
+        return self.vae_scale * 2  # 2×2 packing
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        side = CANVAS_SIDE * self.pixel_stride  # 512² on FLUX.1-Kontext-dev
+        return side, side
+
+    @property
+    def width(self) -> int:
+        c = self.transformer.config
+        return c.num_attention_heads * c.attention_head_dim
+
+    @property
+    def attention_heads(self) -> tuple[int, int]:
+        c = self.transformer.config
+        return c.num_attention_heads, c.attention_head_dim
+
+    @property
+    def text_dim(self) -> int:
+        return self.transformer.config.joint_attention_dim
+
+    def context_hidden_dim(self, mllm_dim: int) -> int:
+        return 3 * self.text_dim  # UniWorld-V1's connector: MLLM → 3·4096 → 4096 (paper §2.4)
+
+    # --- the model ---------------------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str]):
+        raise MetaCanvasInputError(
+            f"the {self.kind} backbone takes its prompt from the MLLM through the context connector (T5 is not "
+            "loaded): use a MetaCanvas checkpoint with context_source 'mllm'."
+        )
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        s = self.vae_scale
+        return batch, self.transformer.config.in_channels // 4, height // s, width // s
+
+    @torch.no_grad()
+    def prepare_references(self, images: list, height: int, width: int) -> dict:
+        """The input image as Kontext reference tokens: resized by REFERENCE_RULE, VAE-encoded, packed."""
+        if not images:
+            raise MetaCanvasInputError(
+                "images: the FLUX.1-Kontext backbone edits an input image and this plan has none. Connect the "
+                "image to edit (e.g. a core Load Image) to the 'images' input of MetaCanvas Plan."
+            )
+        if len(images) > 1:
+            raise MetaCanvasInputError(
+                f"images: FLUX.1-Kontext edits one input image, the plan has {len(images)}. Pass a single image "
+                "(e.g. pick one with the core 'Image From Batch' node)."
+            )
+        image = images[0]
+        rh, rw = reference_size(image.width, image.height, height, width, self.pixel_stride)
+        proc = self.pipeline.image_processor
+        pixels = proc.preprocess(proc.resize(image, rh, rw), rh, rw).to(self.vae.device, self.vae.dtype)
+        latents = self.pipeline._encode_vae_image(pixels, generator=None)
+        lh, lw = latents.shape[-2:]
+        ids = FluxKontextPipeline._prepare_latent_image_ids(1, lh // 2, lw // 2, self.device, self.dtype)
+        ids[..., 0] = 1  # Kontext: reference ids are the target's with the first channel set to 1
+        return {"tokens": pack(latents), "ids": ids, "size": (rh, rw)}
+
+    def set_timesteps(self, scheduler, steps: int, height: int, width: int) -> None:
+        """FluxKontextPipeline's spacing: sigmas 1 → 1/steps, shifted by the target's token count."""
+        c = scheduler.config
+        mu = None
+        if c.get("use_dynamic_shifting"):
+            tokens = (height // self.pixel_stride) * (width // self.pixel_stride)
+            mu = calculate_shift(
+                tokens,
+                c.get("base_image_seq_len", 256),
+                c.get("max_image_seq_len", 4096),
+                c.get("base_shift", 0.5),
+                c.get("max_shift", 1.15),
+            )
+        if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.device, mu=mu)
+        else:
+            scheduler.set_timesteps(steps, device=self.device, mu=mu)
+
+    def predict(
+        self, latents, t, context, context_mask, canvas: CanvasInjection | None, references=None, guidance=None
+    ):
+        model = self.transformer
+        dtype, device = model.dtype, latents.device
+        b, _, lh, lw = latents.shape
+        x = pack(latents.to(dtype))
+        n_target = x.shape[1]
+        ids = FluxKontextPipeline._prepare_latent_image_ids(b, lh // 2, lw // 2, device, dtype)
+        if references is not None:
+            x = torch.cat([x, references["tokens"].to(device, dtype).expand(b, -1, -1)], 1)
+            ids = torch.cat([ids, references["ids"].to(device, dtype)], 0)
+        if b == 1 and not bool(context_mask.all()):  # FLUX has no text mask: drop padding instead
+            context = context[:, context_mask[0].bool()]
+        t_model = t.expand(b).to(dtype)  # the scheduler's 0..1000 units: the canvas connector's clock
+
+        def add_canvas(tokens: torch.Tensor) -> torch.Tensor:  # (B, target + reference rows, D)
+            target = tokens[:, :n_target].unflatten(1, (1, lh // 2, lw // 2))
+            target = canvas.add_to(target, t_model.to(tokens.dtype)).flatten(1, 3)
+            return torch.cat([target, tokens[:, n_target:]], 1)
+
+        g = None
+        if model.config.guidance_embeds:
+            value = DEFAULT_GUIDANCE if guidance is None else guidance
+            g = torch.full([1], value, device=device, dtype=torch.float32).expand(b)
+        call = dict(
+            timestep=t_model / 1000,
+            guidance=g,
+            pooled_projections=self.pooled.to(device, dtype).expand(b, -1),
+            encoder_hidden_states=context.to(dtype),
+            txt_ids=torch.zeros(context.shape[1], 3, device=device, dtype=dtype),
+            img_ids=ids,
+            return_dict=False,
+        )
+        if canvas is None:
+            v = model(hidden_states=x, **call)[0]
+        else:
+            with patch_embedding_hook(model.x_embedder, add_canvas):
+                v = model(hidden_states=x, **call)[0]
+        return unpack(v[:, :n_target], lh, lw, self.vae_scale)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        c = self.vae.config
+        x = latents.to(self.vae.device, self.vae.dtype) / c.scaling_factor + c.shift_factor
+        images = self.vae.decode(x, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+@torch.no_grad()
+def empty_prompt_pooled(folder: Path, dim: int) -> torch.Tensor:
+    """CLIP-L pooled embedding of "" as FluxPipeline computes it ([D] above); zeros without text_encoder/."""
+    if not (folder / "text_encoder" / "config.json").is_file():
+        return torch.zeros(1, dim)
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    pipe = FluxKontextPipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=None,
+    )
+    return pipe._get_clip_prompt_embeds("", device=torch.device("cpu")).float()
