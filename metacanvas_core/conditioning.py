@@ -34,6 +34,8 @@ class Conditioning:
     connector: CanvasConnector
     backbone_kind: str
     references: dict[str, Any] | None = None  # backbone inputs from the input images (FLUX-Kontext: reference tokens)
+    guidance: float | None = None  # embedded guidance (FLUX); None = the backbone's default
+    image_cfg: float = 1.0  # image guidance scale; 1 = off
 
     def with_negative(self, other: Conditioning) -> Conditioning:
         """This conditioning with another one's positive context as the unconditional branch."""

@@ -44,7 +44,7 @@ def sample(
     use_canvas: bool = True,
     on_step: Callable[[int, int], None] | None = None,
     guidance: float | None = None,
-    image_cfg: float = 1.0,
+    image_cfg: float | None = None,
 ) -> torch.Tensor:
     """Latents of one sample. `on_step(i, steps)` is called after each step (progress, interrupt).
 
@@ -53,6 +53,7 @@ def sample(
     v = v_u + image_cfg·(v_i − v_u) + cfg·(v_c − v_i). `cfg` ≤ 1 drops the text term's null branch
     (cfg counts as 1); `image_cfg` applies only to backbones with input-image references
     (FLUX-Kontext) and is off at 1. `guidance` is the embedded guidance of distilled models (FLUX).
+    Both default to the conditioning's own (`Conditioning.guidance`, `.image_cfg`).
     """
     if cond.backbone_kind != backbone.kind:
         raise MetaCanvasInputError(f"this conditioning was projected for {cond.backbone_kind}, not {backbone.kind}.")
@@ -64,6 +65,8 @@ def sample(
     sched = backbone.make_scheduler(scheduler)
     backbone.set_timesteps(sched, steps, height, width)
     refs = cond.references
+    guidance = cond.guidance if guidance is None else guidance
+    image_cfg = cond.image_cfg if image_cfg is None else image_cfg
     image_guided = image_cfg != 1.0 and refs is not None
     text_guided = cfg > 1.0
     null_text = text_guided or image_guided  # v_i is needed

@@ -6,14 +6,15 @@ memory manager for the models it needs, and hands tensors and models to the next
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from metacanvas_core.backbones import SCHEDULERS, load_backbone
+from metacanvas_core.backbones import BACKBONES, SCHEDULERS, load_backbone
+from metacanvas_core.backbones.flux import REFERENCE_RULE
 from metacanvas_core.checkpoint import load_metacanvas, new_metacanvas
 from metacanvas_core.conditioning import project
 from metacanvas_core.errors import MetaCanvasInputError
@@ -54,7 +55,10 @@ class Loaded:
 def _check_size(width: int, height: int) -> bool | str:
     for name, value in (("width", width), ("height", height)):
         if value <= 0 or value % SIZE_MULTIPLE:
-            return f"{name} {value} must be a positive multiple of {SIZE_MULTIPLE} (32 for SANA): try {max(32, value // 32 * 32)}."
+            return (
+                f"{name} {value} must be a positive multiple of {SIZE_MULTIPLE} (32 for SANA, 16 for FLUX-Kontext): "
+                f"try {max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)}."
+            )
     return True
 
 
@@ -71,11 +75,11 @@ def _size_inputs(tip: str) -> dict:
     return {
         "width": (
             "INT",
-            {"default": 512, "min": 32, "max": MAX_SIZE, "step": 32, "tooltip": f"Image width in pixels. {tip}"},
+            {"default": 512, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": f"Image width in pixels. {tip}"},
         ),
         "height": (
             "INT",
-            {"default": 512, "min": 32, "max": MAX_SIZE, "step": 32, "tooltip": f"Image height in pixels. {tip}"},
+            {"default": 512, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": f"Image height in pixels. {tip}"},
         ),
     }
 
@@ -127,13 +131,17 @@ class MetaCanvasMLLMLoader:
 
 class MetaCanvasBackboneLoader:
     DESCRIPTION = (
-        "Loads a diffusion backbone from a diffusers folder; its kind (SANA, ...) is read from model_index.json."
+        "Loads a diffusion backbone from a diffusers folder; its kind (SANA text-to-image, FLUX.1-Kontext image "
+        "editing) is read from model_index.json."
     )
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("METACANVAS_BACKBONE",)
     RETURN_NAMES = ("backbone",)
-    OUTPUT_TOOLTIPS = ("The backbone: transformer, VAE and (for SANA) its Gemma-2 text encoder.",)
+    OUTPUT_TOOLTIPS = (
+        "The backbone: transformer, VAE and (for SANA) its Gemma-2 text encoder; FLUX-Kontext takes its text from "
+        "the MLLM (T5 is not loaded).",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -141,7 +149,9 @@ class MetaCanvasBackboneLoader:
             "required": {
                 "backbone_folder": (
                     list_models("diffusers"),
-                    {"tooltip": "A diffusers pipeline folder in models/diffusers, e.g. Sana_1600M_512px_diffusers."},
+                    {
+                        "tooltip": "A diffusers pipeline folder in models/diffusers, e.g. Sana_1600M_512px_diffusers (text-to-image) or FLUX.1-Kontext-dev (image editing)."
+                    },
                 ),
                 "dtype": (
                     DTYPES,
@@ -248,10 +258,18 @@ class MetaCanvasPlan:
                         "tooltip": "The unconditional branch of guidance. It never gets the canvas.",
                     },
                 ),
-                **_size_inputs("Sets the canvas grid; use the same size in the sampler."),
+                **_size_inputs(
+                    "Sets the canvas grid (and, for FLUX-Kontext, the input image's pixel area); use the same size in the sampler."
+                ),
             },
             "optional": {
-                "images": ("IMAGE", {"tooltip": "Optional input images the MLLM looks at with the prompt."}),
+                "images": (
+                    "IMAGE",
+                    {
+                        "tooltip": "Input images the MLLM looks at with the prompt. Required for FLUX-Kontext editing (one image: the image to edit, which the DiT also sees as reference tokens). "
+                        + REFERENCE_RULE
+                    },
+                ),
             },
         }
 
@@ -270,6 +288,12 @@ class MetaCanvasPlan:
         images: torch.Tensor | None = None,
     ):
         pil = _images_to_pil(images)
+        backbone_cls = BACKBONES.get(metacanvas.model.info.backbone)
+        if backbone_cls is not None and backbone_cls.needs_input_image and not pil:
+            raise MetaCanvasInputError(
+                f"images: this MetaCanvas checkpoint is for {backbone_cls.kind} image editing, which needs the image "
+                "to edit. Connect it (e.g. a core Load Image) to the 'images' input of MetaCanvas Plan."
+            )
         mc = metacanvas.ready()
         planner = mllm.ready()
         grid = mc.canvas_grid(height, width)
@@ -347,10 +371,10 @@ class MetaCanvasSampler:
                         "max": 30.0,
                         "step": 0.1,
                         "round": 0.01,
-                        "tooltip": "Classifier-free guidance scale; 1 or less turns guidance off.",
+                        "tooltip": "Classifier-free (text) guidance scale; its unconditional branch has the negative prompt and no canvas. 1 or less turns it off (one model call per step fewer).",
                     },
                 ),
-                **_size_inputs("A multiple of the backbone's pixel stride (32 for SANA)."),
+                **_size_inputs("A multiple of the backbone's pixel stride (32 for SANA, 16 for FLUX-Kontext)."),
                 "scheduler": (
                     list(SCHEDULERS),
                     {
@@ -411,6 +435,52 @@ class MetaCanvasSampler:
         return ({"samples": latents.to(intermediate_device())},)
 
 
+class MetaCanvasEditGuidance:
+    DESCRIPTION = (
+        "Sets the editing guidance a conditioning is sampled with (like the core FluxGuidance node): FLUX-Kontext's "
+        "embedded guidance and the image guidance against a branch without the input image. Without this node: "
+        "guidance 3.5 (diffusers' FluxKontextPipeline default) and image guidance off."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("METACANVAS_COND",)
+    RETURN_NAMES = ("cond",)
+    OUTPUT_TOOLTIPS = ("The same conditioning with these guidance values; connect it to MetaCanvas Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "cond": ("METACANVAS_COND", {"tooltip": "From MetaCanvas Project."}),
+                "guidance": (
+                    "FLOAT",
+                    {
+                        "default": 2.5,
+                        "min": 0.0,
+                        "max": 100.0,
+                        "step": 0.1,
+                        "round": 0.01,
+                        "tooltip": "FLUX-Kontext's embedded (distilled) guidance; 2.5 in its model card. Backbones without a guidance embedding (SANA) ignore it.",
+                    },
+                ),
+                "image_cfg": (
+                    "FLOAT",
+                    {
+                        "default": 1.5,
+                        "min": 0.0,
+                        "max": 30.0,
+                        "step": 0.1,
+                        "round": 0.01,
+                        "tooltip": "Image guidance (InstructPix2Pix-style): how strongly the output follows the input image, against a branch with the negative prompt, no canvas and no input image; 1.5 is MetaQuery's setting. 1 = off (one model call per step fewer). Only for backbones that take the input image themselves (FLUX-Kontext).",
+                    },
+                ),
+            }
+        }
+
+    def apply(self, cond, guidance: float, image_cfg: float):
+        return (replace(cond, guidance=guidance, image_cfg=image_cfg),)
+
+
 class MetaCanvasDecode:
     DESCRIPTION = "Decodes a MetaCanvas latent with the backbone's VAE into an IMAGE for the core Preview/Save nodes."
     CATEGORY = CATEGORY
@@ -441,6 +511,7 @@ NODE_CLASS_MAPPINGS = {
     "MetaCanvasProject": MetaCanvasProject,
     "MetaCanvasSampler": MetaCanvasSampler,
     "MetaCanvasDecode": MetaCanvasDecode,
+    "MetaCanvasEditGuidance": MetaCanvasEditGuidance,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MetaCanvasMLLMLoader": "MetaCanvas MLLM Loader",
@@ -450,4 +521,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MetaCanvasProject": "MetaCanvas Project",
     "MetaCanvasSampler": "MetaCanvas Sampler",
     "MetaCanvasDecode": "MetaCanvas Decode",
+    "MetaCanvasEditGuidance": "MetaCanvas Edit Guidance",
 }

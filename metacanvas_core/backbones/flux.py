@@ -196,11 +196,12 @@ class FluxKontextBackbone(Backbone):
             ids = torch.cat([ids, references["ids"].to(device, dtype)], 0)
         if b == 1 and not bool(context_mask.all()):  # FLUX has no text mask: drop padding instead
             context = context[:, context_mask[0].bool()]
-        t_model = t.expand(b).to(dtype)  # the scheduler's 0..1000 units: the canvas connector's clock
+        t_model = t.expand(b).to(dtype)  # as FluxKontextPipeline: the model divides by 1000, then scales back
 
         def add_canvas(tokens: torch.Tensor) -> torch.Tensor:  # (B, target + reference rows, D)
             target = tokens[:, :n_target].unflatten(1, (1, lh // 2, lw // 2))
-            target = canvas.add_to(target, t_model.to(tokens.dtype)).flatten(1, 3)
+            # The connector's clock is the scheduler's 0..1000 timestep, kept in float32 (not rounded to bf16).
+            target = canvas.add_to(target, t.expand(b).float()).flatten(1, 3)
             return torch.cat([target, tokens[:, n_target:]], 1)
 
         g = None
