@@ -8,6 +8,7 @@ canvas_grid [K, H, W], canvas_factor, context_source, and the JSON configs of th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 
 from .backbones import Backbone
 from .canvas import CanvasEmbedding, CanvasGrid, canvas_grid_for
-from .connectors import CanvasConnector, ContextConnector
+from .connectors import CanvasConnector, ConditionEmbedding, ContextConnector
 from .errors import MetaCanvasInputError
 from .planner import CanvasLora, Planner
 
@@ -42,6 +43,7 @@ class CheckpointInfo:
     canvas_connector: dict  # CanvasConnector config
     context_connector: dict | None  # ContextConnector config
     lora: dict | None  # LoraConfig kwargs of the canvas LoRA
+    condition_embedding: dict | None = None  # ConditionEmbedding config (Wan: source video + masks)
 
     def to_metadata(self) -> dict[str, str]:
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
@@ -57,7 +59,11 @@ class CheckpointInfo:
                 f"'{path}' has checkpoint format {meta['format_version']}; this MetaCanvas reads up to "
                 f"{FORMAT_VERSION}: update the MetaCanvas nodes."
             )
-        values = {k: json.loads(meta[k]) for k in cls.__dataclass_fields__}
+        fields = cls.__dataclass_fields__
+        missing = [k for k, f in fields.items() if k not in meta and f.default is dataclasses.MISSING]
+        if missing:
+            raise MetaCanvasInputError(f"'{path}' lacks the header fields {missing}; the file is damaged.")
+        values = {k: json.loads(meta[k]) for k in fields if k in meta}
         values["canvas_grid"] = tuple(values["canvas_grid"])
         return cls(**values)
 
@@ -72,17 +78,21 @@ class MetaCanvas(nn.Module):
         self.canvas = CanvasEmbedding(info.mllm_hidden_size, CanvasGrid(*info.canvas_grid))
         self.canvas_connector = CanvasConnector(**info.canvas_connector)
         self.context_connector = ContextConnector(**info.context_connector) if info.context_connector else None
+        self.condition_embedding = ConditionEmbedding(**info.condition_embedding) if info.condition_embedding else None
         self.lora: CanvasLora | None = None
 
-    def canvas_grid(self, height: int, width: int) -> CanvasGrid:
-        """The canvas for an output of height × width: the token grid divided by the canvas factor."""
+    def canvas_grid(self, height: int, width: int, keyframes: int | None = None) -> CanvasGrid:
+        """The canvas for an output of height × width: the token grid divided by the canvas factor,
+        with `keyframes` (default: the checkpoint's) for video."""
         s = self.info.pixel_stride
         if height % s or width % s or height <= 0 or width <= 0:
             raise MetaCanvasInputError(
                 f"{width}×{height} is not a multiple of {s}, the pixel stride of the {self.info.backbone} backbone "
                 f"this checkpoint is for: use {max(s, width // s * s)}×{max(s, height // s * s)}."
             )
-        return canvas_grid_for((1, height // s, width // s), self.info.canvas_factor, self.info.canvas_grid[0])
+        return canvas_grid_for(
+            (1, height // s, width // s), self.info.canvas_factor, keyframes or self.info.canvas_grid[0]
+        )
 
     def check_compatible(self, planner: Planner, backbone: Backbone) -> None:
         """Refuse an MLLM or backbone this checkpoint was not made for, naming both sides."""
@@ -108,10 +118,10 @@ class MetaCanvas(nn.Module):
 
 
 def new_metacanvas(planner: Planner, backbone: Backbone) -> MetaCanvas:
-    """A fresh, zero-initialised MetaCanvas: until trained, the backbone behaves exactly as without it."""
+    """A fresh MetaCanvas, seeded: zero-initialised canvas projections, so until trained the canvas changes nothing."""
     heads, head_dim = backbone.attention_heads
     token_grid = backbone.token_grid(*backbone.default_size)
-    grid = canvas_grid_for(token_grid, backbone.canvas_factor)
+    grid = canvas_grid_for(token_grid, backbone.canvas_factor, backbone.keyframes)
     context = None
     if backbone.context_source == "mllm":
         context = {
@@ -136,8 +146,18 @@ def new_metacanvas(planner: Planner, backbone: Backbone) -> MetaCanvas:
         },
         context_connector=context,
         lora=None,
+        condition_embedding=(
+            {"in_channels": backbone.condition_channels, "width": backbone.width, "patch_size": backbone.patch_size}
+            if backbone.condition_channels
+            else None
+        ),
     )
-    return MetaCanvas(info).to(backbone.device)
+    # Seeded, without touching the caller's RNG: 'new (untrained)' is the same checkpoint on every load, so a
+    # graph gives the same image each run (the random parts are the canvas tokens and the context connector).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        mc = MetaCanvas(info)
+    return mc.to(backbone.device)
 
 
 def save_metacanvas(mc: MetaCanvas, path: str | Path) -> None:

@@ -66,5 +66,5 @@ def project(plan: Plan, mc: MetaCanvas, backbone: Backbone) -> Conditioning:
     canvas = connector.align(states).reshape(1, g.frames, g.height, g.width, -1)
     # The output size the plan was made for (its canvas grid × canvas factor × pixel stride).
     scale = mc.info.canvas_factor * mc.info.pixel_stride
-    references = backbone.prepare_references(plan.images, g.height * scale, g.width * scale)
+    references = backbone.prepare_references(plan, mc, g.height * scale, g.width * scale)
     return Conditioning(context, mask, negative, negative_mask, canvas, g, connector, backbone.kind, references)

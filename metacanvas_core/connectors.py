@@ -7,6 +7,8 @@ patch embeddings. Both projections start at zero, so an untrained connector leav
 exactly as it was.
 
 ContextConnector: the 2-layer MLP that maps MLLM prompt states into a backbone's text slot.
+
+ConditionEmbedding: extra input channels of a video DiT's patch embedding, zero-initialised.
 """
 
 from __future__ import annotations
@@ -89,3 +91,22 @@ class ContextConnector(ModelMixin, ConfigMixin):
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         return self.net(states)
+
+
+class ConditionEmbedding(ModelMixin, ConfigMixin):
+    """Condition latents + masks → patch embeddings, added to the backbone's own (Wan-Animate style inputs).
+
+    Equal to widening the backbone's patch-embedding conv by `in_channels` zero-initialised input
+    channels (a conv is linear in its inputs), without touching the pretrained weights: no bias,
+    zero weights, so an untrained one adds exact zeros.
+    """
+
+    @register_to_config
+    def __init__(self, in_channels: int, width: int, patch_size: tuple[int, int, int]):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, width, kernel_size=tuple(patch_size), stride=tuple(patch_size), bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, T, h, w) → (B, width, T, h/p, w/p), the patch embedding's layout."""
+        return self.proj(condition.to(self.proj.weight.dtype))

@@ -21,6 +21,26 @@ from .canvas import CanvasGrid
 from .errors import MetaCanvasInputError
 
 QWEN25_VL_MODEL_TYPE = "qwen2_5_vl"
+VIDEO_FRAMES = 8  # [D] frames of a video shown to the MLLM
+VIDEO_FRAME_TOKENS = 144  # MLLM tokens per frame in the paper's video setup [P]
+QWEN_PIXELS_PER_TOKEN = 28  # Qwen2.5-VL: 14-pixel patches merged 2×2
+
+
+def video_frames_for_mllm(frames: list[Image.Image]) -> list[Image.Image]:
+    """Evenly spaced frames resized to about VIDEO_FRAME_TOKENS MLLM tokens each, keeping the aspect.
+
+    [D] The frames go in as a sequence of images: transformers' Qwen video processor needs
+    torchvision, which this pack does not depend on.
+    """
+    if not frames:
+        return []
+    n = min(VIDEO_FRAMES, len(frames))
+    picked = [frames[round(i * (len(frames) - 1) / max(1, n - 1))] for i in range(n)]
+    w, h = picked[0].size
+    rows = max(1, round((VIDEO_FRAME_TOKENS * h / w) ** 0.5))
+    cols = max(1, round(VIDEO_FRAME_TOKENS / rows))
+    size = (cols * QWEN_PIXELS_PER_TOKEN, rows * QWEN_PIXELS_PER_TOKEN)
+    return [f.convert("RGB").resize(size, Image.BICUBIC) for f in picked]
 
 
 @dataclass
@@ -46,6 +66,8 @@ class Plan:
     negative_mask: torch.Tensor | None = None
     # The input images the MLLM saw; editing backbones (FLUX-Kontext) also feed them to the DiT.
     images: list[Image.Image] = field(default_factory=list)
+    video: list[Image.Image] = field(default_factory=list)  # a source video's frames (video editing)
+    image_role: str = "references"  # video backbones: "references" or "first frame" (image-to-video)
 
     def to(self, device: torch.device | str) -> Plan:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
@@ -144,9 +166,16 @@ class Planner:
         negative_prompt: str = "",
         with_negative_context: bool = False,
         lora: CanvasLora | None = None,
+        video: list[Image.Image] | None = None,
+        image_role: str = "references",
     ) -> Plan:
-        """Run the planner. `canvas_embeddings` is `CanvasEmbedding(grid)`: start marker, then the canvas."""
-        hidden, n_prompt = self.forward(prompt, images or [], canvas_embeddings, grid, lora)
+        """Run the planner. `canvas_embeddings` is `CanvasEmbedding(grid)`: start marker, then the canvas.
+
+        A `video` reaches the MLLM as up to VIDEO_FRAMES evenly spaced frames of about
+        VIDEO_FRAME_TOKENS tokens each, after the images.
+        """
+        seen = list(images or []) + video_frames_for_mllm(video or [])
+        hidden, n_prompt = self.forward(prompt, seen, canvas_embeddings, grid, lora)
         plan = Plan(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -155,9 +184,11 @@ class Planner:
             canvas=hidden[:, n_prompt + 1 :],
             grid=grid,
             images=list(images or []),
+            video=list(video or []),
+            image_role=image_role,
         )
         if with_negative_context:
-            neg, n_neg = self.forward(negative_prompt, images or [], None, grid, None)
+            neg, n_neg = self.forward(negative_prompt, seen, None, grid, None)
             plan.negative_context = neg
             plan.negative_mask = torch.ones(1, n_neg, dtype=torch.long, device=neg.device)
         return plan

@@ -45,6 +45,7 @@ def sample(
     on_step: Callable[[int, int], None] | None = None,
     guidance: float | None = None,
     image_cfg: float | None = None,
+    frames: int = 1,
 ) -> torch.Tensor:
     """Latents of one sample. `on_step(i, steps)` is called after each step (progress, interrupt).
 
@@ -54,14 +55,15 @@ def sample(
     (cfg counts as 1); `image_cfg` applies only to backbones with input-image references
     (FLUX-Kontext) and is off at 1. `guidance` is the embedded guidance of distilled models (FLUX).
     Both default to the conditioning's own (`Conditioning.guidance`, `.image_cfg`).
+    `frames`: the video length in frames (video backbones; 1 for images).
     """
     if cond.backbone_kind != backbone.kind:
         raise MetaCanvasInputError(f"this conditioning was projected for {cond.backbone_kind}, not {backbone.kind}.")
-    backbone.check_size(height, width)
+    backbone.check_size(height, width, frames)
     if steps < 1:
         raise MetaCanvasInputError(f"steps must be at least 1, got {steps}.")
     device = backbone.device
-    latents = backbone.initial_noise(seed, 1, height, width)
+    latents = backbone.initial_noise(seed, 1, height, width, frames)
     sched = backbone.make_scheduler(scheduler)
     backbone.set_timesteps(sched, steps, height, width)
     refs = cond.references
@@ -76,7 +78,7 @@ def sample(
     both = tuple(x.to(device) for x in batched_context(cond, True))
     canvas = None
     if use_canvas:
-        tokens = interpolate_canvas(cond.canvas, backbone.token_grid(height, width)).to(device)
+        tokens = interpolate_canvas(cond.canvas, backbone.token_grid(height, width, frames)).to(device)
         canvas = CanvasInjection(cond.connector, tokens, rows=slice(1, 2) if batched else slice(0, 1))
     kw = dict(guidance=guidance)
     for i, t in enumerate(sched.timesteps):
@@ -95,4 +97,4 @@ def sample(
         latents = sched.step(v, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i, len(sched.timesteps))
-    return latents
+    return backbone.finalize(latents, refs)

@@ -11,8 +11,9 @@ from ..errors import MetaCanvasInputError
 from .base import SCHEDULERS, Backbone, CanvasInjection
 from .flux import FluxKontextBackbone
 from .sana import SanaBackbone
+from .wan import WanBackbone
 
-BACKBONES: dict[str, type[Backbone]] = {cls.kind: cls for cls in (SanaBackbone, FluxKontextBackbone)}
+BACKBONES: dict[str, type[Backbone]] = {cls.kind: cls for cls in (SanaBackbone, FluxKontextBackbone, WanBackbone)}
 
 
 def backbone_class_for(folder: str | Path) -> type[Backbone]:

@@ -14,16 +14,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from torch import nn
 
 from ..connectors import CanvasConnector
 from ..errors import MetaCanvasInputError
 
-SCHEDULERS = ("dpm_solver_flow", "flow_euler")
+if TYPE_CHECKING:
+    from ..checkpoint import MetaCanvas
+    from ..planner import Plan
+
+SCHEDULERS = ("dpm_solver_flow", "flow_euler", "unipc_flow")
 
 
 @dataclass
@@ -77,6 +81,9 @@ class Backbone(ABC):
     canvas_factor: ClassVar[int]  # canvas grid = token grid / factor [D, §2.2]
     needs_input_image: ClassVar[bool] = False  # editing backbones: the plan must carry an input image
     batch_guidance: ClassVar[bool] = True  # CFG branches in one 2B call (SANA) or one call each (FLUX)
+    is_video: ClassVar[bool] = False
+    keyframes: ClassVar[int] = 1  # canvas keyframes K of a new checkpoint (video: sparse 3D canvas)
+    condition_channels: ClassVar[int] = 0  # input channels of a condition embedding (Wan: source video + masks)
 
     def __init__(self, folder: str, transformer: nn.Module, vae: nn.Module, scheduler_config: dict) -> None:
         self.folder = folder
@@ -95,10 +102,18 @@ class Backbone(ABC):
     def default_size(self) -> tuple[int, int]:
         """(height, width) the backbone was trained at; the checkpoint's canvas grid is stored there."""
 
-    def token_grid(self, height: int, width: int) -> tuple[int, int, int]:
-        return 1, height // self.pixel_stride, width // self.pixel_stride
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames for a length in frames (images: 1)."""
+        return frames
 
-    def check_size(self, height: int, width: int) -> None:
+    def token_grid(self, height: int, width: int, frames: int = 1) -> tuple[int, int, int]:
+        return self.latent_frames(frames), height // self.pixel_stride, width // self.pixel_stride
+
+    def check_size(self, height: int, width: int, frames: int = 1) -> None:
+        if frames != 1 and not self.is_video:
+            raise MetaCanvasInputError(
+                f"length {frames}: the {self.kind} backbone '{self.folder}' makes images; set length to 1."
+            )
         s = self.pixel_stride
         for name, value in (("width", width), ("height", height)):
             if value % s or value <= 0:
@@ -148,17 +163,21 @@ class Backbone(ABC):
         """Native encoding of the unconditional branch (some pipelines encode it differently)."""
         return self.encode_prompt(prompts)
 
-    def prepare_references(self, images: list, height: int, width: int) -> dict[str, Any] | None:
-        """Backbone inputs made from the plan's input images for an output of height × width.
+    def prepare_references(self, plan: Plan, metacanvas: MetaCanvas, height: int, width: int) -> dict[str, Any] | None:
+        """Backbone inputs made from the plan's input images/video for an output of height × width.
 
         Passed unchanged to every `predict` call as `references`. None: the backbone takes no image
         input of its own (the images reach only the MLLM), which is the default.
         """
         return None
 
+    def finalize(self, latents: torch.Tensor, references: dict[str, Any] | None) -> torch.Tensor:
+        """The sampled latents as the decoder should see them (Wan I2V: the clean first frame put back)."""
+        return latents
+
     @abstractmethod
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        """Shape of the noisy latent for `batch` samples of height × width pixels."""
+    def latent_shape(self, batch: int, height: int, width: int, frames: int = 1) -> tuple[int, ...]:
+        """Shape of the noisy latent for `batch` samples of height × width pixels (× frames for video)."""
 
     @abstractmethod
     def predict(
@@ -183,10 +202,10 @@ class Backbone(ABC):
         """Latents → images (B, H, W, 3) float in 0..1."""
 
     # --- shared machinery -----------------------------------------------------------------
-    def initial_noise(self, seed: int, batch: int, height: int, width: int) -> torch.Tensor:
+    def initial_noise(self, seed: int, batch: int, height: int, width: int, frames: int = 1) -> torch.Tensor:
         """Float32 noise from a CPU generator, so a seed gives the same image on any device."""
         generator = torch.Generator("cpu").manual_seed(seed)
-        shape = self.latent_shape(batch, height, width)
+        shape = self.latent_shape(batch, height, width, frames)
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
     def set_timesteps(self, scheduler, steps: int, height: int, width: int) -> None:
@@ -208,4 +227,8 @@ class Backbone(ABC):
             if own == "FlowMatchEulerDiscreteScheduler":
                 return FlowMatchEulerDiscreteScheduler.from_config(config)
             return FlowMatchEulerDiscreteScheduler(shift=shift)
+        if name == "unipc_flow":
+            if own == "UniPCMultistepScheduler":
+                return UniPCMultistepScheduler.from_config(config)
+            return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
         raise MetaCanvasInputError(f"scheduler '{name}' is not one of {', '.join(SCHEDULERS)}.")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,10 @@ from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RES
 
 from ..errors import MetaCanvasInputError
 from .base import Backbone, CanvasInjection, patch_embedding_hook, read_json
+
+if TYPE_CHECKING:
+    from ..checkpoint import MetaCanvas
+    from ..planner import Plan
 
 DEFAULT_GUIDANCE: float = inspect.signature(FluxKontextPipeline.__call__).parameters["guidance_scale"].default
 KONTEXT_AREA = 1024 * 1024  # the area of PREFERRED_KONTEXT_RESOLUTIONS (FLUX.1-Kontext's training buckets)
@@ -137,13 +142,14 @@ class FluxKontextBackbone(Backbone):
             "loaded): use a MetaCanvas checkpoint with context_source 'mllm'."
         )
 
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+    def latent_shape(self, batch: int, height: int, width: int, frames: int = 1) -> tuple[int, ...]:
         s = self.vae_scale
         return batch, self.transformer.config.in_channels // 4, height // s, width // s
 
     @torch.no_grad()
-    def prepare_references(self, images: list, height: int, width: int) -> dict:
+    def prepare_references(self, plan: Plan, metacanvas: MetaCanvas, height: int, width: int) -> dict:
         """The input image as Kontext reference tokens: resized by REFERENCE_RULE, VAE-encoded, packed."""
+        images = plan.images
         if not images:
             raise MetaCanvasInputError(
                 "images: the FLUX.1-Kontext backbone edits an input image and this plan has none. Connect the "

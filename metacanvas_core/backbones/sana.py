@@ -95,7 +95,7 @@ class SanaBackbone(Backbone):
         """The unconditional branch's states: SanaPipeline encodes negatives without the instruction."""
         return self.encode_prompt(prompts, complex_human_instruction=[])
 
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+    def latent_shape(self, batch: int, height: int, width: int, frames: int = 1) -> tuple[int, ...]:
         s = self.vae_stride
         return batch, self.transformer.config.in_channels, height // s, width // s
 

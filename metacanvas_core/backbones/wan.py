@@ -1,0 +1,273 @@
+"""Wan2.2-TI2V-5B video (the paper's video backbone): WanTransformer3DModel + AutoencoderKLWan (48 ch).
+
+Time: Wan2.2 TI2V's per-token timesteps (diffusers `expand_timesteps`): clean latent frames (the
+image-to-video first frame, reference frames) get timestep 0, noisy ones t; the first frame is
+replaced by the clean image latent before every model call and at the end, as
+`WanImageToVideoPipeline` does, so with the canvas off the arithmetic is the pipeline's.
+
+Context: the MLLM's prompt states through the context connector (MLLM → 4× → `text_dim` 4096,
+dropout 0.1) replace umT5, which is never loaded [P].
+
+Canvas: sparse keyframes (3 × 11×20 at 704×1280 [P]) interpolated linearly to every noisy latent frame;
+the fuse block runs frame by frame. It reaches the noisy target tokens only, never reference frames or
+the clean first frame.
+
+Condition inputs (Wan-Animate style, [D] details): a zero-initialised `Conv3d(z + 2 → width)` patch
+embedding, kept in the MetaCanvas checkpoint, embeds per latent frame [source-video latent (z) |
+is-reference (1) | has-source (1)] and is added to the backbone's own patch embedding. That is exactly
+the backbone's patch embedding with its input channels widened by zero-initialised channels (a conv is
+linear in its input channels), but the pretrained folder loads unchanged and an untrained checkpoint
+adds exact zeros. Reference images are encoded as clean latent frames placed before the video along
+time (Wan-Animate), marked by the is-reference channel; a source video (editing) fills the source
+channels of the target frames.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+from diffusers.video_processor import VideoProcessor
+from PIL import Image
+
+from ..errors import MetaCanvasInputError
+from .base import Backbone, CanvasInjection, patch_embedding_hook, read_json
+
+if TYPE_CHECKING:
+    from ..checkpoint import MetaCanvas
+    from ..planner import Plan
+
+MAX_REFERENCES = 3  # OmniContext-Video style in-context generation takes 1–3 reference images [P]
+FIRST_FRAME, REFERENCES = "first frame", "references"
+
+
+class WanBackbone(Backbone):
+    kind = "wan"
+    pipeline_class_names = ("WanPipeline", "WanImageToVideoPipeline")
+    context_source = "mllm"
+    canvas_factor = 2  # 11×20 canvas on the 22×40 token grid of 704×1280 [P]
+    keyframes = 3  # [P] Table 6: 3 keyframes beat 1, 6, 11, 31
+    batch_guidance = False  # WanPipeline calls the model once per CFG branch
+    is_video = True
+
+    def __init__(self, folder: str, transformer, vae, scheduler_config: dict) -> None:
+        super().__init__(folder, transformer, vae, scheduler_config)
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_stride)
+
+    @classmethod
+    def from_folder(cls, folder: Path, dtype: torch.dtype, device: str | torch.device) -> WanBackbone:
+        index = read_json(folder / "model_index.json")
+        if index.get("transformer_2") and index["transformer_2"][0] or not index.get("expand_timesteps", False):
+            raise MetaCanvasInputError(
+                f"'{folder}' is a Wan folder but not Wan2.2-TI2V-5B (it has a second transformer or no per-token "
+                "timesteps): MetaCanvas video uses the Wan2.2-TI2V-5B-Diffusers folder."
+            )
+        kw = dict(local_files_only=True, use_safetensors=True)
+        transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype, **kw)
+        # The Wan VAE is kept in fp32 as diffusers' Wan examples do: its causal 3D convs drift in half precision.
+        vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, **kw)
+        for module in (transformer, vae):
+            module.to(device).eval().requires_grad_(False)
+        return cls(str(folder), transformer, vae, read_json(folder / "scheduler" / "scheduler_config.json"))
+
+    # --- geometry ---------------------------------------------------------------------------
+    @property
+    def vae_stride(self) -> int:
+        return self.vae.config.scale_factor_spatial
+
+    @property
+    def temporal_stride(self) -> int:
+        return self.vae.config.scale_factor_temporal
+
+    @property
+    def pixel_stride(self) -> int:
+        return self.vae_stride * self.transformer.config.patch_size[1]
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return 704, 1280  # Wan2.2-TI2V-5B's 720p (also 1280×704)
+
+    def latent_frames(self, frames: int) -> int:
+        return (frames - 1) // self.temporal_stride + 1
+
+    def check_size(self, height: int, width: int, frames: int = 1) -> None:
+        super().check_size(height, width)
+        k = self.temporal_stride
+        if frames < 1 or (frames - 1) % k:
+            raise MetaCanvasInputError(
+                f"length {frames} is not {k}k+1 frames, which the Wan2.2 VAE needs: use {max(1, (frames - 1) // k * k + 1)}"
+                f" or {((frames - 1) // k + 1) * k + 1}."
+            )
+
+    def token_grid(self, height: int, width: int, frames: int = 1) -> tuple[int, int, int]:
+        return self.latent_frames(frames), height // self.pixel_stride, width // self.pixel_stride
+
+    @property
+    def width(self) -> int:
+        c = self.transformer.config
+        return c.num_attention_heads * c.attention_head_dim
+
+    @property
+    def attention_heads(self) -> tuple[int, int]:
+        """Algorithm 1: the fuse block is `SanaTransformerBlock(dim=3072, heads=96, head_dim=32)`."""
+        return self.width // 32, 32
+
+    @property
+    def text_dim(self) -> int:
+        return self.transformer.config.text_dim
+
+    @property
+    def condition_channels(self) -> int:
+        return self.transformer.config.in_channels + 2
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return tuple(self.transformer.config.patch_size)
+
+    def encode_prompt(self, prompts: list[str]):
+        raise MetaCanvasInputError(
+            f"the Wan backbone '{self.folder}' takes its context from the MLLM (context connector); umT5 is not loaded."
+        )
+
+    def latent_shape(self, batch: int, height: int, width: int, frames: int = 1) -> tuple[int, ...]:
+        s = self.vae_stride
+        return batch, self.vae.config.z_dim, self.latent_frames(frames), height // s, width // s
+
+    # --- VAE --------------------------------------------------------------------------------
+    def _normalize(self, latents: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        c = self.vae.config
+        mean = torch.tensor(c.latents_mean).view(1, c.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(c.latents_std).view(1, c.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        return latents / inv_std + mean if inverse else (latents - mean) * inv_std
+
+    @torch.no_grad()
+    def encode_video(self, frames: list[Image.Image], height: int, width: int) -> torch.Tensor:
+        """Frames → normalised latents (1, z, (n−1)/4+1, h, w), resized to height × width (stretched)."""
+        pixels = self.video_processor.preprocess_video(frames, height=height, width=width)  # (1, 3, n, H, W)
+        pixels = pixels.to(self.vae.device, self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        return self._normalize(latents.to(self.device, torch.float32))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (1, z, F, h, w) → frames (4(F−1)+1, H, W, 3) on the CPU, one latent frame at a time.
+
+        The same causal-cache loop as `AutoencoderKLWan._decode`, but each decoded chunk leaves the
+        GPU at once, so a 121-frame 704×1280 video never sits decoded in GPU memory.
+        """
+        vae = self.vae
+        z = self._normalize(latents.to(vae.device, vae.dtype), inverse=True)
+        x = vae.post_quant_conv(z)
+        vae.clear_cache()
+        chunks = []
+        for i in range(x.shape[2]):
+            vae._conv_idx = [0]
+            out = vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0)
+            if vae.config.patch_size is not None:
+                out = unpatchify(out, patch_size=vae.config.patch_size)
+            chunks.append((out.float().clamp(-1, 1) / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 3, 0).cpu())
+        vae.clear_cache()
+        return torch.cat(chunks)
+
+    # --- conditions -------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare_references(self, plan: Plan, metacanvas: MetaCanvas, height: int, width: int) -> dict | None:
+        """Latents of the first frame (image-to-video), reference images or the source video (editing)."""
+        refs: dict = {}
+        images, video = plan.images, plan.video
+        if images and plan.image_role == FIRST_FRAME:
+            if len(images) != 1:
+                raise MetaCanvasInputError(
+                    f"images: image-to-video starts from one image, the plan has {len(images)}; pass one image or set "
+                    f"image_role to '{REFERENCES}'."
+                )
+            refs["first_frame"] = self.encode_video(images, height, width)
+        elif images:
+            if len(images) > MAX_REFERENCES:
+                raise MetaCanvasInputError(
+                    f"images: {len(images)} reference images; MetaCanvas video takes 1 to {MAX_REFERENCES}."
+                )
+            refs["reference"] = torch.cat([self.encode_video([im], height, width) for im in images], 2)
+        if video:
+            usable = (len(video) - 1) // self.temporal_stride * self.temporal_stride + 1
+            refs["source"] = self.encode_video(video[:usable], height, width)
+        if "reference" in refs or "source" in refs:
+            if metacanvas.condition_embedding is None:
+                raise MetaCanvasInputError(f"MetaCanvas checkpoint '{metacanvas.name}' has no condition embedding.")
+            refs["condition_embedding"] = metacanvas.condition_embedding
+        return refs or None
+
+    def _condition(self, refs: dict, frames: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """[source latent | is-reference | has-source] per latent frame, references first: (1, z+2, R+F, h, w)."""
+        _, z, _, h, w = shape
+        n_ref = refs["reference"].shape[2] if "reference" in refs else 0
+        c = torch.zeros(1, z + 2, n_ref + frames, h, w, device=self.device)
+        c[:, z, :n_ref] = 1
+        if "source" in refs:
+            source = refs["source"]
+            if source.shape[2] < frames:
+                have = (source.shape[2] - 1) * self.temporal_stride + 1
+                raise MetaCanvasInputError(
+                    f"video: the source video gives {have} usable frames, fewer than the {(frames - 1) * self.temporal_stride + 1} "
+                    "asked: lower the sampler's length or load more frames."
+                )
+            c[:, :z, n_ref:] = source[:, :, :frames]
+            c[:, z + 1, n_ref:] = 1
+        return c
+
+    # --- denoising --------------------------------------------------------------------------
+    def _first_frame_mask(self, latents: torch.Tensor, refs: dict | None) -> torch.Tensor:
+        """1 where a latent frame is noisy, 0 on the clean image-to-video first frame: (1, 1, F, h, w)."""
+        mask = torch.ones(1, 1, *latents.shape[2:], dtype=latents.dtype, device=latents.device)
+        if refs and "first_frame" in refs:
+            mask[:, :, 0] = 0
+        return mask
+
+    def finalize(self, latents: torch.Tensor, references: dict | None) -> torch.Tensor:
+        if references and "first_frame" in references:
+            mask = self._first_frame_mask(latents, references)
+            latents = (1 - mask) * references["first_frame"] + mask * latents
+        return latents
+
+    def predict(
+        self, latents, t, context, context_mask, canvas: CanvasInjection | None, references=None, guidance=None
+    ):
+        model = self.transformer
+        refs = references or {}
+        b, _, frames = latents.shape[:3]
+        mask = self._first_frame_mask(latents, refs)
+        x = latents
+        if "first_frame" in refs:
+            x = (1 - mask) * refs["first_frame"] + mask * latents
+        n_ref = refs["reference"].shape[2] if "reference" in refs else 0
+        if n_ref:
+            x = torch.cat([refs["reference"].expand(b, -1, -1, -1, -1).to(x.dtype), x], 2)
+            mask = torch.cat([torch.zeros_like(mask[:, :, :1]).expand(-1, -1, n_ref, -1, -1), mask], 2)
+        _, p_h, p_w = model.config.patch_size
+        timestep = (mask[0][0][:, ::p_h, ::p_w] * t).flatten().unsqueeze(0).expand(b, -1)
+        condition = None
+        if "condition_embedding" in refs:
+            condition = refs["condition_embedding"](self._condition(refs, frames, latents.shape))
+        n_clean = n_ref + (1 if "first_frame" in refs else 0)
+
+        def add(out: torch.Tensor) -> torch.Tensor:  # (B, D, T, H', W') before Wan flattens it
+            if condition is not None:
+                out = out + condition.to(out.dtype)
+            if canvas is not None:
+                tokens = out.permute(0, 2, 3, 4, 1)
+                noisy = CanvasInjection(canvas.connector, canvas.canvas[:, n_clean - n_ref :], canvas.rows)
+                target = noisy.add_to(tokens[:, n_clean:], t.expand(b).to(tokens.dtype))
+                out = torch.cat([tokens[:, :n_clean], target], 1).permute(0, 4, 1, 2, 3)
+            return out
+
+        dtype = model.dtype
+        call = dict(timestep=timestep, encoder_hidden_states=context.to(dtype), return_dict=False)
+        if condition is None and canvas is None:
+            v = model(x.to(dtype), **call)[0]
+        else:
+            with patch_embedding_hook(model.patch_embedding, add):
+                v = model(x.to(dtype), **call)[0]
+        return v[:, :, n_ref:]

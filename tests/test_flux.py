@@ -1,0 +1,285 @@
+"""FLUX.1-Kontext editing on the tiny models: packing, reference tokens, the canvas on target tokens only,
+zero-init identity, equality with diffusers' FluxKontextPipeline, the node chain, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxKontextPipeline
+from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+from PIL import Image
+
+from metacanvas_core.backbones.flux import FluxKontextBackbone, pack, reference_size, unpack
+from metacanvas_core.checkpoint import load_metacanvas, new_metacanvas
+from metacanvas_core.conditioning import project
+from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.sampling import sample
+
+PROMPT, NEGATIVE = "make the sky purple and add a yellow sun", "low quality"
+
+
+def photo(width: int = 96, height: int = 48, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def flux(models_dir):
+    from metacanvas_core.backbones import load_backbone
+
+    return load_backbone(models_dir / "diffusers" / "tiny-flux-kontext")
+
+
+@pytest.fixture(scope="module")
+def trained(models_dir):
+    return load_metacanvas(models_dir / "metacanvas" / "tiny-flux-kontext-metacanvas.safetensors")
+
+
+def make_cond(planner, flux, mc, image=None, size=(64, 64), negative=NEGATIVE):
+    grid = mc.canvas_grid(*size)
+    images = [photo() if image is None else image]
+    plan = planner.plan(PROMPT, mc.canvas(grid), grid, images, negative_prompt=negative, with_negative_context=True)
+    return project(plan, mc, flux)
+
+
+def test_backbone_geometry(flux, trained, planner):
+    assert isinstance(flux, FluxKontextBackbone) and flux.kind == "flux_kontext"
+    assert flux.pixel_stride == 16 and flux.vae_scale == 8  # f8 VAE + 2×2 packing, as FLUX
+    assert flux.default_size == (512, 512) and trained.info.canvas_grid == (1, 32, 32)  # paper: 32×32 at 512²
+    assert trained.canvas_grid(1024, 512).as_thw() == [1, 64, 32]  # canvas grid = token grid
+    connector = trained.context_connector.net  # Linear(MLLM → 3·text) → SiLU → Linear(→ text)
+    assert (connector[0].in_features, connector[0].out_features) == (planner.hidden_size, 3 * flux.text_dim)
+    assert connector[-1].out_features == flux.text_dim == flux.transformer.config.joint_attention_dim
+    assert flux.pooled.shape == (1, flux.transformer.config.pooled_projection_dim) and flux.pooled.abs().sum() > 0
+    trained.check_compatible(planner, flux)
+
+
+def test_packing_round_trip(flux):
+    latents = torch.randn(2, 16, 6, 10)
+    tokens = pack(latents)
+    assert tokens.shape == (2, 3 * 5, 64)
+    assert torch.equal(unpack(tokens, 6, 10, flux.vae_scale), latents)
+    assert flux.latent_shape(1, 96, 160) == (1, 16, 12, 20)
+
+
+def test_reference_size_rule():
+    # At FLUX's 1024² output area it is exactly Kontext's own preferred-resolution pick.
+    for w, h in PREFERRED_KONTEXT_RESOLUTIONS:
+        assert reference_size(w, h, 1024, 1024, 16) == (h, w)
+    assert reference_size(3000, 1000, 1024, 1024, 16) == (672, 1568)  # very wide input: widest bucket, no crop
+    # At 512² output: half the sides, still the input's aspect ratio, multiples of 16.
+    assert reference_size(1200, 800, 512, 512, 16) == (416, 624)
+    assert reference_size(1200, 800, 512, 1024, 16) == (576, 880)  # the output's aspect ratio does not matter
+    assert reference_size(800, 1200, 512, 512, 16) == (624, 416)
+
+
+def test_reference_tokens_follow_kontext(planner, flux, trained):
+    cond = make_cond(planner, flux, trained, image=photo(96, 48))
+    refs = cond.references
+    rh, rw = refs["size"]
+    assert (rh, rw) == (32, 80)  # 2:1 input → Kontext's 1456×720 bucket, scaled to the 64² output area
+    n = (rh // 16) * (rw // 16)
+    assert refs["tokens"].shape == (1, n, 64) and refs["ids"].shape == (n, 3)
+    assert torch.all(refs["ids"][:, 0] == 1)  # first id channel 1, as FluxKontextPipeline
+    assert refs["ids"][:, 1].max() == rh // 16 - 1 and refs["ids"][:, 2].max() == rw // 16 - 1
+
+
+def capture_block_inputs(flux):
+    """Record the hidden states entering the first double block: image rows and text rows."""
+    seen = []
+
+    def hook(_module, _args, kwargs):
+        seen.append((kwargs["hidden_states"].clone(), kwargs["encoder_hidden_states"].clone()))
+
+    return seen, flux.transformer.transformer_blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_canvas_changes_only_target_tokens(planner, flux, trained):
+    from metacanvas_core.backbones import CanvasInjection
+    from metacanvas_core.canvas import interpolate_canvas
+
+    cond = make_cond(planner, flux, trained)
+    latents = flux.initial_noise(0, 1, 64, 64)
+    t = torch.tensor(700.0)
+    tokens = interpolate_canvas(cond.canvas, flux.token_grid(64, 64))
+    canvas = CanvasInjection(cond.connector, tokens, rows=slice(0, 1))
+    seen, handle = capture_block_inputs(flux)
+    try:
+        with torch.no_grad():
+            on = flux.predict(latents, t, cond.context, cond.context_mask, canvas, cond.references, 2.5)
+            off = flux.predict(latents, t, cond.context, cond.context_mask, None, cond.references, 2.5)
+    finally:
+        handle.remove()
+    (img_on, txt_on), (img_off, txt_off) = seen
+    n_target = 4 * 4
+    assert img_on.shape[1] == n_target + cond.references["tokens"].shape[1]
+    assert not torch.equal(img_on[:, :n_target], img_off[:, :n_target])  # target tokens get the canvas
+    assert torch.equal(img_on[:, n_target:], img_off[:, n_target:])  # reference tokens untouched
+    assert torch.equal(txt_on, txt_off)  # text stream untouched
+    assert on.shape == off.shape == latents.shape and not torch.equal(on, off)
+
+
+def test_untrained_connector_is_exact_identity(planner, flux):
+    mc = new_metacanvas(planner, flux)
+    cond = make_cond(planner, flux, mc)
+    kw = dict(seed=3, steps=2, cfg=3.0, height=64, width=64, scheduler="flow_euler", guidance=2.5, image_cfg=1.5)
+    assert torch.equal(sample(flux, cond, use_canvas=True, **kw), sample(flux, cond, use_canvas=False, **kw))
+
+
+def test_canvas_off_equals_flux_kontext_pipeline(planner, flux, trained):
+    """One branch (no CFG), canvas off: the same arithmetic as diffusers' FluxKontextPipeline, bit for bit."""
+    image = photo(96, 48)
+    cond = make_cond(planner, flux, trained, image=image)
+    ours = sample(
+        flux,
+        cond,
+        seed=5,
+        steps=3,
+        cfg=1.0,
+        height=64,
+        width=64,
+        scheduler="flow_euler",
+        guidance=2.5,
+        use_canvas=False,
+    )
+    rh, rw = cond.references["size"]
+    pipe = FluxKontextPipeline(
+        scheduler=flux.make_scheduler("flow_euler"),
+        vae=flux.vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=flux.transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(
+        image=pipe.image_processor.resize(image, rh, rw),  # our reference-size rule; the pipeline then keeps it
+        prompt_embeds=cond.context,
+        pooled_prompt_embeds=flux.pooled,
+        height=64,
+        width=64,
+        max_area=64 * 64,
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="latent",
+        _auto_resize=False,
+    ).images
+    assert torch.equal(pack(ours), ref)
+
+
+def test_guidance_and_image_guidance_change_the_result(planner, flux, trained):
+    cond = make_cond(planner, flux, trained)
+    kw = dict(seed=1, steps=2, height=64, width=64, scheduler="flow_euler")
+    base = sample(flux, cond, cfg=3.0, guidance=2.5, **kw)
+    assert torch.equal(base, sample(flux, cond, cfg=3.0, guidance=2.5, image_cfg=1.0, **kw))
+    assert not torch.equal(base, sample(flux, cond, cfg=3.0, guidance=2.5, image_cfg=1.5, **kw))
+    assert not torch.equal(base, sample(flux, cond, cfg=3.0, guidance=4.0, **kw))
+    assert not torch.equal(base, sample(flux, cond, cfg=1.0, guidance=2.5, **kw))
+    # Values set on the conditioning (the Edit Guidance node) are the defaults of `sample`.
+    from dataclasses import replace
+
+    assert torch.equal(
+        sample(flux, replace(cond, guidance=2.5, image_cfg=1.5), cfg=3.0, **kw),
+        sample(flux, cond, cfg=3.0, guidance=2.5, image_cfg=1.5, **kw),
+    )
+
+
+def test_output_depends_on_the_input_image(planner, flux, trained):
+    kw = dict(seed=0, steps=2, cfg=1.0, height=64, width=48, scheduler="flow_euler")
+    a = sample(flux, make_cond(planner, flux, trained, image=photo(seed=1)), **kw)
+    b = sample(flux, make_cond(planner, flux, trained, image=photo(seed=2)), **kw)
+    assert a.shape == (1, 16, 8, 6) and not torch.equal(a, b)
+
+
+def test_bad_input(planner, flux, trained, tiny):
+    grid = trained.canvas_grid(64, 64)
+    plan = planner.plan(PROMPT, trained.canvas(grid), grid, [], with_negative_context=True)
+    with pytest.raises(MetaCanvasInputError, match="images: the FLUX.1-Kontext backbone edits an input image"):
+        project(plan, trained, flux)
+    plan = planner.plan(PROMPT, trained.canvas(grid), grid, [photo(), photo()], with_negative_context=True)
+    with pytest.raises(MetaCanvasInputError, match="edits one input image, the plan has 2"):
+        project(plan, trained, flux)
+    cond = make_cond(planner, flux, trained)
+    with pytest.raises(MetaCanvasInputError, match="width 72 is not a positive multiple of 16"):
+        sample(flux, cond, seed=0, steps=1, cfg=1.0, height=64, width=72, scheduler="flow_euler")
+    with pytest.raises(MetaCanvasInputError, match="is for sana, the backbone is flux_kontext"):
+        project(plan, load_metacanvas(tiny["sana_metacanvas"]), flux)
+    with pytest.raises(MetaCanvasInputError, match="made for a sana backbone"):
+        load_metacanvas(tiny["sana_metacanvas"]).check_compatible(planner, flux)
+
+
+# --- the node chain, called directly as ComfyUI would --------------------------------------------
+
+
+def run(node_cls, **kwargs):
+    return getattr(node_cls(), node_cls.FUNCTION)(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def loaded(pack):
+    m = pack.NODE_CLASS_MAPPINGS
+    (mllm,) = run(m["MetaCanvasMLLMLoader"], mllm_folder="tiny-qwen2_5-vl", dtype="fp32")
+    (backbone,) = run(m["MetaCanvasBackboneLoader"], backbone_folder="tiny-flux-kontext", dtype="fp32")
+    return m, mllm, backbone
+
+
+def edit(loaded, image, checkpoint="tiny-flux-kontext-metacanvas.safetensors", use_canvas=True, size=(64, 64)):
+    m, mllm, backbone = loaded
+    width, height = size
+    (mc,) = run(m["MetaCanvasConnectorLoader"], mllm=mllm, backbone=backbone, checkpoint=checkpoint)
+    (plan,) = run(
+        m["MetaCanvasPlan"],
+        mllm=mllm,
+        metacanvas=mc,
+        prompt=PROMPT,
+        negative_prompt="",
+        width=width,
+        height=height,
+        images=image,
+    )
+    (cond,) = run(m["MetaCanvasProject"], plan=plan, metacanvas=mc, backbone=backbone)
+    (cond,) = run(m["MetaCanvasEditGuidance"], cond=cond, guidance=2.5, image_cfg=1.5)
+    (latent,) = run(
+        m["MetaCanvasSampler"],
+        backbone=backbone,
+        cond=cond,
+        seed=0,
+        steps=2,
+        cfg=3.0,
+        width=width,
+        height=height,
+        scheduler="flow_euler",
+        use_canvas=use_canvas,
+    )
+    (out,) = run(m["MetaCanvasDecode"], backbone=backbone, latent=latent)
+    return out
+
+
+def test_node_chain_edits_an_image(loaded):
+    image = torch.rand(1, 48, 80, 3)  # a LoadImage-style IMAGE with another aspect ratio than the output
+    out = edit(loaded, image)
+    assert out.shape == (1, 64, 64, 3) and out.dtype == torch.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0 and out.std() > 0
+    assert not torch.equal(out, edit(loaded, torch.rand(1, 48, 80, 3)))  # the input image steers the edit
+    assert not torch.equal(out, edit(loaded, image, use_canvas=False))
+    assert edit(loaded, image, size=(96, 64)).shape == (1, 64, 96, 3)
+    untrained = "new (untrained)"
+    assert torch.equal(edit(loaded, image, untrained), edit(loaded, image, untrained, use_canvas=False))
+
+
+def test_node_chain_without_input_image(loaded):
+    with pytest.raises(MetaCanvasInputError, match="images: this MetaCanvas checkpoint is for flux_kontext"):
+        edit(loaded, None)
+
+
+def test_edit_guidance_node_documents_itself(pack):
+    cls = pack.NODE_CLASS_MAPPINGS["MetaCanvasEditGuidance"]
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["MetaCanvasEditGuidance"] == "MetaCanvas Edit Guidance"
+    required = cls.INPUT_TYPES()["required"]
+    assert list(required) == ["cond", "guidance", "image_cfg"]
+    assert required["guidance"][1]["default"] == 2.5 and required["image_cfg"][1]["default"] == 1.5
+    tip = pack.NODE_CLASS_MAPPINGS["MetaCanvasPlan"].INPUT_TYPES()["optional"]["images"][1]["tooltip"]
+    assert "never cropped" in tip and "multiple of 16" in tip
