@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderDC, SanaTransformer2DModel
+from diffusers import AutoencoderDC, AutoencoderKL, FluxTransformer2DModel, SanaTransformer2DModel
 from transformers import Qwen2_5_VLConfig
 
 from metacanvas_core import realconfigs
+from metacanvas_core.backbones.flux import FluxKontextBackbone
 from metacanvas_core.backbones.sana import SanaBackbone
 from metacanvas_core.canvas import CanvasGrid, canvas_grid_for
-from metacanvas_core.connectors import CanvasConnector
+from metacanvas_core.connectors import CanvasConnector, ContextConnector
 
 
 def test_qwen_widths():
@@ -32,3 +33,22 @@ def test_sana_1600m_geometry_and_connector():
     dit = sum(p.numel() for p in transformer.parameters())
     assert 1.5e9 < dit < 1.7e9  # SANA-1.6B
     assert params < 0.12 * dit  # light: ~172M next to the 1.6B DiT (align + fuse blocks at width 2240)
+
+
+def test_flux_kontext_geometry_and_connectors():
+    cfg = realconfigs.load("flux_1_kontext_dev")
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(cfg["transformer"])
+        vae = AutoencoderKL.from_config(cfg["vae"])
+    flux = FluxKontextBackbone("FLUX.1-Kontext-dev", transformer, vae, cfg["scheduler"], torch.zeros(1, 768))
+    assert (flux.width, flux.pixel_stride, flux.default_size, flux.text_dim) == (3072, 16, (512, 512), 4096)
+    assert canvas_grid_for(flux.token_grid(512, 512), flux.canvas_factor) == CanvasGrid(1, 32, 32)  # [P] 32×32
+    assert flux.token_grid(1024, 1024) == (1, 64, 64)  # [P] 64×64 tokens at 1024²
+    assert flux.context_hidden_dim(3584) == 3 * 4096  # [P] UniWorld-V1: Linear(3584 → 3·4096) → SiLU → Linear(→ 4096)
+    with torch.device("meta"):
+        context = ContextConnector(3584, flux.context_hidden_dim(3584), flux.text_dim)
+        canvas = CanvasConnector(3584, flux.width, *flux.attention_heads)
+    dit = sum(p.numel() for p in transformer.parameters())
+    assert 11.5e9 < dit < 12.5e9  # the 12B FLUX transformer
+    assert sum(p.numel() for p in context.parameters()) < 0.1e9
+    assert sum(p.numel() for p in canvas.parameters()) < 0.05 * dit
