@@ -8,6 +8,8 @@ writes into ComfyUI's models layout:
     diffusers/tiny-flux-kontext/        FLUX.1-Kontext pipeline folder (transformer, 16-ch f8 AutoencoderKL, CLIP, no T5)
     metacanvas/tiny-sana-metacanvas.safetensors          a MetaCanvas checkpoint for the Qwen + SANA pair
     metacanvas/tiny-flux-kontext-metacanvas.safetensors  one for the Qwen + FLUX-Kontext pair
+    diffusers/tiny-wan2_2-ti2v/         Wan2.2-TI2V pipeline folder (transformer, Wan2.2-style VAE with 8 ch, UniPC; no umT5)
+    metacanvas/tiny-wan2_2-metacanvas.safetensors        one for the Qwen + Wan2.2 pair
 Weights are random (seeded): outputs are noise-like images, but every shape, file and code path is real.
 """
 
@@ -268,6 +270,51 @@ def write_tiny_flux_kontext(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
+    """Wan2.2-TI2V pipeline folder in the real layout: a 2-layer transformer (width 32, text_dim 32), a
+    Wan2.2-style VAE (residual, patchified, stride 4×16×16, 8 latent channels), UniPC flow scheduler,
+    per-token timesteps; no umT5 (MetaCanvas feeds the MLLM through the context connector)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=[1, 2, 2],
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=8,
+        out_channels=8,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=8,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        patch_size=2,
+        in_channels=12,
+        out_channels=12,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=[0.1 * i for i in range(8)],
+        latents_std=[1.0 + 0.1 * i for i in range(8)],
+    ).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    pipe = WanPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler, expand_timesteps=True
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def write_tiny_metacanvas(path: Path, mllm_folder: Path, backbone_folder: Path, seed: int = 0) -> Path:
     """A MetaCanvas checkpoint for the tiny pair with small random (not zero) projections, so the
     canvas visibly changes the output: a stand-in for a trained checkpoint in tests and demos."""
@@ -279,6 +326,8 @@ def write_tiny_metacanvas(path: Path, mllm_folder: Path, backbone_folder: Path, 
     torch.manual_seed(seed)
     for layer in (mc.canvas_connector.align_out, mc.canvas_connector.out_proj):
         torch.nn.init.normal_(layer.weight, std=0.2)
+    if mc.condition_embedding is not None:
+        torch.nn.init.normal_(mc.condition_embedding.proj.weight, std=0.2)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_metacanvas(mc, path)
     return path
@@ -291,12 +340,16 @@ def write_all(models: Path) -> dict[str, Path]:
     ckpt = write_tiny_metacanvas(models / "metacanvas" / "tiny-sana-metacanvas.safetensors", qwen, sana)
     flux = write_tiny_flux_kontext(models / "diffusers" / "tiny-flux-kontext")
     flux_ckpt = write_tiny_metacanvas(models / "metacanvas" / "tiny-flux-kontext-metacanvas.safetensors", qwen, flux)
+    wan = write_tiny_wan(models / "diffusers" / "tiny-wan2_2-ti2v")
+    wan_ckpt = write_tiny_metacanvas(models / "metacanvas" / "tiny-wan2_2-metacanvas.safetensors", qwen, wan)
     return {
         "mllm": qwen,
         "sana": sana,
         "sana_metacanvas": ckpt,
         "flux_kontext": flux,
         "flux_kontext_metacanvas": flux_ckpt,
+        "wan": wan,
+        "wan_metacanvas": wan_ckpt,
     }
 
 

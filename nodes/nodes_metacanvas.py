@@ -15,6 +15,7 @@ from PIL import Image
 
 from metacanvas_core.backbones import BACKBONES, SCHEDULERS, load_backbone
 from metacanvas_core.backbones.flux import REFERENCE_RULE
+from metacanvas_core.backbones.wan import FIRST_FRAME, MAX_REFERENCES, REFERENCES
 from metacanvas_core.checkpoint import load_metacanvas, new_metacanvas
 from metacanvas_core.conditioning import project
 from metacanvas_core.errors import MetaCanvasInputError
@@ -27,6 +28,7 @@ from .runtime import (
     find_model,
     intermediate_device,
     list_models,
+    make_video,
     offload_device,
     resolve_dtype,
     step_callback,
@@ -62,11 +64,11 @@ def _check_size(width: int, height: int) -> bool | str:
     return True
 
 
-def _images_to_pil(images: torch.Tensor | None) -> list[Image.Image]:
+def _images_to_pil(images: torch.Tensor | None, name: str = "images") -> list[Image.Image]:
     if images is None:
         return []
     if images.shape[0] == 0:
-        raise MetaCanvasInputError("images: the image batch is empty; connect at least one image or disconnect it.")
+        raise MetaCanvasInputError(f"{name}: the image batch is empty; connect at least one image or disconnect it.")
     arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a[..., :3])) for a in arrays]
 
@@ -270,6 +272,28 @@ class MetaCanvasPlan:
                         + REFERENCE_RULE
                     },
                 ),
+                "video": (
+                    "IMAGE",
+                    {
+                        "tooltip": "Video editing (Wan2.2): the source video as frames (e.g. from core Load Video + Get Video Components). The MLLM sees 8 evenly spaced frames; the DiT gets all of them, resized (stretched) to width × height, as condition latents."
+                    },
+                ),
+                "image_role": (
+                    [REFERENCES, FIRST_FRAME],
+                    {
+                        "default": REFERENCES,
+                        "tooltip": f"Video backbones (Wan2.2): 'first frame' = image-to-video (one image, kept exactly as the first frame); 'references' = reference-images-to-video (1 to {MAX_REFERENCES} images). Images are resized (stretched) to width × height for the DiT. Ignored by image backbones.",
+                    },
+                ),
+                "keyframes": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 16,
+                        "tooltip": "Video canvas keyframes, interpolated linearly to every latent frame. 0 = the checkpoint's (3 for Wan2.2, the paper's best; 1 flickers more). Ignored by image backbones.",
+                    },
+                ),
             },
         }
 
@@ -286,8 +310,12 @@ class MetaCanvasPlan:
         width: int,
         height: int,
         images: torch.Tensor | None = None,
+        video: torch.Tensor | None = None,
+        image_role: str = REFERENCES,
+        keyframes: int = 0,
     ):
         pil = _images_to_pil(images)
+        frames = _images_to_pil(video, "video")
         backbone_cls = BACKBONES.get(metacanvas.model.info.backbone)
         if backbone_cls is not None and backbone_cls.needs_input_image and not pil:
             raise MetaCanvasInputError(
@@ -296,7 +324,7 @@ class MetaCanvasPlan:
             )
         mc = metacanvas.ready()
         planner = mllm.ready()
-        grid = mc.canvas_grid(height, width)
+        grid = mc.canvas_grid(height, width, keyframes or None)
         with torch.no_grad():
             canvas = mc.canvas(grid)
         result = planner.plan(
@@ -307,6 +335,8 @@ class MetaCanvasPlan:
             negative_prompt=negative_prompt,
             with_negative_context=mc.info.context_source == "mllm",
             lora=mc.lora,
+            video=frames,
+            image_role=image_role,
         )
         return (result,)
 
@@ -397,11 +427,33 @@ class MetaCanvasSampler:
                         "tooltip": "Optional: another projected plan whose prompt becomes the negative, instead of the plan's negative prompt."
                     },
                 ),
+                "length": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 1,
+                        "max": 1025,
+                        "step": 4,
+                        "tooltip": "Frames to make: 1 for images; for Wan2.2 video 4k+1 (121 = 5 s at 24 fps).",
+                    },
+                ),
+                "frame_rate": (
+                    "FLOAT",
+                    {
+                        "default": 24.0,
+                        "min": 1.0,
+                        "max": 120.0,
+                        "step": 1.0,
+                        "tooltip": "Frames per second of the VIDEO that Decode makes (Wan2.2 is trained at 24).",
+                    },
+                ),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height):
+    def VALIDATE_INPUTS(cls, width, height, length=1):
+        if length < 1 or (length - 1) % 4:
+            return f"length {length} must be 1 (an image) or 4k+1 frames for video: try {max(1, (length - 1) // 4 * 4 + 1)} or {(max(0, length - 1) // 4 + 1) * 4 + 1}."
         return _check_size(width, height)
 
     def sample(
@@ -416,6 +468,8 @@ class MetaCanvasSampler:
         scheduler: str,
         use_canvas: bool,
         negative=None,
+        length: int = 1,
+        frame_rate: float = 24.0,
     ):
         bb = backbone.ready()
         if negative is not None:
@@ -431,8 +485,9 @@ class MetaCanvasSampler:
             scheduler=scheduler,
             use_canvas=use_canvas,
             on_step=step_callback(steps),
+            frames=length,
         )
-        return ({"samples": latents.to(intermediate_device())},)
+        return ({"samples": latents.to(intermediate_device()), "frame_rate": frame_rate},)
 
 
 class MetaCanvasEditGuidance:
@@ -482,12 +537,18 @@ class MetaCanvasEditGuidance:
 
 
 class MetaCanvasDecode:
-    DESCRIPTION = "Decodes a MetaCanvas latent with the backbone's VAE into an IMAGE for the core Preview/Save nodes."
+    DESCRIPTION = (
+        "Decodes a MetaCanvas latent with the backbone's VAE: IMAGE (video frames stacked on the batch) for the "
+        "core Preview/Save Image nodes, and VIDEO (with the sampler's frame rate) for core Save Video."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "decode"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("image",)
-    OUTPUT_TOOLTIPS = ("Decoded images, float 0..1, [B, H, W, C].",)
+    RETURN_TYPES = ("IMAGE", "VIDEO")
+    RETURN_NAMES = ("image", "video")
+    OUTPUT_TOOLTIPS = (
+        "Decoded images or video frames, float 0..1, [B, H, W, C].",
+        "The frames as a video at the sampler's frame rate (a one-frame video for images).",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -500,7 +561,8 @@ class MetaCanvasDecode:
 
     def decode(self, backbone: Loaded, latent: dict):
         bb = backbone.ready()
-        return (bb.decode(latent["samples"].to(bb.device)).to(intermediate_device()),)
+        images = bb.decode(latent["samples"].to(bb.device)).to(intermediate_device())
+        return (images, make_video(images, latent.get("frame_rate", 24.0)))
 
 
 NODE_CLASS_MAPPINGS = {

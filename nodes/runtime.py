@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -141,3 +143,22 @@ def step_callback(total: int) -> Callable[[int, int], None]:
             mm.throw_exception_if_processing_interrupted()
 
     return on_step
+
+
+@dataclass
+class Video:
+    """Outside ComfyUI: the components ComfyUI's VIDEO holds (frames [T, H, W, C] and a frame rate)."""
+
+    images: torch.Tensor
+    frame_rate: Fraction
+
+
+def make_video(frames: torch.Tensor, frame_rate: float):
+    """A VIDEO for core Save Video: ComfyUI's own video type inside ComfyUI."""
+    rate = Fraction(frame_rate).limit_denominator(1001)
+    if _comfy("comfy_api.input_impl") is None:
+        return Video(frames, rate)
+    from comfy_api.input_impl import VideoFromComponents
+    from comfy_api.util import VideoComponents
+
+    return VideoFromComponents(VideoComponents(images=frames, audio=None, frame_rate=rate))

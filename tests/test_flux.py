@@ -254,7 +254,7 @@ def edit(loaded, image, checkpoint="tiny-flux-kontext-metacanvas.safetensors", u
         scheduler="flow_euler",
         use_canvas=use_canvas,
     )
-    (out,) = run(m["MetaCanvasDecode"], backbone=backbone, latent=latent)
+    out, _ = run(m["MetaCanvasDecode"], backbone=backbone, latent=latent)
     return out
 
 

@@ -45,7 +45,8 @@ def chain(loaded, checkpoint, seed=0, use_canvas=True, images=None):
         scheduler="dpm_solver_flow",
         use_canvas=use_canvas,
     )
-    (image,) = run(m["MetaCanvasDecode"], backbone=backbone, latent=latent)
+    image, video = run(m["MetaCanvasDecode"], backbone=backbone, latent=latent)
+    assert torch.equal(video.images, image) and video.frame_rate == 24
     return image
 
 

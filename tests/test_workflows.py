@@ -297,9 +297,11 @@ def test_text_to_image_content(specs):
     assert by_type["MetaCanvasMLLMLoader"]["widgets_values"] == ["Qwen2.5-VL-7B-Instruct", "auto"]
     assert by_type["MetaCanvasBackboneLoader"]["widgets_values"] == ["Sana_1600M_512px_diffusers", "auto"]
     assert by_type["MetaCanvasConnectorLoader"]["widgets_values"] == ["new (untrained)"]
-    prompt, negative, width, height = by_type["MetaCanvasPlan"]["widgets_values"]
+    prompt, negative, width, height, image_role, keyframes = by_type["MetaCanvasPlan"]["widgets_values"]
     assert len(prompt) > 80 and negative == "" and (width, height) == (512, 512)
-    assert by_type["MetaCanvasSampler"]["widgets_values"][1:] == ["fixed", 20, 4.5, 512, 512, "dpm_solver_flow", True]
+    assert (image_role, keyframes) == ("references", 0)
+    sampler = by_type["MetaCanvasSampler"]["widgets_values"][1:]
+    assert sampler == ["fixed", 20, 4.5, 512, 512, "dpm_solver_flow", True, 1, 24.0]
     assert by_type["SaveImage"]["widgets_values"] == ["MetaCanvas"]
     note = by_type["Note"]["widgets_values"][0]
     for needle in ("models/LLM/", "models/diffusers/", "models/metacanvas/", "new (untrained)", "SANA"):
