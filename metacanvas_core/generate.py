@@ -1,11 +1,15 @@
-"""Command-line text-to-image with MetaCanvas, the same core calls the ComfyUI graph makes.
+"""Command-line text-to-image and image editing with MetaCanvas, the same core calls the ComfyUI graph makes.
 
     python -m metacanvas_core.generate --prompt "a red cube left of a blue ball" --out image.png \
         --mllm models/LLM/Qwen2.5-VL-7B-Instruct --backbone models/diffusers/Sana_1600M_512px_diffusers \
         [--checkpoint models/metacanvas/FILE.safetensors]
+    python -m metacanvas_core.generate --image photo.png --prompt "make the sky purple" --out edited.png \
+        --mllm models/LLM/Qwen2.5-VL-7B-Instruct --backbone models/diffusers/FLUX.1-Kontext-dev \
+        --checkpoint models/metacanvas/FILE.safetensors --scheduler flow_euler --cfg 3 --image-cfg 1.5
 
-With no model paths it writes the tiny random models to a temporary folder and runs those (the
-image is then noise-like: it shows the pipeline works, not what trained models draw).
+With no model paths it writes the tiny random models to a temporary folder and runs those (tiny
+FLUX-Kontext with --image, tiny SANA without; the image is then noise-like: it shows the pipeline
+works, not what trained models draw).
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ def main() -> None:
     p.add_argument("--prompt", default="a red circle at the top left and a blue square at the bottom right")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--mllm", type=Path, help="Qwen2.5-VL folder")
-    p.add_argument("--backbone", type=Path, help="diffusers pipeline folder (SANA)")
+    p.add_argument("--backbone", type=Path, help="diffusers pipeline folder (SANA, or FLUX.1-Kontext for editing)")
+    p.add_argument("--image", type=Path, help="input image: the MLLM sees it; FLUX-Kontext edits it")
+    p.add_argument("--guidance", type=float, help="FLUX embedded guidance (default: the pipeline's, 3.5)")
+    p.add_argument("--image-cfg", type=float, default=1.0, help="image guidance for editing backbones; 1 = off")
     p.add_argument("--checkpoint", type=Path, help="MetaCanvas .safetensors (default: new, untrained)")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
@@ -53,8 +60,9 @@ def main() -> None:
         from .tiny import write_all
 
         tiny = write_all(Path(tempfile.mkdtemp(prefix="metacanvas-tiny-")))
-        args.mllm, args.backbone = tiny["mllm"], tiny["sana"]
-        args.checkpoint = args.checkpoint or tiny["sana_metacanvas"]
+        kind = "flux_kontext" if args.image else "sana"
+        args.mllm, args.backbone = tiny["mllm"], tiny[kind]
+        args.checkpoint = args.checkpoint or tiny[f"{kind}_metacanvas"]
         print(f"No --mllm/--backbone given: running the TINY RANDOM models from {tiny['mllm'].parents[1]}.")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -69,10 +77,12 @@ def main() -> None:
     grid = mc.canvas_grid(height, width)
     with torch.no_grad():
         canvas = mc.canvas(grid)
+    images = [Image.open(args.image).convert("RGB")] if args.image else []
     plan = planner.plan(
         args.prompt,
         canvas,
         grid,
+        images,
         negative_prompt=args.negative_prompt,
         with_negative_context=mc.info.context_source == "mllm",
         lora=mc.lora,
@@ -88,6 +98,8 @@ def main() -> None:
         width=width,
         scheduler=args.scheduler,
         use_canvas=not args.no_canvas,
+        guidance=args.guidance,
+        image_cfg=args.image_cfg,
     )
     image = backbone.decode(latents)[0]
     t2 = time.perf_counter()
