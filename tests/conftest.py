@@ -22,22 +22,23 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory) -> Path:
-    """ComfyUI-style models folder with every tiny model (python -m metacanvas_core.tiny)."""
+def _tiny_models(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     from metacanvas_core.tiny import write_all
 
     root = tmp_path_factory.mktemp("models")
-    write_all(root)
-    return root
+    return root, write_all(root)
 
 
 @pytest.fixture(scope="session")
-def tiny(models_dir) -> dict[str, Path]:
-    return {
-        "mllm": models_dir / "LLM" / "tiny-qwen2_5-vl",
-        "sana": models_dir / "diffusers" / "tiny-sana",
-        "sana_metacanvas": models_dir / "metacanvas" / "tiny-sana-metacanvas.safetensors",
-    }
+def models_dir(_tiny_models) -> Path:
+    """ComfyUI-style models folder with every tiny model (python -m metacanvas_core.tiny)."""
+    return _tiny_models[0]
+
+
+@pytest.fixture(scope="session")
+def tiny(_tiny_models) -> dict[str, Path]:
+    """Paths of the tiny models by name: mllm, sana, sana_metacanvas, flux_kontext, wan, ..."""
+    return _tiny_models[1]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,208 @@
+"""Wan2.2-TI2V video: keyframe canvas, zero-init identity, equality with diffusers' Wan pipelines,
+image-to-video first frame, canvas never on reference tokens, the four tasks through the nodes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanImageToVideoPipeline, WanPipeline
+from PIL import Image
+
+from metacanvas_core.backbones import CanvasInjection, load_backbone
+from metacanvas_core.canvas import interpolate_canvas
+from metacanvas_core.checkpoint import load_metacanvas, new_metacanvas
+from metacanvas_core.conditioning import project
+from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.sampling import sample
+
+H = W = 64  # tiny Wan: pixel stride 32, canvas factor 2 → a 1×1 canvas per keyframe; 128 → 2×2
+PROMPT = "a red ball rolls from left to right"
+
+
+@pytest.fixture(scope="module")
+def wan(tiny):
+    return load_backbone(tiny["wan"])
+
+
+@pytest.fixture(scope="module")
+def fresh(planner, wan):
+    return new_metacanvas(planner, wan)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    return load_metacanvas(tiny["wan_metacanvas"])
+
+
+def _image(color=(220, 30, 30), size=(H, W)):
+    return Image.new("RGB", size[::-1], color)
+
+
+def _cond(planner, wan, mc, h=H, w=W, keyframes=None, **plan_kw):
+    grid = mc.canvas_grid(h, w, keyframes)
+    plan = planner.plan(PROMPT, mc.canvas(grid), grid, negative_prompt="blurry", with_negative_context=True, **plan_kw)
+    return project(plan, mc, wan)
+
+
+def test_keyframe_canvas_shapes(planner, wan, trained):
+    assert trained.info.canvas_grid == (3, 11, 20)  # 3 × 11×20 at 704×1280 [P]
+    assert trained.canvas_grid(128, 128).as_thw() == [3, 2, 2]
+    assert trained.canvas_grid(128, 128, keyframes=1).as_thw() == [1, 2, 2]
+    for k in (1, 3):
+        cond = _cond(planner, wan, trained, 128, 128, keyframes=k)
+        assert cond.canvas.shape == (1, k, 2, 2, wan.width)
+
+
+def test_zero_init_is_the_plain_backbone(planner, wan, fresh):
+    source = [_image()] * 9
+    cond = _cond(planner, wan, fresh, video=source)
+    refs = cond.references
+    assert set(refs) == {"source", "condition_embedding"}
+    latents = wan.initial_noise(0, 1, H, W, 9)
+    inj = CanvasInjection(cond.connector, interpolate_canvas(cond.canvas, wan.token_grid(H, W, 9)), slice(0, 1))
+    t = torch.tensor(700.0)
+    with_all = wan.predict(latents, t, cond.context, cond.context_mask, inj, refs)
+    plain = wan.predict(latents, t, cond.context, cond.context_mask, None, None)
+    assert torch.equal(with_all, plain)
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_untrained_equals_diffusers_wan_pipelines(planner, wan, fresh, task):
+    """Canvas on, fresh checkpoint: the same latents as WanPipeline / WanImageToVideoPipeline (expand_timesteps)
+    given the same prompt embeddings (here the context connector's), seed, steps, guidance and scheduler."""
+    image = _image((30, 200, 90))
+    cond = _cond(planner, wan, fresh, **({"images": [image], "image_role": "first frame"} if task == "i2v" else {}))
+    ours = sample(wan, cond, seed=5, steps=3, cfg=5.0, height=H, width=W, scheduler="unipc_flow", frames=9)
+    parts = dict(vae=wan.vae, transformer=wan.transformer, scheduler=wan.make_scheduler("unipc_flow"))
+    call = dict(
+        prompt_embeds=cond.context,
+        negative_prompt_embeds=cond.negative_context,
+        height=H,
+        width=W,
+        num_frames=9,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="latent",
+    )
+    if task == "t2v":
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, expand_timesteps=True, **parts)
+        ref = pipe(**call).frames
+    else:
+        pipe = WanImageToVideoPipeline(
+            tokenizer=None, text_encoder=None, image_encoder=None, image_processor=None, expand_timesteps=True, **parts
+        )
+        ref = pipe(image=image, **call).frames
+    assert torch.equal(ours, ref)
+
+
+def test_image_to_video_keeps_the_first_frame(planner, wan, trained):
+    cond = _cond(planner, wan, trained, images=[_image()], image_role="first frame")
+    latents = sample(wan, cond, seed=0, steps=2, cfg=4.0, height=H, width=W, scheduler="unipc_flow", frames=9)
+    assert torch.equal(latents[:, :, :1], cond.references["first_frame"])
+    frames = wan.decode(latents)
+    assert frames.shape == (9, H, W, 3)
+
+
+def _first_block_input(wan, fn):
+    seen = {}
+    handle = wan.transformer.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+@pytest.mark.parametrize("kind", ["references", "first frame"])
+def test_canvas_never_reaches_clean_tokens(planner, wan, trained, kind):
+    images = [_image(), _image((10, 10, 240))] if kind == "references" else [_image()]
+    cond = _cond(planner, wan, trained, 128, 128, images=images, image_role=kind)
+    latents = wan.initial_noise(1, 1, 128, 128, 9)
+    inj = CanvasInjection(cond.connector, interpolate_canvas(cond.canvas, wan.token_grid(128, 128, 9)), slice(0, 1))
+    t = torch.tensor(500.0)
+    on = _first_block_input(wan, lambda: wan.predict(latents, t, cond.context, cond.context_mask, inj, cond.references))
+    off = _first_block_input(
+        wan, lambda: wan.predict(latents, t, cond.context, cond.context_mask, None, cond.references)
+    )
+    clean_frames = 2 if kind == "references" else 1
+    per_frame = (128 // 32) ** 2
+    n = clean_frames * per_frame
+    assert torch.equal(on[:, :n], off[:, :n])  # reference / first-frame tokens untouched
+    assert not torch.allclose(on[:, n:], off[:, n:])  # noisy target tokens get the canvas
+
+
+def test_chunked_decode_equals_the_vae(wan):
+    latents = torch.randn(1, 8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ours = wan.decode(latents)
+    reference = wan.vae.decode(wan._normalize(latents, inverse=True)).sample
+    assert torch.equal(ours, (reference.float() / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 3, 0))
+
+
+def test_bad_video_input(planner, wan, trained, tiny, sana):
+    cond = _cond(planner, wan, trained)
+    with pytest.raises(MetaCanvasInputError, match="length 8 is not 4k\\+1 frames.*use 5 or 9"):
+        sample(wan, cond, seed=0, steps=1, cfg=1.0, height=H, width=W, scheduler="unipc_flow", frames=8)
+    with pytest.raises(MetaCanvasInputError, match="width 80 is not a positive multiple of 32"):
+        sample(wan, cond, seed=0, steps=1, cfg=1.0, height=H, width=80, scheduler="unipc_flow", frames=5)
+    short = _cond(planner, wan, trained, video=[_image()] * 5)
+    with pytest.raises(MetaCanvasInputError, match="video: the source video gives 5 usable frames, fewer than the 9"):
+        sample(wan, short, seed=0, steps=1, cfg=1.0, height=H, width=W, scheduler="unipc_flow", frames=9)
+    with pytest.raises(MetaCanvasInputError, match="4 reference images; MetaCanvas video takes 1 to 3"):
+        _cond(planner, wan, trained, images=[_image()] * 4)
+    with pytest.raises(MetaCanvasInputError, match="made for a sana backbone"):
+        load_metacanvas(tiny["sana_metacanvas"]).check_compatible(planner, wan)
+    with pytest.raises(MetaCanvasInputError, match="length 5: the sana backbone .* makes images"):
+        sana.check_size(64, 64, 5)
+
+
+TASKS = {
+    "text_to_video": {},
+    "image_to_video": {"images": torch.rand(1, H, W, 3), "image_role": "first frame"},
+    "video_editing": {"video": torch.rand(9, H, W, 3)},
+    "in_context_video": {"images": torch.rand(2, H, W, 3), "image_role": "references"},
+}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_each_task_through_the_nodes(pack, task):
+    m = pack.NODE_CLASS_MAPPINGS
+
+    def run(name, **kw):
+        cls = m[name]
+        return getattr(cls(), cls.FUNCTION)(**kw)
+
+    (mllm,) = run("MetaCanvasMLLMLoader", mllm_folder="tiny-qwen2_5-vl", dtype="fp32")
+    (backbone,) = run("MetaCanvasBackboneLoader", backbone_folder="tiny-wan2_2-ti2v", dtype="fp32")
+    (mc,) = run(
+        "MetaCanvasConnectorLoader", mllm=mllm, backbone=backbone, checkpoint="tiny-wan2_2-metacanvas.safetensors"
+    )
+    (plan,) = run(
+        "MetaCanvasPlan",
+        mllm=mllm,
+        metacanvas=mc,
+        prompt="the ball turns blue",
+        negative_prompt="",
+        width=W,
+        height=H,
+        **TASKS[task],
+    )
+    (cond,) = run("MetaCanvasProject", plan=plan, metacanvas=mc, backbone=backbone)
+    (latent,) = run(
+        "MetaCanvasSampler",
+        backbone=backbone,
+        cond=cond,
+        seed=0,
+        steps=2,
+        cfg=4.0,
+        width=W,
+        height=H,
+        scheduler="unipc_flow",
+        use_canvas=True,
+        length=9,
+        frame_rate=16.0,
+    )
+    frames, video = run("MetaCanvasDecode", backbone=backbone, latent=latent)
+    assert frames.shape == (9, H, W, 3) and torch.isfinite(frames).all()
+    assert torch.equal(video.images, frames) and video.frame_rate == 16
+    assert m["MetaCanvasSampler"].VALIDATE_INPUTS(width=W, height=H, length=8).startswith("length 8 must be 1")
