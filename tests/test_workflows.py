@@ -3,8 +3,9 @@
 ComfyUI is not importable here, so the few core node types the workflows use are written out below with
 their inputs as ComfyUI 0.3.64 declares them; the pack's own nodes are read from NODE_CLASS_MAPPINGS.
 The widget rules follow the editor (ComfyUI frontend 1.27): an input is a widget when its type is
-INT/FLOAT/STRING/BOOLEAN or a list of choices (unless `forceInput`); an INT with `control_after_generate`
-(or named seed/noise_seed) stores one extra value after it; `image_upload` adds an "upload" widget.
+INT/FLOAT/STRING/BOOLEAN, a list of choices or COMBO (V3 nodes: choices in "options"), unless `forceInput`; an INT
+with `control_after_generate` (or named seed/noise_seed) stores one extra value after it; `image_upload` and
+`video_upload` add an "upload" widget.
 """
 
 from __future__ import annotations
@@ -23,12 +24,35 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 TOP_KEYS = {"last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"}
 NODE_KEYS = {"id", "type", "pos", "size", "flags", "order", "mode", "properties"}
 
-# Core ComfyUI node types the workflows may use, as INPUT_TYPES / RETURN_TYPES in ComfyUI 0.3.64 (nodes.py;
-# Note and MarkdownNote are the editor's own virtual nodes: one text widget, never sent to the server).
+# Core ComfyUI node types the workflows may use: INPUT_TYPES, RETURN_TYPES (and RETURN_NAMES where the editor shows
+# names other than the types) copied from ComfyUI 0.3.64 (nodes.py; comfy_extras/nodes_video.py, V3 nodes, as their
+# INPUT_TYPES() gives them; tooltips left out). Note and MarkdownNote are the editor's own virtual nodes: one text
+# widget, never sent to the server.
 CORE_NODES = {
     "SaveImage": ({"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})}}, ()),
     "PreviewImage": ({"required": {"images": ("IMAGE",)}}, ()),
     "LoadImage": ({"required": {"image": ([], {"image_upload": True})}}, ("IMAGE", "MASK")),
+    "ImageBatch": ({"required": {"image1": ("IMAGE",), "image2": ("IMAGE",)}}, ("IMAGE",)),
+    "LoadVideo": (
+        {"required": {"file": ("COMBO", {"multiselect": False, "options": [], "video_upload": True})}},
+        ("VIDEO",),
+    ),
+    "GetVideoComponents": (
+        {"required": {"video": ("VIDEO",)}},
+        ("IMAGE", "AUDIO", "FLOAT"),
+        ("images", "audio", "fps"),
+    ),
+    "SaveVideo": (
+        {
+            "required": {
+                "video": ("VIDEO",),
+                "filename_prefix": ("STRING", {"default": "video/ComfyUI", "multiline": False}),
+                "format": ("COMBO", {"default": "auto", "multiselect": False, "options": ["auto", "mp4"]}),
+                "codec": ("COMBO", {"default": "auto", "multiselect": False, "options": ["auto", "h264"]}),
+            }
+        },
+        (),
+    ),
     "Note": ({"required": {"text": ("STRING", {"multiline": True})}}, ()),
     "MarkdownNote": ({"required": {"text": ("STRING", {"multiline": True})}}, ()),
 }
@@ -39,7 +63,9 @@ MODEL_CHOICES = {
     ("MetaCanvasBackboneLoader", "backbone_folder"),
     ("MetaCanvasConnectorLoader", "checkpoint"),
     ("LoadImage", "image"),
+    ("LoadVideo", "file"),
 }
+UPLOAD_OPTIONS = ("image_upload", "video_upload")
 
 
 @dataclass
@@ -60,13 +86,15 @@ class Spec:
                 kind, options = decl[0], (decl[1] if len(decl) > 1 else {})
                 if isinstance(kind, list):
                     kind, options = "COMBO", {**options, "choices": kind}
+                elif kind == "COMBO":  # V3 nodes: the choices are in "options"
+                    options = {**options, "choices": options.get("options", [])}
                 if kind in WIDGET_TYPES | {"COMBO"} and not options.get("forceInput"):
                     spec.widgets.append((input_name, kind, options))
                     if options.get("control_after_generate") or (
                         kind == "INT" and input_name in ("seed", "noise_seed")
                     ):
                         spec.widgets.append(("control_after_generate", "CONTROL", {}))
-                    if options.get("image_upload"):
+                    if any(options.get(o) for o in UPLOAD_OPTIONS):
                         spec.widgets.append(("upload", "UPLOAD", {}))
                 else:
                     spec.sockets.append((input_name, kind, section == "required"))
@@ -87,8 +115,8 @@ def node_specs(pack) -> dict[str, Spec]:
         name: Spec.from_input_types(name, cls.INPUT_TYPES(), cls.RETURN_TYPES, getattr(cls, "RETURN_NAMES", None))
         for name, cls in pack.NODE_CLASS_MAPPINGS.items()
     }
-    for name, (input_types, outputs) in CORE_NODES.items():
-        specs[name] = Spec.from_input_types(name, input_types, outputs)
+    for name, (input_types, outputs, *names) in CORE_NODES.items():
+        specs[name] = Spec.from_input_types(name, input_types, outputs, *names)
     return specs
 
 
@@ -313,6 +341,134 @@ def test_text_to_image_content(specs):
     assert xs == sorted(xs) and by_type["MetaCanvasMLLMLoader"]["pos"][0] < xs[0]
 
 
+QWEN, WAN, KONTEXT, UNTRAINED = (
+    "Qwen2.5-VL-7B-Instruct",
+    "Wan2.2-TI2V-5B-Diffusers",
+    "FLUX.1-Kontext-dev",
+    "new (untrained)",
+)
+VIDEO_SAMPLER = ["fixed", 50, 5.0, 1280, 704, "unipc_flow", True]
+# What each shipped workflow (other than text_to_image, above) must be: backbone folder, Plan size and image role,
+# Sampler widgets after the seed, the save node (fed from Decode), the core nodes that feed the Plan, and whether
+# an Edit Guidance sits between Project and Sampler.
+CONTENT = {
+    "text_to_video.json": (WAN, (1280, 704), "references", VIDEO_SAMPLER + [121, 24.0], "SaveVideo", {}, False),
+    "image_to_video.json": (
+        WAN,
+        (1280, 704),
+        "first frame",
+        VIDEO_SAMPLER + [121, 24.0],
+        "SaveVideo",
+        {"images": ("LoadImage", "IMAGE")},
+        False,
+    ),
+    "video_editing.json": (
+        WAN,
+        (1280, 704),
+        "references",
+        VIDEO_SAMPLER + [81, 24.0],
+        "SaveVideo",
+        {"video": ("GetVideoComponents", "images")},
+        False,
+    ),
+    "in_context_video.json": (
+        WAN,
+        (1280, 704),
+        "references",
+        VIDEO_SAMPLER + [121, 24.0],
+        "SaveVideo",
+        {"images": ("ImageBatch", "IMAGE")},
+        False,
+    ),
+    "image_editing.json": (
+        KONTEXT,
+        (1024, 1024),
+        "references",
+        ["fixed", 28, 1.0, 1024, 1024, "flow_euler", True, 1, 24.0],
+        "SaveImage",
+        {"images": ("LoadImage", "IMAGE")},
+        True,
+    ),
+}
+
+
+def _source(wf, node, input_name):
+    """(node, output name) that feeds `input_name` of `node`, or None."""
+    slot = next(i for i in node["inputs"] if i["name"] == input_name)
+    if slot.get("link") is None:
+        return None
+    _, src, src_slot, *_ = _link(wf, slot["link"])
+    src_node = next(n for n in wf["nodes"] if n["id"] == src)
+    return src_node, src_node["outputs"][src_slot]["name"]
+
+
+def test_every_workflow_has_its_content_checked():
+    assert {p.name for p in WORKFLOWS} == set(CONTENT) | {"text_to_image.json"}
+
+
+@pytest.mark.parametrize("name", CONTENT)
+def test_workflow_content(name, specs, pack):
+    backbone, (width, height), role, sampler_values, save, feeds, edit_guidance = CONTENT[name]
+    wf = load(ROOT / "workflows" / name)
+    assert validate(wf, specs) == []
+    nodes = {n["type"]: n for n in wf["nodes"]}  # one of each, except LoadImage in in_context_video
+    assert nodes["MetaCanvasMLLMLoader"]["widgets_values"] == [QWEN, "auto"]
+    assert nodes["MetaCanvasBackboneLoader"]["widgets_values"] == [backbone, "auto"]
+    assert nodes["MetaCanvasConnectorLoader"]["widgets_values"] == [UNTRAINED]
+    prompt, _negative, plan_w, plan_h, image_role, keyframes = nodes["MetaCanvasPlan"]["widgets_values"]
+    assert len(prompt) > 80 and (plan_w, plan_h) == (width, height) and (image_role, keyframes) == (role, 0)
+    seed, *values = nodes["MetaCanvasSampler"]["widgets_values"]
+    assert isinstance(seed, int) and values == sampler_values
+    # The node's own checks (what the server runs before anything is queued) accept the shipped values.
+    classes = pack.NODE_CLASS_MAPPINGS
+    assert classes["MetaCanvasPlan"].VALIDATE_INPUTS(width=plan_w, height=plan_h) is True
+    assert classes["MetaCanvasSampler"].VALIDATE_INPUTS(width=values[3], height=values[4], length=values[7]) is True
+
+    # Wiring: media into the Plan, Project (-> Edit Guidance) -> Sampler -> Decode -> the core save node.
+    plan, sampler, decode = nodes["MetaCanvasPlan"], nodes["MetaCanvasSampler"], nodes["MetaCanvasDecode"]
+    for input_name in ("images", "video"):
+        fed = _source(wf, plan, input_name)
+        expected = feeds.get(input_name)
+        assert (fed and (fed[0]["type"], fed[1])) == expected, f"Plan.{input_name} fed by {fed and fed[0]['type']}"
+    cond_src = _source(wf, sampler, "cond")[0]
+    if edit_guidance:
+        assert cond_src["type"] == "MetaCanvasEditGuidance"
+        assert _source(wf, cond_src, "cond")[0]["type"] == "MetaCanvasProject"
+        assert cond_src["widgets_values"] == [2.5, 1.5]
+    else:
+        assert cond_src["type"] == "MetaCanvasProject" and "MetaCanvasEditGuidance" not in nodes
+    assert _source(wf, decode, "latent")[0] is sampler
+    save_node = nodes[save]
+    if save == "SaveVideo":
+        assert _source(wf, save_node, "video") == (decode, "video")
+        assert save_node["widgets_values"] == ["video/MetaCanvas", "auto", "auto"]
+    else:
+        assert _source(wf, save_node, "images") == (decode, "image")
+    if "video" in feeds:
+        components = feeds["video"][0]
+        assert _source(wf, nodes[components], "video")[0]["type"] == "LoadVideo"
+    if feeds.get("images", ("",))[0] == "ImageBatch":
+        batch = nodes["ImageBatch"]
+        assert [_source(wf, batch, i)[0]["type"] for i in ("image1", "image2")] == ["LoadImage", "LoadImage"]
+
+    # The Note says where every file goes and what 'new (untrained)' gives.
+    note = nodes["Note"]["widgets_values"][0]
+    for needle in ("models/LLM/", "models/diffusers/", "models/metacanvas/", UNTRAINED, QWEN, backbone):
+        assert needle in note, needle
+    assert "random" in note and ("does not follow" in note or "follows neither" in note)
+
+    # Read left to right: sources left of the Plan, then the chain.
+    chain = ["MetaCanvasConnectorLoader", "MetaCanvasPlan", "MetaCanvasProject", "MetaCanvasSampler"]
+    chain += ["MetaCanvasDecode", save]
+    xs = [nodes[t]["pos"][0] for t in chain]
+    assert xs == sorted(xs) and nodes["MetaCanvasMLLMLoader"]["pos"][0] < xs[0]
+    for n in wf["nodes"]:
+        if n["type"] in ("LoadImage", "LoadVideo", "GetVideoComponents", "ImageBatch"):
+            assert n["pos"][0] + n["size"][0] < plan["pos"][0], f"{n['type']} is not left of the Plan"
+    if edit_guidance:
+        assert xs[2] <= nodes["MetaCanvasEditGuidance"]["pos"][0] < xs[3]
+
+
 def _link(wf, lid):
     return next(link for link in wf["links"] if link[0] == lid)
 
@@ -375,6 +531,43 @@ def test_validator_reports_a_broken_copy(breakage, specs):
     assert validate(wf, specs) == []
     broken = copy.deepcopy(wf)
     mutate, expected = BREAKAGES[breakage]
+    mutate(broken)
+    errors = validate(broken, specs)
+    assert any(expected in e for e in errors), errors
+
+
+def _bad_video_format(wf):
+    _node(wf, "SaveVideo")["widgets_values"][1] = "webm"
+
+
+def _drop_upload_value(wf):
+    del _node(wf, "LoadVideo")["widgets_values"][1]
+
+
+def _video_into_image_socket(wf):
+    # LoadVideo's VIDEO straight into the Plan's video socket (IMAGE frames), skipping Get Video Components
+    load_video, components = _node(wf, "LoadVideo"), _node(wf, "GetVideoComponents")
+    link = next(
+        link for link in wf["links"] if link[1] == components["id"] and link[3] == _node(wf, "MetaCanvasPlan")["id"]
+    )
+    components["outputs"][0]["links"].remove(link[0])
+    load_video["outputs"][0]["links"].append(link[0])
+    link[1], link[2], link[5] = load_video["id"], 0, "VIDEO"
+
+
+VIDEO_BREAKAGES = {
+    "V3 combo value not offered": (_bad_video_format, "format='webm' is not one of ['auto', 'mp4']"),
+    "video upload widget value missing": (_drop_upload_value, "1 widget values, expected 2 ['file', 'upload']"),
+    "VIDEO into an IMAGE socket": (_video_into_image_socket, "source gives 'VIDEO', target takes 'IMAGE'"),
+}
+
+
+@pytest.mark.parametrize("breakage", VIDEO_BREAKAGES)
+def test_validator_reports_a_broken_video_workflow(breakage, specs):
+    wf = load(ROOT / "workflows" / "video_editing.json")
+    assert validate(wf, specs) == []
+    broken = copy.deepcopy(wf)
+    mutate, expected = VIDEO_BREAKAGES[breakage]
     mutate(broken)
     errors = validate(broken, specs)
     assert any(expected in e for e in errors), errors
