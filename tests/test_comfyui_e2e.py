@@ -1,4 +1,9 @@
-"""End to end in a real ComfyUI: the shipped workflow loads in the editor and runs on the server.
+"""End to end in a real ComfyUI: every shipped workflow loads in the editor and runs on the server.
+
+One editor session loads each workflow (served by ComfyUI's template endpoint) and an old-style saved
+text_to_image, exports each as an API-format prompt; the prompts are pointed at the tiny models, shrunk (64×64 images,
+128×128 × 5-frame videos, 2 steps), given small generated inputs (PNG images, a 9-frame mp4) and run; the saved
+images and videos are checked (video frames counted with PyAV in the harness's Python).
 
 Needs a prepared harness (../shared/comfyui-harness/setup.sh): set COMFYUI_HARNESS to its HARNESS_ROOT, with
 this pack linked into ComfyUI/custom_nodes. The harness scripts are found in COMFYUI_HARNESS_SCRIPTS, else in
@@ -28,6 +33,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = os.environ.get("COMFYUI_HARNESS")
 WORKFLOW = ROOT / "workflows" / "text_to_image.json"
+SHIPPED = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
+OLD_STYLE = "old_text_to_image"
+TINY_BACKBONES = {"Sana": "tiny-sana", "FLUX.1-Kontext": "tiny-flux-kontext", "Wan2.2": "tiny-wan2_2-ti2v"}
+IMAGE_SIZE, VIDEO_SIZE, VIDEO_LENGTH = 64, 128, 5
+INPUT_IMAGES = {"e2e_landscape.png": (80, 48), "e2e_square.png": (64, 64)}  # different sizes: Image Batch resizes
+INPUT_VIDEO, INPUT_VIDEO_FRAMES = "e2e_source.mp4", 9
+CORE_NODES = ["SaveImage", "SaveVideo", "LoadImage", "LoadVideo", "GetVideoComponents", "ImageBatch"]
 PACK_NODES = [
     "MetaCanvasMLLMLoader",
     "MetaCanvasBackboneLoader",
@@ -162,37 +174,179 @@ def server(models_dir, tmp_path_factory):
         assert not _alive(pid), f"ComfyUI (pid {pid}) did not stop"
 
 
+def old_style(wf: dict) -> dict:
+    """text_to_image as saved before the Plan's image_role/keyframes and video socket, the Sampler's length and
+    frame_rate, and the Decode's VIDEO output were appended (4 Plan and 8 Sampler widget values)."""
+    wf = json.loads(json.dumps(wf))
+    for node in wf["nodes"]:
+        if node["type"] == "MetaCanvasPlan":
+            node["widgets_values"] = node["widgets_values"][:4]
+            node["inputs"] = [i for i in node["inputs"] if i["name"] != "video"]
+        elif node["type"] == "MetaCanvasSampler":
+            node["widgets_values"] = node["widgets_values"][:8]
+        elif node["type"] == "MetaCanvasDecode":
+            node["outputs"] = node["outputs"][:1]
+    return wf
+
+
+def _template_pack(server) -> str:
+    """The name ComfyUI's template browser lists this pack's workflows under."""
+    status, templates = _http("GET", f"{server['url']}/api/workflow_templates")
+    assert status == 200, templates
+    packs = [name for name, files in templates.items() if set(SHIPPED) <= set(files)]
+    assert packs, f"no pack lists {SHIPPED}: {templates}"
+    return packs[0]
+
+
+# Runs in the editor page (browser_check.py --js) for each workflow: load it, list node types the editor does not
+# know, export the API-format prompt (app.graphToPrompt) and a picture of the graph canvas, stored through ComfyUI's
+# userdata API into the (temporary) user directory: --js prints only a short result.
+EDITOR_JS = """
+const registered = window.LiteGraph.registered_node_types || {};
+const store = (file, body) => fetch("/api/userdata/" + encodeURIComponent("e2e/" + file), {method: "POST", body});
+const out = {};
+for (const [name, source] of %s) {
+  const wf = typeof source === "string" ? await (await fetch(source)).json() : source;
+  await window.app.loadGraphData(wf);
+  await new Promise(r => setTimeout(r, 300));
+  const nodes = window.app.graph._nodes;
+  const api = (await window.app.graphToPrompt()).output;
+  window.app.canvas.draw(true, true);
+  const png = await new Promise(r => window.app.canvas.canvas.toBlob(r, "image/png"));
+  const saved = [(await store(name + "_api.json", JSON.stringify(api))).status, (await store(name + "_canvas.png", png)).status];
+  out[name] = {nodes: nodes.length, unknown: nodes.filter(n => !registered[n.type]).map(n => n.type), saved};
+}
+return out;
+"""
+
+
 @pytest.fixture(scope="module")
-def api_prompt(server, artifacts) -> dict:
-    """The workflow loaded in the real editor, exported as an API-format prompt."""
+def editor(server, artifacts) -> dict[str, dict]:
+    """Every shipped workflow (and the old-style text_to_image) loaded in the real editor, exported as API format.
+
+    One browser session: browser_check.py loads text_to_image.json from disk (--load, --api-out), then the script
+    above loads each workflow from the template endpoint, the old-style one, and text_to_image last (so the
+    screenshot shows it)."""
+    pack = _template_pack(server)
+    sources = [[name, f"/api/workflow_templates/{pack}/{name}.json"] for name in SHIPPED if name != "text_to_image"]
+    sources += [[OLD_STYLE, old_style(json.loads(WORKFLOW.read_text()))]]
+    sources += [["text_to_image", f"/api/workflow_templates/{pack}/text_to_image.json"]]
     api_out = artifacts / "text_to_image_api.json"
     cmd = [sys.executable, str(server["scripts"] / "browser_check.py"), "--url", server["url"], "--load", str(WORKFLOW)]
     cmd += ["--api-out", str(api_out), "--out", str(artifacts / "text_to_image_editor.png")]
-    for node in PACK_NODES + ["SaveImage"]:
+    cmd += ["--js", EDITOR_JS % json.dumps(sources)]
+    for node in PACK_NODES + ["MetaCanvasEditGuidance"] + CORE_NODES:
         cmd += ["--node", node]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     report = res.stdout + res.stderr
     assert res.returncode == 0, f"browser_check failed (rc {res.returncode}):\n{report}"
     assert "MISSING" not in report and "unknown to the frontend" not in report, report
-    with open(api_out) as f:
-        return json.load(f)
+    result = next((line[len("   = ") :] for line in res.stdout.splitlines() if line.startswith("   = ")), None)
+    assert result, f"the editor script returned nothing:\n{report}"
+    summary = json.loads(result)
+    assert set(summary) == {name for name, _ in sources}, report
+    exported = {}
+    stored = server["work"] / "user" / "default" / "e2e"
+    for name, info in summary.items():
+        assert info["unknown"] == [], f"{name}: node types unknown to the editor {info['unknown']}"
+        assert info["saved"] == [200, 200], f"{name}: userdata POST answered {info['saved']}"
+        for suffix in ("_api.json", "_canvas.png"):
+            shutil.copy(stored / f"{name}{suffix}", artifacts / f"{name}{suffix}")
+        exported[name] = json.loads((stored / f"{name}_api.json").read_text())
+    # The editor exports the same prompt whether the workflow comes from disk or from the template endpoint.
+    assert json.loads(api_out.read_text()) == exported["text_to_image"]
+    return exported
 
 
-def tiny(api: dict, seed: int | None = None, width: int = 64) -> dict:
-    """The exported prompt pointed at the tiny models, 64x64, 2 steps."""
+@pytest.fixture(scope="module")
+def api_prompt(editor) -> dict:
+    """text_to_image.json loaded in the real editor, exported as an API-format prompt."""
+    return editor["text_to_image"]
+
+
+def _harness_python(server, code: str, *args) -> str:
+    """Run code in the harness's venv (it has PyAV, ComfyUI's video library); return its stdout."""
+    python = Path(HARNESS) / "venv" / "bin" / "python"
+    res = subprocess.run([str(python), "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+WRITE_VIDEO = """
+import sys, av, numpy as np
+path, frames, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with av.open(path, "w") as c:
+    s = c.add_stream("libx264", rate=24)
+    s.width = s.height = size
+    s.pix_fmt = "yuv420p"
+    for i in range(frames):
+        a = np.zeros((size, size, 3), np.uint8)
+        a[..., 0] = 20 * i
+        a[8 * i : 8 * i + 16, :, 1] = 255
+        for packet in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+            c.mux(packet)
+    for packet in s.encode():
+        c.mux(packet)
+"""
+PROBE_VIDEO = """
+import json, sys, av
+with av.open(sys.argv[1]) as c:
+    s = c.streams.video[0]
+    n = sum(1 for _ in c.decode(video=0))
+    print(json.dumps({"frames": n, "fps": float(s.average_rate), "size": [s.width, s.height], "codec": s.codec_context.name}))
+"""
+
+
+def probe_video(server, path: Path) -> dict:
+    return json.loads(_harness_python(server, PROBE_VIDEO, str(path)))
+
+
+@pytest.fixture(scope="module")
+def inputs(server) -> Path:
+    """Small input files in ComfyUI's (temporary) input folder: two PNGs of different sizes and a 9-frame mp4."""
+    import numpy as np
+    from PIL import Image
+
+    folder = server["work"] / "input"
+    for k, (name, (w, h)) in enumerate(INPUT_IMAGES.items()):
+        pixels = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+    _harness_python(server, WRITE_VIDEO, str(folder / INPUT_VIDEO), str(INPUT_VIDEO_FRAMES), str(VIDEO_SIZE))
+    assert probe_video(server, folder / INPUT_VIDEO)["frames"] == INPUT_VIDEO_FRAMES
+    return folder
+
+
+def _is_video(api: dict) -> bool:
+    return any(node["class_type"] == "SaveVideo" for node in api.values())
+
+
+def tiny(api: dict, seed: int | None = None, width: int | None = None) -> dict:
+    """The exported prompt pointed at the tiny models and the e2e inputs: images 64×64, videos 128×128 × 5 frames,
+    2 steps. `width` overrides the Sampler's width only (to test its check)."""
     api = json.loads(json.dumps(api))
-    for node in api.values():
-        inputs, kind = node["inputs"], node["class_type"]
+    size = VIDEO_SIZE if _is_video(api) else IMAGE_SIZE
+    images = iter(INPUT_IMAGES)
+    for nid in sorted(api, key=int):
+        inputs, kind = api[nid]["inputs"], api[nid]["class_type"]
         if kind == "MetaCanvasMLLMLoader":
             inputs["mllm_folder"] = "tiny-qwen2_5-vl"
         elif kind == "MetaCanvasBackboneLoader":
-            inputs["backbone_folder"] = "tiny-sana"
+            real = inputs["backbone_folder"]
+            tiny_name = next((t for prefix, t in TINY_BACKBONES.items() if real.startswith(prefix)), None)
+            assert tiny_name, f"no tiny model stands in for backbone {real!r}"
+            inputs["backbone_folder"] = tiny_name
         elif kind == "MetaCanvasPlan":
-            inputs.update(width=64, height=64)
+            inputs.update(width=size, height=size)
         elif kind == "MetaCanvasSampler":
-            inputs.update(width=width, height=64, steps=2)
+            inputs.update(width=width or size, height=size, steps=2)
+            if inputs.get("length", 1) > 1:
+                inputs["length"] = VIDEO_LENGTH
             if seed is not None:
                 inputs["seed"] = seed
+        elif kind == "LoadImage":
+            inputs["image"] = next(images)
+        elif kind == "LoadVideo":
+            inputs["file"] = INPUT_VIDEO
     return api
 
 
@@ -275,10 +429,74 @@ def test_bad_width_is_rejected_and_server_survives(server, api_prompt):
     assert status == 200 and queue["queue_running"] == [] and queue["queue_pending"] == []
 
 
-def test_workflow_is_listed_as_a_template(server):
-    status, templates = _http("GET", f"{server['url']}/api/workflow_templates")
-    assert status == 200
-    packs = [name for name, files in templates.items() if "text_to_image" in files]
-    assert packs, templates
-    status, served = _http("GET", f"{server['url']}/api/workflow_templates/{packs[0]}/text_to_image.json")
-    assert status == 200 and served == json.loads(WORKFLOW.read_text())
+def test_workflows_are_listed_as_templates(server):
+    pack = _template_pack(server)
+    for name in SHIPPED:
+        status, served = _http("GET", f"{server['url']}/api/workflow_templates/{pack}/{name}.json")
+        assert status == 200 and served == json.loads((ROOT / "workflows" / f"{name}.json").read_text()), name
+
+
+def _one(api: dict, kind: str) -> str:
+    (nid,) = _ids(api, {kind})
+    return nid
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n != "text_to_image"])
+def test_workflow_runs(name, server, editor, inputs, artifacts):
+    """The workflow as the editor exports it, on the tiny models: the saved image, or video with 5 frames."""
+    wf = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    api = editor[name]
+    sent = sorted(n["type"] for n in wf["nodes"] if n["type"] not in ("Note", "MarkdownNote"))
+    assert sorted(node["class_type"] for node in api.values()) == sent
+    ui = {n["type"]: n["widgets_values"] for n in wf["nodes"]}
+    plan, sampler = (api[_one(api, k)]["inputs"] for k in ("MetaCanvasPlan", "MetaCanvasSampler"))
+    assert [plan[k] for k in ("prompt", "negative_prompt", "width", "height", "image_role", "keyframes")] == ui[
+        "MetaCanvasPlan"
+    ]
+    names = ("seed", "steps", "cfg", "width", "height", "scheduler", "use_canvas", "length", "frame_rate")
+    assert [sampler[k] for k in names] == [v for i, v in enumerate(ui["MetaCanvasSampler"]) if i != 1]
+
+    t0 = time.time()
+    rc, report, entry = run_prompt(server, tiny(api), name, artifacts / name)
+    assert rc == 0, report
+    if _is_video(api):
+        outputs = entry["outputs"][_one(api, "SaveVideo")]
+        (saved,) = outputs["images"]
+        assert saved["filename"].endswith(".mp4") and outputs.get("animated") == [True], outputs
+        video = probe_video(server, artifacts / name / saved["filename"])
+        assert video["frames"] == VIDEO_LENGTH, video
+        assert video["size"] == [VIDEO_SIZE, VIDEO_SIZE] and video["fps"] == sampler["frame_rate"], video
+        result = video
+    else:
+        from PIL import Image
+
+        (saved,) = entry["outputs"][_one(api, "SaveImage")]["images"]
+        with Image.open(artifacts / name / saved["filename"]) as im:
+            assert im.format == "PNG" and im.size == (IMAGE_SIZE, IMAGE_SIZE)
+            result = {"size": im.size}
+    print(f"{name}: {time.time() - t0:.1f}s, {saved['filename']} {result}")
+
+
+def test_old_saved_workflow_loads_and_runs(server, editor, artifacts):
+    """Saved-workflow compatibility: a text_to_image saved before the Plan's image_role/keyframes and the Sampler's
+    length/frame_rate were appended loads with their defaults and makes the image today's file makes."""
+    import numpy as np
+    from PIL import Image
+
+    old, new = editor[OLD_STYLE], editor["text_to_image"]
+    plan, sampler = (old[_one(old, k)]["inputs"] for k in ("MetaCanvasPlan", "MetaCanvasSampler"))
+    assert (plan["image_role"], plan["keyframes"], sampler["length"], sampler["frame_rate"]) == ("references", 0, 1, 24)
+    assert old == new
+    rc, report, _ = run_prompt(server, tiny(new), "new_style", artifacts / "new_style")
+    assert rc == 0, report
+    # Empty ComfyUI's output cache (the worker does it once idle), so the old-style prompt really runs.
+    status, body = _http("POST", f"{server['url']}/free", {"free_memory": True})
+    assert status == 200, body
+    time.sleep(1.0)
+    rc, report, entry = run_prompt(server, tiny(old), OLD_STYLE, artifacts / OLD_STYLE)
+    assert rc == 0, report
+    assert _cached(entry) == set(), f"the old-style prompt came from the cache:\n{report}"
+    (one,), (two,) = (list((artifacts / d).glob("*.png")) for d in ("new_style", OLD_STYLE))
+    with Image.open(one) as a, Image.open(two) as b:
+        assert a.size == b.size == (IMAGE_SIZE, IMAGE_SIZE)
+        assert np.array_equal(np.asarray(a), np.asarray(b)), "the old-style workflow made a different image"
