@@ -201,6 +201,19 @@ class Backbone(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images (B, H, W, 3) float in 0..1."""
 
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, H, W, 3) float in 0..1 → the latents `decode` inverts (training targets).
+
+        Default for diffusers image VAEs: AutoencoderDC's `latent`, AutoencoderKL's distribution mode,
+        then (x − shift_factor) · scaling_factor. Backbones with other latent normalisations override it.
+        """
+        x = (images.permute(0, 3, 1, 2) * 2 - 1).to(self.vae.device, self.vae.dtype)
+        out = self.vae.encode(x)
+        latents = out.latent if hasattr(out, "latent") else out.latent_dist.mode()
+        c = self.vae.config
+        return (latents.float() - (c.get("shift_factor") or 0.0)) * c.scaling_factor
+
     # --- shared machinery -----------------------------------------------------------------
     def initial_noise(self, seed: int, batch: int, height: int, width: int, frames: int = 1) -> torch.Tensor:
         """Float32 noise from a CPU generator, so a seed gives the same image on any device."""

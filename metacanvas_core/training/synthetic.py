@@ -1,0 +1,81 @@
+"""A small synthetic data set the trainer writes itself: coloured shapes on a plain background, with
+captions that say what and where ("a red circle at the top left"), so a canvas has a layout to learn.
+
+Kinds: t2i and recon (one image each), edit (the same scene before and after a recolouring).
+Deterministic in `seed`; written as PNGs plus a `<kind>.jsonl` manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+PLACES = {
+    "top left": (0.27, 0.27),
+    "top right": (0.73, 0.27),
+    "bottom left": (0.27, 0.73),
+    "bottom right": (0.73, 0.73),
+}
+
+
+def _draw(size: tuple[int, int], shape: str, colour: str, place: str) -> Image.Image:
+    w, h = size
+    im = Image.new("RGB", size, (245, 245, 240))
+    d = ImageDraw.Draw(im)
+    cx, cy = PLACES[place][0] * w, PLACES[place][1] * h
+    r = 0.2 * min(w, h)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return im
+
+
+def write_synthetic(
+    folder: str | Path, kind: str = "t2i", count: int = 16, sizes: list[list[int]] | None = None, seed: int = 0
+) -> Path:
+    """Write `count` records of `kind` with images of the given (height, width) sizes; returns the manifest."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / f"{kind}.jsonl"
+    if manifest.is_file():  # written before with the same arguments (the name carries no arguments: check)
+        meta = folder / f"{kind}.args.json"
+        if meta.is_file() and json.loads(meta.read_text()) == [count, sizes, seed]:
+            return manifest
+    rng = random.Random(seed)
+    sizes = sizes or [[64, 64]]
+    lines = []
+    for i in range(count):
+        h, w = sizes[i % len(sizes)]
+        shape, colour, place = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(PLACES))
+        name = f"{kind}_{i:04d}"
+        image = _draw((w, h), shape, colour, place)
+        if kind == "edit":
+            new = rng.choice([c for c in COLOURS if c != colour])
+            image.save(folder / f"{name}_src.png")
+            _draw((w, h), shape, new, place).save(folder / f"{name}_tgt.png")
+            record = {
+                "kind": "edit",
+                "source": f"{name}_src.png",
+                "instruction": f"make the {shape} {new}",
+                "target": f"{name}_tgt.png",
+            }
+        elif kind in ("t2i", "recon"):
+            image.save(folder / f"{name}.png")
+            record = {"kind": kind, "image": f"{name}.png"}
+            record["prompt"] = f"a {colour} {shape} at the {place}"
+        else:
+            raise ValueError(f"the synthetic set has no {kind!r} records (t2i, recon, edit)")
+        lines.append(json.dumps(record))
+    manifest.write_text("\n".join(lines) + "\n")
+    (folder / f"{kind}.args.json").write_text(json.dumps([count, sizes, seed]))
+    return manifest

@@ -1,0 +1,206 @@
+"""The trainer on the tiny models (CPU): loss falls, four samples overfit, exact resume, frozen parts
+stay frozen, and an exported checkpoint loads through the Connector Loader and changes the output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from metacanvas_core.train import main as train_main
+from metacanvas_core.training.config import TrainConfig
+from metacanvas_core.training.trainer import Trainer
+
+
+def run(node_cls, **kwargs):
+    node = node_cls()
+    return getattr(node, node_cls.FUNCTION)(**kwargs)
+
+
+def chain(loaded, checkpoint):
+    """Connector Loader → Plan → Project → Sampler → Decode, as in test_nodes."""
+    m, mllm, backbone = loaded
+    (mc,) = run(m["MetaCanvasConnectorLoader"], mllm=mllm, backbone=backbone, checkpoint=checkpoint)
+    kw = dict(width=64, height=64)
+    (plan,) = run(
+        m["MetaCanvasPlan"], mllm=mllm, metacanvas=mc, prompt="a red circle at the top left", negative_prompt="", **kw
+    )
+    (cond,) = run(m["MetaCanvasProject"], plan=plan, metacanvas=mc, backbone=backbone)
+    (latent,) = run(
+        m["MetaCanvasSampler"],
+        backbone=backbone,
+        cond=cond,
+        seed=0,
+        steps=2,
+        cfg=4.5,
+        scheduler="dpm_solver_flow",
+        use_canvas=True,
+        **kw,
+    )
+    return run(m["MetaCanvasDecode"], backbone=backbone, latent=latent)[0]
+
+
+def make_config(tiny, **overrides) -> TrainConfig:
+    base = dict(
+        name="test-run",
+        mllm=str(tiny["mllm"]),
+        backbone=str(tiny["sana"]),
+        trainable=["canvas", "canvas_connector", "dit"],
+        lr=1e-3,
+        max_steps=4,
+        batch_size=2,
+        buckets=[[64, 64]],
+        data=[{"synthetic": {"kind": "t2i", "count": 4, "seed": 0}}],
+        eval_samples=0,
+    )
+    base.update(overrides)
+    config = TrainConfig(**base)
+    config.validate()
+    return config
+
+
+def metrics(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(folder) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(folder) if "loss" in r}
+
+
+def eval_losses(folder) -> list[float]:
+    return [r["eval_loss"] for r in metrics(folder) if "eval_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """A short run on the synthetic shapes: canvas + canvas connector + DiT."""
+    out = tmp_path_factory.mktemp("trained")
+    config = make_config(
+        tiny,
+        max_steps=30,
+        batch_size=4,
+        data=[{"synthetic": {"kind": "t2i", "count": 8, "sizes": [[64, 64], [48, 80]], "seed": 1}}],
+        buckets=[[64, 64], [48, 80]],
+        eval_samples=8,
+        latent_cache="latents",
+    )
+    Trainer(config, out, progress=False).train()
+    return out
+
+
+def test_loss_falls_on_the_synthetic_set(trained):
+    start, end = eval_losses(trained)
+    assert end < 0.8 * start, (start, end)
+    record = metrics(trained)[1]
+    assert set(record) >= {"step", "loss", "lr", "samples_per_s"} and record["step"] == 1
+    assert any((trained / "latents").rglob("*.pt"))  # the latent cache was built and used
+
+
+def test_four_samples_overfit(tiny, tmp_path):
+    config = make_config(tiny, max_steps=30, batch_size=4, lr=3e-3, cond_dropout=0.0, eval_samples=4)
+    Trainer(config, tmp_path, progress=False).train()
+    start, end = eval_losses(tmp_path)
+    assert end < 0.35 * start, (start, end)
+
+
+def test_resume_reproduces_the_uninterrupted_loss_trace(tiny, tmp_path):
+    lora = {
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.05,
+        "target_modules": r"model\.language_model.*\.(q_proj|v_proj)",
+    }
+    kw = dict(
+        max_steps=6,
+        save_every=3,
+        cond_dropout=0.5,
+        trainable=["canvas", "canvas_connector", "mllm_lora", "dit"],
+        mllm_lora=lora,
+        init_checkpoint=str(tiny["sana_metacanvas"]),
+    )
+    Trainer(make_config(tiny, **kw), tmp_path / "full", progress=False).train()
+    Trainer(make_config(tiny, **kw), tmp_path / "part", max_steps=3, progress=False).train()
+    Trainer(make_config(tiny, **kw), tmp_path / "part", resume=tmp_path / "part", progress=False).train()
+    full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert list(full) == list(part) == [1, 2, 3, 4, 5, 6]
+    assert full == part  # bit-exact
+    assert len(set(full.values())) == 6
+
+
+def test_frozen_parts_get_no_update(tiny, tmp_path):
+    lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": r"model\.language_model.*\.(q_proj|v_proj)"}
+    config = make_config(
+        tiny,
+        max_steps=2,
+        cond_dropout=0.0,
+        trainable=["canvas_connector", "dit_cross_attention", "mllm_lora"],
+        mllm_lora=lora,
+        init_checkpoint=str(tiny["sana_metacanvas"]),  # nonzero projections: gradients reach everything at once
+    )
+    trainer = Trainer(config, tmp_path, progress=False)
+    named = {
+        **{f"mc.{n}": p for n, p in trainer.mc.named_parameters()},
+        **{f"dit.{n}": p for n, p in trainer.backbone.transformer.named_parameters()},
+        **{f"mllm.{n}": p for n, p in trainer.planner.model.named_parameters()},
+        **{f"vae.{n}": p for n, p in trainer.backbone.vae.named_parameters()},
+    }
+    before = {n: p.detach().clone() for n, p in named.items()}
+    trainer.train()
+    changed = {n for n, p in named.items() if not torch.equal(p.detach(), before[n])}
+    trainable = {n for n in named if n.startswith("mc.canvas_connector.") or ".attn2." in n or "lora_" in n}
+    assert changed <= trainable, sorted(changed - trainable)[:5]
+    assert any(n.startswith("mc.canvas_connector.") for n in changed)
+    assert any(".attn2." in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+    assert not any(n.startswith(("mc.canvas.", "vae.")) for n in changed)
+
+
+def test_exported_checkpoint_loads_in_the_node_and_changes_the_output(trained, pack, models_dir, tiny):
+    from metacanvas_core.backbones import load_backbone
+    from metacanvas_core.checkpoint import load_metacanvas
+
+    m = pack.NODE_CLASS_MAPPINGS
+    shutil.copy(trained / "test-run.safetensors", models_dir / "metacanvas" / "trained-tiny.safetensors")
+    assert load_metacanvas(models_dir / "metacanvas" / "trained-tiny.safetensors").info.backbone == "sana"
+    (mllm,) = run(m["MetaCanvasMLLMLoader"], mllm_folder="tiny-qwen2_5-vl", dtype="fp32")
+    (backbone,) = run(m["MetaCanvasBackboneLoader"], backbone_folder="tiny-sana", dtype="fp32")
+    loaded = (m, mllm, backbone)
+    assert not torch.equal(chain(loaded, "trained-tiny.safetensors"), chain(loaded, "new (untrained)"))
+    # The trained DiT: a pipeline folder the Backbone Loader reads, with the trained weights.
+    (models_dir / "diffusers" / "trained-tiny-sana").symlink_to(trained / "backbone", target_is_directory=True)
+    (trained_backbone,) = run(m["MetaCanvasBackboneLoader"], backbone_folder="trained-tiny-sana", dtype="fp32")
+    assert not torch.equal(
+        chain((m, mllm, trained_backbone), "trained-tiny.safetensors"), chain(loaded, "trained-tiny.safetensors")
+    )
+    original = load_backbone(tiny["sana"]).transformer.state_dict()
+    exported = load_backbone(trained / "backbone").transformer.state_dict()
+    assert original.keys() == exported.keys()
+    assert any(not torch.equal(original[k], exported[k]) for k in original)
+
+
+def test_cli_runs_a_recipe_and_names_a_bad_record(tiny, tmp_path, capsys):
+    data = json.dumps([{"synthetic": {"kind": "t2i", "count": 2, "seed": 0}}])
+    cmd = [sys.executable, "-m", "metacanvas_core.train", "tiny_sana_t2i", "--output-dir", str(tmp_path / "cli")]
+    cmd += ["--max-steps", "2", "--no-progress", "--set", f"mllm={tiny['mllm']}", "--set", f"backbone={tiny['sana']}"]
+    cmd += ["--set", f"data={data}", "--set", "eval_samples=0", "--set", "batch_size=2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "cli" / "tiny-sana-t2i.safetensors").is_file()
+    assert (tmp_path / "cli" / "backbone" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert sorted(losses(tmp_path / "cli")) == [1, 2]
+
+    (tmp_path / "bad.jsonl").write_text('{"kind": "t2i", "image": "nowhere.png", "prompt": "x"}\n')
+    args = ["tiny_sana_t2i", "--output-dir", str(tmp_path / "bad"), "--set", f"mllm={tiny['mllm']}"]
+    args += [
+        "--set",
+        f"backbone={tiny['sana']}",
+        "--set",
+        "data=" + json.dumps([{"manifest": str(tmp_path / "bad.jsonl")}]),
+    ]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "record 1 (line 1), field 'image'" in err and "nowhere.png" in err
