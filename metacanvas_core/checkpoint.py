@@ -115,15 +115,42 @@ class MetaCanvas(nn.Module):
                 f"MetaCanvas checkpoint '{self.name}' expects a text slot of width {i.text_dim}, but backbone "
                 f"'{backbone.folder}' has {backbone.text_dim}."
             )
+        if i.context_source == "native" and not backbone.has_text_encoder:
+            raise MetaCanvasInputError(
+                f"MetaCanvas checkpoint '{self.name}' was made with the backbone's native text encoder as context, "
+                f"but backbone '{backbone.folder}' was loaded without it: turn load_text_encoder on in the Backbone "
+                "Loader (the folder must hold it)."
+            )
+
+    def check_context_source(self, wanted: str) -> None:
+        """Refuse a checkpoint whose context source is not the one asked for, naming both."""
+        if wanted != self.info.context_source:
+            raise MetaCanvasInputError(
+                f"MetaCanvas checkpoint '{self.name}' was trained with '{self.info.context_source}' context, not "
+                f"'{wanted}': set context to 'auto' or '{self.info.context_source}', or load a checkpoint trained "
+                f"with '{wanted}' context."
+            )
 
 
-def new_metacanvas(planner: Planner, backbone: Backbone) -> MetaCanvas:
-    """A fresh MetaCanvas, seeded: zero-initialised canvas projections, so until trained the canvas changes nothing."""
+CONTEXT_SOURCES = ("native", "mllm")
+
+
+def new_metacanvas(planner: Planner, backbone: Backbone, context_source: str | None = None) -> MetaCanvas:
+    """A fresh MetaCanvas, seeded: zero-initialised canvas projections, so until trained the canvas changes nothing.
+
+    `context_source`: "native" (the backbone's own text encoder: with the canvas untrained, exactly the plain
+    backbone) or "mllm" (a context connector, which needs training first). Default: native when the
+    backbone's text encoder is loaded, else mllm.
+    """
+    if context_source is None:
+        context_source = "native" if backbone.has_text_encoder else "mllm"
+    if context_source not in CONTEXT_SOURCES:
+        raise MetaCanvasInputError(f"context source '{context_source}' is not one of {CONTEXT_SOURCES}.")
     heads, head_dim = backbone.attention_heads
     token_grid = backbone.token_grid(*backbone.default_size)
     grid = canvas_grid_for(token_grid, backbone.canvas_factor, backbone.keyframes)
     context = None
-    if backbone.context_source == "mllm":
+    if context_source == "mllm":
         context = {
             "mllm_dim": planner.hidden_size,
             "hidden_dim": backbone.context_hidden_dim(planner.hidden_size),
@@ -137,7 +164,7 @@ def new_metacanvas(planner: Planner, backbone: Backbone) -> MetaCanvas:
         text_dim=backbone.text_dim,
         canvas_grid=(grid.frames, grid.height, grid.width),
         canvas_factor=backbone.canvas_factor,
-        context_source=backbone.context_source,
+        context_source=context_source,
         canvas_connector={
             "mllm_dim": planner.hidden_size,
             "dit_dim": backbone.width,

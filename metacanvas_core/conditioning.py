@@ -36,10 +36,17 @@ class Conditioning:
     references: dict[str, Any] | None = None  # backbone inputs from the input images (FLUX-Kontext: reference tokens)
     guidance: float | None = None  # embedded guidance (FLUX); None = the backbone's default
     image_cfg: float = 1.0  # image guidance scale; 1 = off
+    pooled: torch.Tensor | None = None  # native global text vector (FLUX: CLIP pooled); None = backbone default
+    negative_pooled: torch.Tensor | None = None
 
     def with_negative(self, other: Conditioning) -> Conditioning:
         """This conditioning with another one's positive context as the unconditional branch."""
-        return Conditioning(**{**self.__dict__, "negative_context": other.context, "negative_mask": other.context_mask})
+        negative = {
+            "negative_context": other.context,
+            "negative_mask": other.context_mask,
+            "negative_pooled": other.pooled,
+        }
+        return Conditioning(**{**self.__dict__, **negative})
 
 
 @torch.no_grad()
@@ -49,9 +56,11 @@ def project(plan: Plan, mc: MetaCanvas, backbone: Backbone) -> Conditioning:
             f"MetaCanvas checkpoint '{mc.name}' is for {mc.info.backbone}, the backbone is {backbone.kind}."
         )
     device = backbone.device
+    pooled = negative_pooled = None
     if mc.info.context_source == "native":
         context, mask = backbone.encode_prompt([plan.prompt])
         negative, negative_mask = backbone.encode_negative([plan.negative_prompt])
+        pooled, negative_pooled = backbone.encode_pooled([plan.prompt]), backbone.encode_pooled([plan.negative_prompt])
     else:
         if plan.negative_context is None:
             raise MetaCanvasInputError("this plan has no negative context; re-run the Plan node with this checkpoint.")
@@ -67,4 +76,16 @@ def project(plan: Plan, mc: MetaCanvas, backbone: Backbone) -> Conditioning:
     # The output size the plan was made for (its canvas grid × canvas factor × pixel stride).
     scale = mc.info.canvas_factor * mc.info.pixel_stride
     references = backbone.prepare_references(plan, mc, g.height * scale, g.width * scale)
-    return Conditioning(context, mask, negative, negative_mask, canvas, g, connector, backbone.kind, references)
+    return Conditioning(
+        context,
+        mask,
+        negative,
+        negative_mask,
+        canvas,
+        g,
+        connector,
+        backbone.kind,
+        references,
+        pooled=pooled,
+        negative_pooled=negative_pooled,
+    )

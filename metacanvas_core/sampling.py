@@ -76,6 +76,8 @@ def sample(
     positive = cond.context.to(device), cond.context_mask.to(device)
     negative = cond.negative_context.to(device), cond.negative_mask.to(device)
     both = tuple(x.to(device) for x in batched_context(cond, True))
+    pooled, negative_pooled = cond.pooled, cond.negative_pooled  # per-branch global text vectors (FLUX)
+    both_pooled = None if pooled is None else torch.cat([negative_pooled, pooled])
     canvas = None
     if use_canvas:
         tokens = interpolate_canvas(cond.canvas, backbone.token_grid(height, width, frames)).to(device)
@@ -83,16 +85,17 @@ def sample(
     kw = dict(guidance=guidance)
     for i, t in enumerate(sched.timesteps):
         if batched:
-            v_i, v_c = backbone.predict(torch.cat([latents] * 2), t, *both, canvas, refs, **kw).float().chunk(2)
+            x = torch.cat([latents] * 2)
+            v_i, v_c = backbone.predict(x, t, *both, canvas, refs, **kw, pooled=both_pooled).float().chunk(2)
         else:
-            v_c = backbone.predict(latents, t, *positive, canvas, refs, **kw).float()
+            v_c = backbone.predict(latents, t, *positive, canvas, refs, **kw, pooled=pooled).float()
             if null_text:
-                v_i = backbone.predict(latents, t, *negative, None, refs, **kw).float()
+                v_i = backbone.predict(latents, t, *negative, None, refs, **kw, pooled=negative_pooled).float()
         v = v_c
         if null_text:
             v = v_i + (cfg if text_guided else 1.0) * (v_c - v_i)
         if image_guided:
-            v_u = backbone.predict(latents, t, *negative, None, None, **kw).float()
+            v_u = backbone.predict(latents, t, *negative, None, None, **kw, pooled=negative_pooled).float()
             v = v + (image_cfg - 1.0) * (v_i - v_u)
         latents = sched.step(v, t, latents, return_dict=False)[0]
         if on_step is not None:

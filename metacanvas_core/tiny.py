@@ -5,10 +5,10 @@
 writes into ComfyUI's models layout:
     LLM/tiny-qwen2_5-vl/                Qwen2.5-VL (config, safetensors, tokenizer, image processor)
     diffusers/tiny-sana/                SANA pipeline folder (transformer, DC-AE, Gemma-2, tokenizer, scheduler)
-    diffusers/tiny-flux-kontext/        FLUX.1-Kontext pipeline folder (transformer, 16-ch f8 AutoencoderKL, CLIP, no T5)
+    diffusers/tiny-flux-kontext/        FLUX.1-Kontext pipeline folder (transformer, 16-ch f8 AutoencoderKL, CLIP, T5)
     metacanvas/tiny-sana-metacanvas.safetensors          a MetaCanvas checkpoint for the Qwen + SANA pair
     metacanvas/tiny-flux-kontext-metacanvas.safetensors  one for the Qwen + FLUX-Kontext pair
-    diffusers/tiny-wan2_2-ti2v/         Wan2.2-TI2V pipeline folder (transformer, Wan2.2-style VAE with 8 ch, UniPC; no umT5)
+    diffusers/tiny-wan2_2-ti2v/         Wan2.2-TI2V pipeline folder (transformer, Wan2.2-style VAE with 8 ch, UniPC, umT5)
     metacanvas/tiny-wan2_2-metacanvas.safetensors        one for the Qwen + Wan2.2 pair
 Weights are random (seeded): outputs are noise-like images, but every shape, file and code path is real.
 """
@@ -31,6 +31,7 @@ QWEN_SPECIAL = [
 ]
 GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 CLIP_SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
+T5_SPECIAL = ["<pad>", "</s>", "<unk>"]
 
 # The Qwen2-VL chat template, as shipped with Qwen2.5-VL-*-Instruct.
 QWEN_CHAT_TEMPLATE = (
@@ -199,7 +200,7 @@ def write_tiny_sana(folder: Path, seed: int = 0) -> Path:
 def write_tiny_flux_kontext(folder: Path, seed: int = 0) -> Path:
     """FLUX.1-Kontext pipeline folder in the real layout: a 1+1-block transformer (width 32, guidance
     embedding), a 16-channel AutoencoderKL with stride 8 (as FLUX's), a 2-layer CLIP text encoder for
-    the pooled slot; no T5 (MetaCanvas replaces it with the MLLM), so text_encoder_2/tokenizer_2 are None."""
+    the pooled slot and a 2-layer T5 (the native context; the paper's is the MLLM's)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -257,23 +258,51 @@ def write_tiny_flux_kontext(folder: Path, seed: int = 0) -> Path:
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
+    text_encoder_2, tokenizer_2 = _tiny_t5(48, umt5=False, seed=seed)
     pipe = FluxKontextPipeline(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        text_encoder_2=None,
-        tokenizer_2=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
+def _tiny_t5(d_model: int, umt5: bool, seed: int):
+    """A 2-layer (U)T5 encoder and its tokenizer (pad 0, eos 1, '</s>' appended as T5's tokenizer does)."""
+    from tokenizers import processors
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    tk, Fast = _byte_bpe(T5_SPECIAL, 300)
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = Fast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.model_max_length = 512
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    torch.manual_seed(seed)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return model_cls(config).eval(), tokenizer
+
+
 def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
     """Wan2.2-TI2V pipeline folder in the real layout: a 2-layer transformer (width 32, text_dim 32), a
     Wan2.2-style VAE (residual, patchified, stride 4×16×16, 8 latent channels), UniPC flow scheduler,
-    per-token timesteps; no umT5 (MetaCanvas feeds the MLLM through the context connector)."""
+    per-token timesteps, and a 2-layer umT5 (the native text encoder; the paper's context is the MLLM's)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -308,8 +337,14 @@ def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
         latents_std=[1.0 + 0.1 * i for i in range(8)],
     ).eval()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    text_encoder, tokenizer = _tiny_t5(32, umt5=True, seed=seed)
     pipe = WanPipeline(
-        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler, expand_timesteps=True
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+        expand_timesteps=True,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
@@ -322,7 +357,8 @@ def write_tiny_metacanvas(path: Path, mllm_folder: Path, backbone_folder: Path, 
     from .checkpoint import new_metacanvas, save_metacanvas
     from .planner import Planner
 
-    mc = new_metacanvas(Planner.from_folder(mllm_folder), load_backbone(backbone_folder))
+    backbone = load_backbone(backbone_folder)  # with the paper's context source (SANA: Gemma-2; others: MLLM)
+    mc = new_metacanvas(Planner.from_folder(mllm_folder), backbone, backbone.context_source)
     torch.manual_seed(seed)
     for layer in (mc.canvas_connector.align_out, mc.canvas_connector.out_proj):
         torch.nn.init.normal_(layer.weight, std=0.2)

@@ -16,7 +16,7 @@ from PIL import Image
 from metacanvas_core.backbones import BACKBONES, SCHEDULERS, load_backbone
 from metacanvas_core.backbones.flux import REFERENCE_RULE
 from metacanvas_core.backbones.wan import FIRST_FRAME, MAX_REFERENCES, REFERENCES
-from metacanvas_core.checkpoint import load_metacanvas, new_metacanvas
+from metacanvas_core.checkpoint import CONTEXT_SOURCES, load_metacanvas, new_metacanvas
 from metacanvas_core.conditioning import project
 from metacanvas_core.errors import MetaCanvasInputError
 from metacanvas_core.planner import Planner
@@ -134,15 +134,15 @@ class MetaCanvasMLLMLoader:
 class MetaCanvasBackboneLoader:
     DESCRIPTION = (
         "Loads a diffusion backbone from a diffusers folder; its kind (SANA text-to-image, FLUX.1-Kontext image "
-        "editing) is read from model_index.json."
+        "editing, Wan2.2-TI2V-5B video) is read from model_index.json."
     )
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("METACANVAS_BACKBONE",)
     RETURN_NAMES = ("backbone",)
     OUTPUT_TOOLTIPS = (
-        "The backbone: transformer, VAE and (for SANA) its Gemma-2 text encoder; FLUX-Kontext takes its text from "
-        "the MLLM (T5 is not loaded).",
+        "The backbone: transformer, VAE and, when load_text_encoder is on, its own text encoder (SANA: Gemma-2, "
+        "Wan2.2: umT5, FLUX-Kontext: T5 + CLIP).",
     )
 
     @classmethod
@@ -152,7 +152,7 @@ class MetaCanvasBackboneLoader:
                 "backbone_folder": (
                     list_models("diffusers"),
                     {
-                        "tooltip": "A diffusers pipeline folder in models/diffusers, e.g. Sana_1600M_512px_diffusers (text-to-image) or FLUX.1-Kontext-dev (image editing)."
+                        "tooltip": "A diffusers pipeline folder in models/diffusers, e.g. Sana_1600M_512px_diffusers (text-to-image), FLUX.1-Kontext-dev (image editing) or Wan2.2-TI2V-5B-Diffusers (video)."
                     },
                 ),
                 "dtype": (
@@ -160,6 +160,13 @@ class MetaCanvasBackboneLoader:
                     {
                         "default": "auto",
                         "tooltip": "Weight precision. auto = bf16 where the GPU supports it, else fp32.",
+                    },
+                ),
+                "load_text_encoder": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Also load the backbone's own text encoder from the folder (native context: the plain backbone's output with an untrained MetaCanvas). Off saves memory when the checkpoint takes its context from the MLLM.",
                     },
                 ),
             }
@@ -173,9 +180,9 @@ class MetaCanvasBackboneLoader:
             return str(e)
         return True
 
-    def load(self, backbone_folder: str, dtype: str):
+    def load(self, backbone_folder: str, dtype: str, load_text_encoder: bool = True):
         folder = find_model(("diffusers",), backbone_folder, "Backbone folder")
-        backbone = load_backbone(folder, resolve_dtype(dtype), offload_device())
+        backbone = load_backbone(folder, resolve_dtype(dtype), offload_device(), load_text_encoder)
         return (Loaded(backbone, Managed({m.__class__.__name__: m for m in backbone.modules()})),)
 
 
@@ -202,6 +209,13 @@ class MetaCanvasConnectorLoader:
                         "tooltip": "A .safetensors file in models/metacanvas, or 'new (untrained)': a zero-initialised connector that leaves the backbone's output unchanged."
                     },
                 ),
+                "context": (
+                    ["auto", *CONTEXT_SOURCES],
+                    {
+                        "default": "auto",
+                        "tooltip": "Where the prompt reaches the backbone's text slot from. native = the backbone's own text encoder (with 'new (untrained)': exactly the plain backbone); mllm = the MLLM through the context connector (the paper's path for Wan2.2 and FLUX-Kontext; noise until trained). auto = the checkpoint's own; for 'new (untrained)', native when the backbone's text encoder is loaded.",
+                    },
+                ),
             }
         }
 
@@ -215,11 +229,14 @@ class MetaCanvasConnectorLoader:
             return str(e)
         return True
 
-    def load(self, mllm: Loaded, backbone: Loaded, checkpoint: str):
+    def load(self, mllm: Loaded, backbone: Loaded, checkpoint: str, context: str = "auto"):
+        wanted = None if context == "auto" else context
         if checkpoint == UNTRAINED:
-            mc = new_metacanvas(mllm.model, backbone.model).to(offload_device())
+            mc = new_metacanvas(mllm.model, backbone.model, wanted).to(offload_device())
         else:
             mc = load_metacanvas(find_model(("metacanvas",), checkpoint, "MetaCanvas checkpoint"), offload_device())
+            if wanted is not None:
+                mc.check_context_source(wanted)
         mc.check_compatible(mllm.model, backbone.model)
         return (Loaded(mc, Managed({"metacanvas": mc})),)
 

@@ -40,7 +40,7 @@ def test_flux_kontext_geometry_and_connectors():
     with torch.device("meta"):
         transformer = FluxTransformer2DModel.from_config(cfg["transformer"])
         vae = AutoencoderKL.from_config(cfg["vae"])
-    flux = FluxKontextBackbone("FLUX.1-Kontext-dev", transformer, vae, cfg["scheduler"], torch.zeros(1, 768))
+    flux = FluxKontextBackbone("FLUX.1-Kontext-dev", transformer, vae, cfg["scheduler"])
     assert (flux.width, flux.pixel_stride, flux.default_size, flux.text_dim) == (3072, 16, (512, 512), 4096)
     assert canvas_grid_for(flux.token_grid(512, 512), flux.canvas_factor) == CanvasGrid(1, 32, 32)  # [P] 32×32
     assert flux.token_grid(1024, 1024) == (1, 64, 64)  # [P] 64×64 tokens at 1024²

@@ -33,6 +33,16 @@ CORE_NODES = {
     "PreviewImage": ({"required": {"images": ("IMAGE",)}}, ()),
     "LoadImage": ({"required": {"image": ([], {"image_upload": True})}}, ("IMAGE", "MASK")),
     "ImageBatch": ({"required": {"image1": ("IMAGE",), "image2": ("IMAGE",)}}, ("IMAGE",)),
+    "ImageFromBatch": (  # comfy_extras/nodes_images.py
+        {
+            "required": {
+                "image": ("IMAGE",),
+                "batch_index": ("INT", {"default": 0, "min": 0, "max": 4095}),
+                "length": ("INT", {"default": 1, "min": 1, "max": 4096}),
+            }
+        },
+        ("IMAGE",),
+    ),
     "LoadVideo": (
         {"required": {"file": ("COMBO", {"multiselect": False, "options": [], "video_upload": True})}},
         ("VIDEO",),
@@ -323,8 +333,8 @@ def test_text_to_image_content(specs):
         "Note",
     }
     assert by_type["MetaCanvasMLLMLoader"]["widgets_values"] == ["Qwen2.5-VL-7B-Instruct", "auto"]
-    assert by_type["MetaCanvasBackboneLoader"]["widgets_values"] == ["Sana_1600M_512px_diffusers", "auto"]
-    assert by_type["MetaCanvasConnectorLoader"]["widgets_values"] == ["new (untrained)"]
+    assert by_type["MetaCanvasBackboneLoader"]["widgets_values"] == ["Sana_1600M_512px_diffusers", "auto", True]
+    assert by_type["MetaCanvasConnectorLoader"]["widgets_values"] == ["new (untrained)", "auto"]
     prompt, negative, width, height, image_role, keyframes = by_type["MetaCanvasPlan"]["widgets_values"]
     assert len(prompt) > 80 and negative == "" and (width, height) == (512, 512)
     assert (image_role, keyframes) == ("references", 0)
@@ -368,7 +378,7 @@ CONTENT = {
         "references",
         VIDEO_SAMPLER + [81, 24.0],
         "SaveVideo",
-        {"video": ("GetVideoComponents", "images")},
+        {"video": ("ImageFromBatch", "IMAGE")},
         False,
     ),
     "in_context_video.json": (
@@ -394,7 +404,7 @@ CONTENT = {
 
 def _source(wf, node, input_name):
     """(node, output name) that feeds `input_name` of `node`, or None."""
-    slot = next(i for i in node["inputs"] if i["name"] == input_name)
+    slot = next((i for i in node["inputs"] if i["name"] == input_name), {})  # a widget is listed only when linked
     if slot.get("link") is None:
         return None
     _, src, src_slot, *_ = _link(wf, slot["link"])
@@ -413,8 +423,8 @@ def test_workflow_content(name, specs, pack):
     assert validate(wf, specs) == []
     nodes = {n["type"]: n for n in wf["nodes"]}  # one of each, except LoadImage in in_context_video
     assert nodes["MetaCanvasMLLMLoader"]["widgets_values"] == [QWEN, "auto"]
-    assert nodes["MetaCanvasBackboneLoader"]["widgets_values"] == [backbone, "auto"]
-    assert nodes["MetaCanvasConnectorLoader"]["widgets_values"] == [UNTRAINED]
+    assert nodes["MetaCanvasBackboneLoader"]["widgets_values"] == [backbone, "auto", True]
+    assert nodes["MetaCanvasConnectorLoader"]["widgets_values"] == [UNTRAINED, "auto"]
     prompt, _negative, plan_w, plan_h, image_role, keyframes = nodes["MetaCanvasPlan"]["widgets_values"]
     assert len(prompt) > 80 and (plan_w, plan_h) == (width, height) and (image_role, keyframes) == (role, 0)
     seed, *values = nodes["MetaCanvasSampler"]["widgets_values"]
@@ -444,9 +454,15 @@ def test_workflow_content(name, specs, pack):
         assert save_node["widgets_values"] == ["video/MetaCanvas", "auto", "auto"]
     else:
         assert _source(wf, save_node, "images") == (decode, "image")
-    if "video" in feeds:
-        components = feeds["video"][0]
-        assert _source(wf, nodes[components], "video")[0]["type"] == "LoadVideo"
+    if "video" in feeds:  # LoadVideo -> GetVideoComponents -> ImageFromBatch (the Sampler's length) -> Plan
+        components, first = nodes["GetVideoComponents"], nodes["ImageFromBatch"]
+        assert _source(wf, components, "video")[0]["type"] == "LoadVideo"
+        assert _source(wf, first, "image") == (components, "images")
+        assert first["widgets_values"] == [0, values[7]]
+        # the source's frame rate into the Sampler's frame_rate widget, so the edit keeps the source's timing
+        assert _source(wf, sampler, "frame_rate") == (components, "fps")
+    else:
+        assert _source(wf, sampler, "frame_rate") is None
     if feeds.get("images", ("",))[0] == "ImageBatch":
         batch = nodes["ImageBatch"]
         assert [_source(wf, batch, i)[0]["type"] for i in ("image1", "image2")] == ["LoadImage", "LoadImage"]
@@ -455,7 +471,7 @@ def test_workflow_content(name, specs, pack):
     note = nodes["Note"]["widgets_values"][0]
     for needle in ("models/LLM/", "models/diffusers/", "models/metacanvas/", UNTRAINED, QWEN, backbone):
         assert needle in note, needle
-    assert "random" in note and ("does not follow" in note or "follows neither" in note)
+    assert "context 'auto'" in note and "plain" in note and "context 'mllm'" in note
 
     # Read left to right: sources left of the Plan, then the chain.
     chain = ["MetaCanvasConnectorLoader", "MetaCanvasPlan", "MetaCanvasProject", "MetaCanvasSampler"]
@@ -463,7 +479,7 @@ def test_workflow_content(name, specs, pack):
     xs = [nodes[t]["pos"][0] for t in chain]
     assert xs == sorted(xs) and nodes["MetaCanvasMLLMLoader"]["pos"][0] < xs[0]
     for n in wf["nodes"]:
-        if n["type"] in ("LoadImage", "LoadVideo", "GetVideoComponents", "ImageBatch"):
+        if n["type"] in ("LoadImage", "LoadVideo", "GetVideoComponents", "ImageFromBatch", "ImageBatch"):
             assert n["pos"][0] + n["size"][0] < plan["pos"][0], f"{n['type']} is not left of the Plan"
     if edit_guidance:
         assert xs[2] <= nodes["MetaCanvasEditGuidance"]["pos"][0] < xs[3]
@@ -546,11 +562,10 @@ def _drop_upload_value(wf):
 
 def _video_into_image_socket(wf):
     # LoadVideo's VIDEO straight into the Plan's video socket (IMAGE frames), skipping Get Video Components
-    load_video, components = _node(wf, "LoadVideo"), _node(wf, "GetVideoComponents")
-    link = next(
-        link for link in wf["links"] if link[1] == components["id"] and link[3] == _node(wf, "MetaCanvasPlan")["id"]
-    )
-    components["outputs"][0]["links"].remove(link[0])
+    load_video, plan = _node(wf, "LoadVideo"), _node(wf, "MetaCanvasPlan")
+    link = _link(wf, next(i for i in plan["inputs"] if i["name"] == "video")["link"])
+    source = next(n for n in wf["nodes"] if n["id"] == link[1])
+    source["outputs"][link[2]]["links"].remove(link[0])
     load_video["outputs"][0]["links"].append(link[0])
     link[1], link[2], link[5] = load_video["id"], 0, "VIDEO"
 

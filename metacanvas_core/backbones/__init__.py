@@ -35,9 +35,13 @@ def backbone_class_for(folder: str | Path) -> type[Backbone]:
 
 
 def load_backbone(
-    folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    text_encoder: bool = True,
 ) -> Backbone:
-    return backbone_class_for(folder).from_folder(Path(folder), dtype, device)
+    """Load a backbone; `text_encoder`: also its native text encoder(s) when the folder has them."""
+    return backbone_class_for(folder).from_folder(Path(folder), dtype, device, text_encoder)
 
 
 __all__ = ["BACKBONES", "SCHEDULERS", "Backbone", "CanvasInjection", "backbone_class_for", "load_backbone"]

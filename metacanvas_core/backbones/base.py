@@ -77,7 +77,9 @@ class Backbone(ABC):
 
     kind: ClassVar[str]  # "sana", ...: stored in checkpoints
     pipeline_class_names: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s this adapter loads
-    context_source: ClassVar[str]  # "native" (own text encoder) or "mllm" (context connector)
+    # The paper's context source for this backbone: "native" (its own text encoder) or "mllm" (context
+    # connector). Checkpoints record theirs; an untrained one uses the native encoder when it is loaded.
+    context_source: ClassVar[str]
     canvas_factor: ClassVar[int]  # canvas grid = token grid / factor [D, §2.2]
     needs_input_image: ClassVar[bool] = False  # editing backbones: the plan must carry an input image
     batch_guidance: ClassVar[bool] = True  # CFG branches in one 2B call (SANA) or one call each (FLUX)
@@ -163,6 +165,23 @@ class Backbone(ABC):
         """Native encoding of the unconditional branch (some pipelines encode it differently)."""
         return self.encode_prompt(prompts)
 
+    @property
+    def has_text_encoder(self) -> bool:
+        """Whether the native text encoder was loaded (so `encode_prompt` works)."""
+        return False
+
+    def require_text_encoder(self) -> None:
+        if not self.has_text_encoder:
+            raise MetaCanvasInputError(
+                f"the {self.kind} backbone '{self.folder}' was loaded without its own text encoder (the Backbone "
+                "Loader's load_text_encoder is off, or the folder has none), so it cannot encode the prompt natively: "
+                "turn load_text_encoder on, or use a MetaCanvas checkpoint with MLLM context."
+            )
+
+    def encode_pooled(self, prompts: list[str]) -> torch.Tensor | None:
+        """Native global text vector for backbones that have a slot for one (FLUX: CLIP pooled)."""
+        return None
+
     def prepare_references(self, plan: Plan, metacanvas: MetaCanvas, height: int, width: int) -> dict[str, Any] | None:
         """Backbone inputs made from the plan's input images/video for an output of height × width.
 
@@ -189,12 +208,14 @@ class Backbone(ABC):
         canvas: CanvasInjection | None,
         references: dict[str, Any] | None = None,
         guidance: float | None = None,
+        pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity for `latents` at scheduler timestep `t`, with the canvas added when given.
 
         `references`: from `prepare_references` (None = without the input images, e.g. the null
         branch of image guidance). `guidance`: an embedded-guidance value for guidance-distilled
-        models (FLUX); backbones without a guidance embedding ignore it.
+        models (FLUX); backbones without a guidance embedding ignore it. `pooled`: the branch's global
+        text vector from `encode_pooled` (None: the backbone's default; backbones without the slot ignore it).
         """
 
     @abstractmethod

@@ -6,8 +6,10 @@ channel; the transformer's output is sliced back to the target rows. The packing
 encoding, image resizing and timestep spacing are the pipeline's own helpers, so with the canvas off
 one branch computes what `FluxKontextPipeline` computes for the same prompt embeddings.
 
-Text: T5 is dropped; the MLLM's prompt states go through the context connector
-`Linear(MLLM → 3·4096) → SiLU → Linear(→ 4096)` into the joint text stream (paper §2.4).
+Text: in the paper T5 is dropped; the MLLM's prompt states go through the context connector
+`Linear(MLLM → 3·4096) → SiLU → Linear(→ 4096)` into the joint text stream (paper §2.4). The native
+T5-XXL + CLIP-L from the folder (loaded on request) give the plain FLUX.1-Kontext output before any
+connector is trained; prompts are then encoded by diffusers' own `FluxKontextPipeline.encode_prompt`.
 
 [D] Pooled projection (FLUX's 768-d CLIP pooled slot, which modulates every block with the timestep):
 a constant, the CLIP-L pooled embedding of the empty prompt, computed once when the folder is loaded
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS, calculate_shift
+from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from ..errors import MetaCanvasInputError
 from .base import Backbone, CanvasInjection, patch_embedding_hook, read_json
@@ -40,7 +43,9 @@ if TYPE_CHECKING:
     from ..checkpoint import MetaCanvas
     from ..planner import Plan
 
-DEFAULT_GUIDANCE: float = inspect.signature(FluxKontextPipeline.__call__).parameters["guidance_scale"].default
+_CALL_DEFAULTS = inspect.signature(FluxKontextPipeline.__call__).parameters
+DEFAULT_GUIDANCE: float = _CALL_DEFAULTS["guidance_scale"].default
+MAX_SEQUENCE_LENGTH: int = _CALL_DEFAULTS["max_sequence_length"].default
 KONTEXT_AREA = 1024 * 1024  # the area of PREFERRED_KONTEXT_RESOLUTIONS (FLUX.1-Kontext's training buckets)
 CANVAS_SIDE = 32  # paper: a 32×32 canvas at 512² [P]; the checkpoint stores it at 32×32 tokens
 
@@ -79,30 +84,43 @@ class FluxKontextBackbone(Backbone):
     needs_input_image = True
     batch_guidance = False  # one call per branch, as FluxKontextPipeline does for true CFG (no text mask)
 
-    def __init__(self, folder: str, transformer, vae, scheduler_config: dict, pooled: torch.Tensor) -> None:
+    def __init__(self, folder: str, transformer, vae, scheduler_config: dict, encoders: dict | None = None) -> None:
         super().__init__(folder, transformer, vae, scheduler_config)
-        self.pooled = pooled  # (1, pooled_projection_dim), see [D] above
-        # Used only for its helpers (image processor, VAE encoding): the denoising loop is ours.
+        encoders = encoders or {}
+        # Used for its helpers (image processor, VAE encoding, prompt encoding): the denoising loop is ours.
         self.pipeline = FluxKontextPipeline(
             scheduler=None,
             vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
+            text_encoder=encoders.get("text_encoder"),
+            tokenizer=encoders.get("tokenizer"),
+            text_encoder_2=encoders.get("text_encoder_2"),
+            tokenizer_2=encoders.get("tokenizer_2"),
             transformer=transformer,
         )
+        dim = transformer.config.pooled_projection_dim
+        self.pooled = self.encode_pooled([""]) if self.pipeline.text_encoder is not None else torch.zeros(1, dim)
+        if self.pipeline.text_encoder_2 is None:  # MLLM context: CLIP was needed for the constant pooled only
+            self.pipeline.text_encoder = self.pipeline.tokenizer = None
 
     @classmethod
-    def from_folder(cls, folder: Path, dtype: torch.dtype, device: str | torch.device) -> FluxKontextBackbone:
+    def from_folder(
+        cls, folder: Path, dtype: torch.dtype, device: str | torch.device, text_encoder: bool = True
+    ) -> FluxKontextBackbone:
+        """`text_encoder`: also load T5-XXL (native context); CLIP-L is read in any case for the pooled slot."""
         kw = dict(local_files_only=True, use_safetensors=True)
         transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype, **kw)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **kw)
         scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
-        pooled = empty_prompt_pooled(folder, transformer.config.pooled_projection_dim).to(dtype)
-        for module in (transformer, vae):
+        encoders = {}
+        if (folder / "text_encoder" / "config.json").is_file():
+            encoders["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, **kw)
+            encoders["tokenizer"] = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        if text_encoder and encoders and (folder / "text_encoder_2" / "config.json").is_file():
+            encoders["text_encoder_2"] = T5EncoderModel.from_pretrained(folder / "text_encoder_2", dtype=dtype, **kw)
+            encoders["tokenizer_2"] = AutoTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
+        for module in (transformer, vae, *(m for m in encoders.values() if isinstance(m, torch.nn.Module))):
             module.to(device).eval().requires_grad_(False)
-        return cls(str(folder), transformer, vae, scheduler_config, pooled)
+        return cls(str(folder), transformer, vae, scheduler_config, encoders)
 
     # --- geometry ----------------------------------------------------------------------------
     @property
@@ -136,11 +154,31 @@ class FluxKontextBackbone(Backbone):
         return 3 * self.text_dim  # UniWorld-V1's connector: MLLM → 3·4096 → 4096 (paper §2.4)
 
     # --- the model ---------------------------------------------------------------------------
+    def modules(self):
+        encoders = (self.pipeline.text_encoder, self.pipeline.text_encoder_2)
+        return [self.transformer, self.vae, *(m for m in encoders if m is not None)]
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return self.pipeline.text_encoder_2 is not None
+
+    @torch.no_grad()
     def encode_prompt(self, prompts: list[str]):
-        raise MetaCanvasInputError(
-            f"the {self.kind} backbone takes its prompt from the MLLM through the context connector (T5 is not "
-            "loaded): use a MetaCanvas checkpoint with context_source 'mllm'."
+        """T5-XXL states as FluxKontextPipeline makes them (FLUX has no text mask: all ones)."""
+        self.require_text_encoder()
+        embeds, _, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            device=self.pipeline.text_encoder_2.device,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
+        return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+
+    @torch.no_grad()
+    def encode_pooled(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP-L pooled embedding, as FluxKontextPipeline computes it."""
+        clip = self.pipeline.text_encoder
+        return self.pipeline._get_clip_prompt_embeds(prompts, device=clip.device).to(self.dtype)
 
     def latent_shape(self, batch: int, height: int, width: int, frames: int = 1) -> tuple[int, ...]:
         s = self.vae_scale
@@ -189,7 +227,15 @@ class FluxKontextBackbone(Backbone):
             scheduler.set_timesteps(steps, device=self.device, mu=mu)
 
     def predict(
-        self, latents, t, context, context_mask, canvas: CanvasInjection | None, references=None, guidance=None
+        self,
+        latents,
+        t,
+        context,
+        context_mask,
+        canvas: CanvasInjection | None,
+        references=None,
+        guidance=None,
+        pooled=None,
     ):
         model = self.transformer
         dtype, device = model.dtype, latents.device
@@ -217,7 +263,7 @@ class FluxKontextBackbone(Backbone):
         call = dict(
             timestep=t_model / 1000,
             guidance=g,
-            pooled_projections=self.pooled.to(device, dtype).expand(b, -1),
+            pooled_projections=(self.pooled if pooled is None else pooled).to(device, dtype).expand(b, -1),
             encoder_hidden_states=context.to(dtype),
             txt_ids=torch.zeros(context.shape[1], 3, device=device, dtype=dtype),
             img_ids=ids,
@@ -236,24 +282,3 @@ class FluxKontextBackbone(Backbone):
         x = latents.to(self.vae.device, self.vae.dtype) / c.scaling_factor + c.shift_factor
         images = self.vae.decode(x, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-
-
-@torch.no_grad()
-def empty_prompt_pooled(folder: Path, dim: int) -> torch.Tensor:
-    """CLIP-L pooled embedding of "" as FluxPipeline computes it ([D] above); zeros without text_encoder/."""
-    if not (folder / "text_encoder" / "config.json").is_file():
-        return torch.zeros(1, dim)
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    pipe = FluxKontextPipeline(
-        scheduler=None,
-        vae=None,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=None,
-    )
-    return pipe._get_clip_prompt_embeds("", device=torch.device("cpu")).float()

@@ -36,16 +36,21 @@ class SanaBackbone(Backbone):
         )
 
     @classmethod
-    def from_folder(cls, folder: Path, dtype: torch.dtype, device: str | torch.device) -> SanaBackbone:
+    def from_folder(
+        cls, folder: Path, dtype: torch.dtype, device: str | torch.device, text_encoder: bool = True
+    ) -> SanaBackbone:
         kw = dict(local_files_only=True, use_safetensors=True)
         transformer = SanaTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype, **kw)
         vae = AutoencoderDC.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **kw)
-        text_encoder = AutoModel.from_pretrained(folder / "text_encoder", dtype=dtype, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        encoder = tokenizer = None
+        if text_encoder:
+            encoder = AutoModel.from_pretrained(folder / "text_encoder", dtype=dtype, **kw)
+            tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
         scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
-        for module in (transformer, vae, text_encoder):
-            module.to(device).eval().requires_grad_(False)
-        return cls(str(folder), transformer, vae, scheduler_config, text_encoder, tokenizer)
+        for module in (transformer, vae, encoder):
+            if module is not None:
+                module.to(device).eval().requires_grad_(False)
+        return cls(str(folder), transformer, vae, scheduler_config, encoder, tokenizer)
 
     @property
     def vae_stride(self) -> int:
@@ -75,11 +80,16 @@ class SanaBackbone(Backbone):
         return self.transformer.config.caption_channels
 
     def modules(self):
-        return [self.transformer, self.vae, self.text_encoder]
+        return [m for m in (self.transformer, self.vae, self.text_encoder) if m is not None]
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return self.text_encoder is not None
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], complex_human_instruction: list[str] | None = None):
         """Gemma-2 states as SanaPipeline makes them (its complex human instruction included by default)."""
+        self.require_text_encoder()
         chi = COMPLEX_HUMAN_INSTRUCTION if complex_human_instruction is None else complex_human_instruction
         embeds, mask, _, _ = self.pipeline.encode_prompt(
             prompts,
@@ -100,7 +110,15 @@ class SanaBackbone(Backbone):
         return batch, self.transformer.config.in_channels, height // s, width // s
 
     def predict(
-        self, latents, t, context, context_mask, canvas: CanvasInjection | None, references=None, guidance=None
+        self,
+        latents,
+        t,
+        context,
+        context_mask,
+        canvas: CanvasInjection | None,
+        references=None,
+        guidance=None,
+        pooled=None,
     ):
         """SANA has no reference input and no guidance embedding: `references`/`guidance` are unused."""
         model = self.transformer

@@ -5,8 +5,10 @@ image-to-video first frame, reference frames) get timestep 0, noisy ones t; the 
 replaced by the clean image latent before every model call and at the end, as
 `WanImageToVideoPipeline` does, so with the canvas off the arithmetic is the pipeline's.
 
-Context: the MLLM's prompt states through the context connector (MLLM → 4× → `text_dim` 4096,
-dropout 0.1) replace umT5, which is never loaded [P].
+Context: the paper's is the MLLM's prompt states through the context connector (MLLM → 4× → `text_dim`
+4096, dropout 0.1), replacing umT5 [P]. The native umT5 from the folder (loaded on request) gives
+the plain Wan2.2 output before any connector is trained; prompts are then encoded by diffusers'
+own `WanPipeline.encode_prompt`.
 
 Canvas: sparse keyframes (3 × 11×20 at 704×1280 [P]) interpolated linearly to every noisy latent frame;
 the fuse block runs frame by frame. It reaches the noisy target tokens only, never reference frames or
@@ -24,14 +26,16 @@ channels of the target frames.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.video_processor import VideoProcessor
 from PIL import Image
+from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..errors import MetaCanvasInputError
 from .base import Backbone, CanvasInjection, patch_embedding_hook, read_json
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
     from ..checkpoint import MetaCanvas
     from ..planner import Plan
 
+MAX_SEQUENCE_LENGTH: int = inspect.signature(WanPipeline.__call__).parameters["max_sequence_length"].default
 MAX_REFERENCES = 3  # OmniContext-Video style in-context generation takes 1–3 reference images [P]
 FIRST_FRAME, REFERENCES = "first frame", "references"
 
@@ -53,12 +58,19 @@ class WanBackbone(Backbone):
     batch_guidance = False  # WanPipeline calls the model once per CFG branch
     is_video = True
 
-    def __init__(self, folder: str, transformer, vae, scheduler_config: dict) -> None:
+    def __init__(self, folder: str, transformer, vae, scheduler_config: dict, text_encoder=None, tokenizer=None):
         super().__init__(folder, transformer, vae, scheduler_config)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_stride)
+        self.text_encoder = text_encoder
+        # Used only for its prompt encoding: the denoising loop is ours (sampling.py).
+        self.pipeline = WanPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None
+        )
 
     @classmethod
-    def from_folder(cls, folder: Path, dtype: torch.dtype, device: str | torch.device) -> WanBackbone:
+    def from_folder(
+        cls, folder: Path, dtype: torch.dtype, device: str | torch.device, text_encoder: bool = True
+    ) -> WanBackbone:
         index = read_json(folder / "model_index.json")
         if index.get("transformer_2") and index["transformer_2"][0] or not index.get("expand_timesteps", False):
             raise MetaCanvasInputError(
@@ -69,9 +81,15 @@ class WanBackbone(Backbone):
         transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype, **kw)
         # The Wan VAE is kept in fp32 as diffusers' Wan examples do: its causal 3D convs drift in half precision.
         vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, **kw)
-        for module in (transformer, vae):
-            module.to(device).eval().requires_grad_(False)
-        return cls(str(folder), transformer, vae, read_json(folder / "scheduler" / "scheduler_config.json"))
+        encoder = tokenizer = None
+        if text_encoder and (folder / "text_encoder" / "config.json").is_file():
+            encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype, **kw)
+            tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        for module in (transformer, vae, encoder):
+            if module is not None:
+                module.to(device).eval().requires_grad_(False)
+        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+        return cls(str(folder), transformer, vae, scheduler_config, encoder, tokenizer)
 
     # --- geometry ---------------------------------------------------------------------------
     @property
@@ -127,10 +145,25 @@ class WanBackbone(Backbone):
     def patch_size(self) -> tuple[int, int, int]:
         return tuple(self.transformer.config.patch_size)
 
+    def modules(self):
+        return [m for m in (self.transformer, self.vae, self.text_encoder) if m is not None]
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return self.text_encoder is not None
+
+    @torch.no_grad()
     def encode_prompt(self, prompts: list[str]):
-        raise MetaCanvasInputError(
-            f"the Wan backbone '{self.folder}' takes its context from the MLLM (context connector); umT5 is not loaded."
+        """umT5 states as WanPipeline makes them (zero-padded to its max length; Wan has no text mask)."""
+        self.require_text_encoder()
+        embeds, _ = self.pipeline.encode_prompt(
+            prompts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            device=self.text_encoder.device,
+            dtype=self.dtype,
         )
+        return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
 
     def latent_shape(self, batch: int, height: int, width: int, frames: int = 1) -> tuple[int, ...]:
         s = self.vae_stride
@@ -233,7 +266,15 @@ class WanBackbone(Backbone):
         return latents
 
     def predict(
-        self, latents, t, context, context_mask, canvas: CanvasInjection | None, references=None, guidance=None
+        self,
+        latents,
+        t,
+        context,
+        context_mask,
+        canvas: CanvasInjection | None,
+        references=None,
+        guidance=None,
+        pooled=None,
     ):
         model = self.transformer
         refs = references or {}
