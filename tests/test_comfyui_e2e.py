@@ -38,8 +38,8 @@ OLD_STYLE = "old_text_to_image"
 TINY_BACKBONES = {"Sana": "tiny-sana", "FLUX.1-Kontext": "tiny-flux-kontext", "Wan2.2": "tiny-wan2_2-ti2v"}
 IMAGE_SIZE, VIDEO_SIZE, VIDEO_LENGTH = 64, 128, 5
 INPUT_IMAGES = {"e2e_landscape.png": (80, 48), "e2e_square.png": (64, 64)}  # different sizes: Image Batch resizes
-INPUT_VIDEO, INPUT_VIDEO_FRAMES = "e2e_source.mp4", 9
-CORE_NODES = ["SaveImage", "SaveVideo", "LoadImage", "LoadVideo", "GetVideoComponents", "ImageBatch"]
+INPUT_VIDEO, INPUT_VIDEO_FRAMES, INPUT_VIDEO_FPS = "e2e_source.mp4", 9, 16  # not 24: video editing keeps its rate
+CORE_NODES = ["SaveImage", "SaveVideo", "LoadImage", "LoadVideo", "GetVideoComponents", "ImageFromBatch", "ImageBatch"]
 PACK_NODES = [
     "MetaCanvasMLLMLoader",
     "MetaCanvasBackboneLoader",
@@ -175,11 +175,16 @@ def server(models_dir, tmp_path_factory):
 
 
 def old_style(wf: dict) -> dict:
-    """text_to_image as saved before the Plan's image_role/keyframes and video socket, the Sampler's length and
-    frame_rate, and the Decode's VIDEO output were appended (4 Plan and 8 Sampler widget values)."""
+    """text_to_image as saved before the Backbone Loader's load_text_encoder, the Connector Loader's context, the
+    Plan's image_role/keyframes and video socket, the Sampler's length and frame_rate, and the Decode's VIDEO output
+    were appended (2, 1, 4 and 8 widget values)."""
     wf = json.loads(json.dumps(wf))
     for node in wf["nodes"]:
-        if node["type"] == "MetaCanvasPlan":
+        if node["type"] == "MetaCanvasBackboneLoader":
+            node["widgets_values"] = node["widgets_values"][:2]
+        elif node["type"] == "MetaCanvasConnectorLoader":
+            node["widgets_values"] = node["widgets_values"][:1]
+        elif node["type"] == "MetaCanvasPlan":
             node["widgets_values"] = node["widgets_values"][:4]
             node["inputs"] = [i for i in node["inputs"] if i["name"] != "video"]
         elif node["type"] == "MetaCanvasSampler":
@@ -274,9 +279,9 @@ def _harness_python(server, code: str, *args) -> str:
 
 WRITE_VIDEO = """
 import sys, av, numpy as np
-path, frames, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, frames, size, fps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 with av.open(path, "w") as c:
-    s = c.add_stream("libx264", rate=24)
+    s = c.add_stream("libx264", rate=fps)
     s.width = s.height = size
     s.pix_fmt = "yuv420p"
     for i in range(frames):
@@ -303,7 +308,7 @@ def probe_video(server, path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def inputs(server) -> Path:
-    """Small input files in ComfyUI's (temporary) input folder: two PNGs of different sizes and a 9-frame mp4."""
+    """Small input files in ComfyUI's (temporary) input folder: two PNGs of different sizes, a 9-frame 16 fps mp4."""
     import numpy as np
     from PIL import Image
 
@@ -311,8 +316,10 @@ def inputs(server) -> Path:
     for k, (name, (w, h)) in enumerate(INPUT_IMAGES.items()):
         pixels = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / name)
-    _harness_python(server, WRITE_VIDEO, str(folder / INPUT_VIDEO), str(INPUT_VIDEO_FRAMES), str(VIDEO_SIZE))
-    assert probe_video(server, folder / INPUT_VIDEO)["frames"] == INPUT_VIDEO_FRAMES
+    args = (INPUT_VIDEO_FRAMES, VIDEO_SIZE, INPUT_VIDEO_FPS)
+    _harness_python(server, WRITE_VIDEO, str(folder / INPUT_VIDEO), *map(str, args))
+    video = probe_video(server, folder / INPUT_VIDEO)
+    assert (video["frames"], video["fps"]) == (INPUT_VIDEO_FRAMES, INPUT_VIDEO_FPS), video
     return folder
 
 
@@ -347,6 +354,8 @@ def tiny(api: dict, seed: int | None = None, width: int | None = None) -> dict:
             inputs["image"] = next(images)
         elif kind == "LoadVideo":
             inputs["file"] = INPUT_VIDEO
+        elif kind == "ImageFromBatch":  # the source frames the Sampler's length needs
+            inputs["length"] = VIDEO_LENGTH
     return api
 
 
@@ -454,7 +463,12 @@ def test_workflow_runs(name, server, editor, inputs, artifacts):
         "MetaCanvasPlan"
     ]
     names = ("seed", "steps", "cfg", "width", "height", "scheduler", "use_canvas", "length", "frame_rate")
-    assert [sampler[k] for k in names] == [v for i, v in enumerate(ui["MetaCanvasSampler"]) if i != 1]
+    values = [v for i, v in enumerate(ui["MetaCanvasSampler"]) if i != 1]
+    linked = {k for k in names if isinstance(sampler[k], list)}  # a widget with a link: the link's value is sent
+    assert [sampler[k] for k in names if k not in linked] == [
+        v for k, v in zip(names, values, strict=True) if k not in linked
+    ]
+    frame_rate = INPUT_VIDEO_FPS if "frame_rate" in linked else sampler["frame_rate"]  # video_editing: the source's
 
     t0 = time.time()
     rc, report, entry = run_prompt(server, tiny(api), name, artifacts / name)
@@ -465,7 +479,7 @@ def test_workflow_runs(name, server, editor, inputs, artifacts):
         assert saved["filename"].endswith(".mp4") and outputs.get("animated") == [True], outputs
         video = probe_video(server, artifacts / name / saved["filename"])
         assert video["frames"] == VIDEO_LENGTH, video
-        assert video["size"] == [VIDEO_SIZE, VIDEO_SIZE] and video["fps"] == sampler["frame_rate"], video
+        assert video["size"] == [VIDEO_SIZE, VIDEO_SIZE] and video["fps"] == frame_rate, video
         result = video
     else:
         from PIL import Image
@@ -486,6 +500,10 @@ def test_old_saved_workflow_loads_and_runs(server, editor, artifacts):
     old, new = editor[OLD_STYLE], editor["text_to_image"]
     plan, sampler = (old[_one(old, k)]["inputs"] for k in ("MetaCanvasPlan", "MetaCanvasSampler"))
     assert (plan["image_role"], plan["keyframes"], sampler["length"], sampler["frame_rate"]) == ("references", 0, 1, 24)
+    backbone, connector = (
+        old[_one(old, k)]["inputs"] for k in ("MetaCanvasBackboneLoader", "MetaCanvasConnectorLoader")
+    )
+    assert (backbone.get("load_text_encoder", True), connector.get("context", "auto")) == (True, "auto")
     assert old == new
     rc, report, _ = run_prompt(server, tiny(new), "new_style", artifacts / "new_style")
     assert rc == 0, report
