@@ -155,6 +155,7 @@ def new_metacanvas(planner: Planner, backbone: Backbone, context_source: str | N
             "mllm_dim": planner.hidden_size,
             "hidden_dim": backbone.context_hidden_dim(planner.hidden_size),
             "text_dim": backbone.text_dim,
+            "dropout": backbone.context_dropout,
         }
     info = CheckpointInfo(
         backbone=backbone.kind,

@@ -52,3 +52,26 @@ def test_flux_kontext_geometry_and_connectors():
     assert 11.5e9 < dit < 12.5e9  # the 12B FLUX transformer
     assert sum(p.numel() for p in context.parameters()) < 0.1e9
     assert sum(p.numel() for p in canvas.parameters()) < 0.05 * dit
+
+
+def test_wan2_2_ti2v_5b_geometry_and_connectors():
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from metacanvas_core.backbones.wan import WanBackbone
+
+    cfg = realconfigs.load("wan2_2_ti2v_5b")
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel.from_config(cfg["transformer"])
+        vae = AutoencoderKLWan.from_config(cfg["vae"])
+    wan = WanBackbone("Wan2.2-TI2V-5B-Diffusers", transformer, vae, cfg["scheduler"])
+    assert (wan.width, wan.pixel_stride, wan.text_dim, wan.attention_heads) == (3072, 32, 4096, (96, 32))  # Alg. 1
+    assert wan.token_grid(704, 1280, 121) == (31, 22, 40)  # [P] 31×22×40
+    assert canvas_grid_for(wan.token_grid(704, 1280, 121), wan.canvas_factor, wan.keyframes) == CanvasGrid(3, 11, 20)
+    assert wan.condition_channels == 48 + 2 and wan.patch_size == (1, 2, 2)
+    assert wan.make_scheduler("unipc_flow").config.flow_shift == 5.0
+    dit = sum(p.numel() for p in transformer.parameters())
+    assert 4.9e9 < dit < 5.1e9  # the 5B transformer
+    with torch.device("meta"):
+        context = ContextConnector(3584, wan.context_hidden_dim(3584), wan.text_dim)  # 3584 → 4× → 4096 [P]
+    assert context.net[0].out_features == 4 * 3584 and context.net[-1].out_features == 4096
+    assert wan.context_dropout == 0.1

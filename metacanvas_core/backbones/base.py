@@ -85,6 +85,7 @@ class Backbone(ABC):
     batch_guidance: ClassVar[bool] = True  # CFG branches in one 2B call (SANA) or one call each (FLUX)
     is_video: ClassVar[bool] = False
     keyframes: ClassVar[int] = 1  # canvas keyframes K of a new checkpoint (video: sparse 3D canvas)
+    context_dropout: ClassVar[float] = 0.0  # dropout inside a new context connector
     condition_channels: ClassVar[int] = 0  # input channels of a condition embedding (Wan: source video + masks)
 
     def __init__(self, folder: str, transformer: nn.Module, vae: nn.Module, scheduler_config: dict) -> None:

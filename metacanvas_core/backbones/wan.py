@@ -56,6 +56,7 @@ class WanBackbone(Backbone):
     canvas_factor = 2  # 11×20 canvas on the 22×40 token grid of 704×1280 [P]
     keyframes = 3  # [P] Table 6: 3 keyframes beat 1, 6, 11, 31
     batch_guidance = False  # WanPipeline calls the model once per CFG branch
+    context_dropout = 0.1  # [P] the context MLP's dropout
     is_video = True
 
     def __init__(self, folder: str, transformer, vae, scheduler_config: dict, text_encoder=None, tokenizer=None):

@@ -1,0 +1,230 @@
+"""Benchmarks that print figures (speed claims live here, not in tests).
+
+    python -m metacanvas_core.bench [--sana FOLDER --mllm FOLDER] [--repeats N] [--tokens N]
+
+1. Our sampler vs diffusers' SanaPipeline, per denoising step, same model and prompt embeddings,
+   canvas off and on (tiny models unless real folders are given).
+2. The canvas connector's per-step cost (its fuse half: the align half runs once per generation) as a
+   share of one backbone step, at the real models' widths: each backbone is built from its shipped
+   config with random weights and 1–2 layers; a full step is extrapolated per layer type.
+3. Whole graph in a real ComfyUI vs the same core calls made directly: `tests/test_comfyui_e2e.py`
+   drives the server; this command reports where COMFYUI_HARNESS is set (otherwise says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+
+from . import realconfigs  # noqa: E402
+from .connectors import CanvasConnector  # noqa: E402
+
+
+def _time(fn, repeats: int) -> float:
+    """Median seconds of `fn()` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def sampler_vs_pipeline(mllm: Path, sana_folder: Path, steps: int, repeats: int) -> None:
+    from diffusers import SanaPipeline
+
+    from .backbones import load_backbone
+    from .checkpoint import new_metacanvas
+    from .conditioning import project
+    from .planner import Planner
+    from .sampling import sample
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    planner, sana = Planner.from_folder(mllm, device=device), load_backbone(sana_folder, device=device)
+    h, w = sana.default_size
+    prompt = "a red cube left of a blue ball on a wooden table"
+    conds = {}
+    for name, mc in (("canvas off", new_metacanvas(planner, sana)), ("canvas on", None)):
+        if mc is None:  # a connector with nonzero projections, so the canvas path really runs
+            mc = new_metacanvas(planner, sana)
+            for layer in (mc.canvas_connector.align_out, mc.canvas_connector.out_proj):
+                torch.nn.init.normal_(layer.weight, std=0.02)
+        grid = mc.canvas_grid(h, w)
+        conds[name] = project(planner.plan(prompt, mc.canvas(grid), grid), mc, sana)
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=sana.vae, transformer=sana.transformer, scheduler=None)
+    pipe.set_progress_bar_config(disable=True)
+    cond = conds["canvas off"]
+
+    def run_pipeline():
+        pipe.scheduler = sana.make_scheduler("flow_euler")
+        pipe(
+            prompt_embeds=cond.context,
+            prompt_attention_mask=cond.context_mask,
+            negative_prompt=None,
+            negative_prompt_embeds=cond.negative_context,
+            negative_prompt_attention_mask=cond.negative_mask,
+            num_inference_steps=steps,
+            guidance_scale=4.5,
+            height=h,
+            width=w,
+            output_type="latent",
+            use_resolution_binning=False,
+            complex_human_instruction=None,
+        )
+
+    runs = {"SanaPipeline": run_pipeline}
+    for name, c in conds.items():
+        runs[f"ours, {name}"] = lambda c=c, on=name == "canvas on": sample(
+            sana, c, seed=0, steps=steps, cfg=4.5, height=h, width=w, scheduler="flow_euler", use_canvas=on
+        )
+    times = _interleaved(runs, repeats)
+    base = times["SanaPipeline"] / steps
+    print(f"[1] SANA sampler vs SanaPipeline ({Path(sana_folder).name}, {w}×{h}, {steps} steps, CFG, {device})")
+    print(f"    SanaPipeline: {base * 1e3:.2f} ms/step")
+    for name, seconds in times.items():
+        if name != "SanaPipeline":
+            print(f"    {name}: {seconds / steps * 1e3:.2f} ms/step = {seconds / steps / base:.3f}× the pipeline")
+
+
+def _interleaved(runs: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per callable, timed in alternation so machine load drifts hit all alike."""
+    for fn in runs.values():
+        fn()
+    samples = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in samples.items()}
+
+
+def _model_time(build, make_inputs, repeats: int) -> float:
+    with torch.no_grad():
+        model = build().eval()
+        inputs = make_inputs(model)
+        return _time(lambda: model(**inputs), repeats)
+
+
+def connector_share(tokens: int, repeats: int) -> None:
+    """Connector fuse vs one backbone step at real widths, random weights, `tokens` image tokens."""
+    from diffusers import FluxTransformer2DModel, SanaTransformer2DModel, WanTransformer3DModel
+
+    side = int(tokens**0.5)
+    g = torch.Generator().manual_seed(0)
+    print(f"[2] canvas connector (fuse, per step) vs one backbone step, {side}×{side} tokens, fp32, 1 CPU/GPU run")
+
+    def sana_inputs(m):
+        c = m.config
+        return dict(
+            hidden_states=torch.randn(1, c.in_channels, side, side, generator=g),
+            encoder_hidden_states=torch.randn(1, 32, c.caption_channels, generator=g),
+            timestep=torch.tensor([500.0]),
+        )
+
+    def wan_inputs(m):
+        c = m.config
+        return dict(
+            hidden_states=torch.randn(1, c.in_channels, 1, 2 * side, 2 * side, generator=g),
+            encoder_hidden_states=torch.randn(1, 32, c.text_dim, generator=g),
+            timestep=torch.tensor([500.0]),
+        )
+
+    def flux_inputs(m):
+        c = m.config
+        return dict(
+            hidden_states=torch.randn(1, tokens, c.in_channels, generator=g),
+            encoder_hidden_states=torch.randn(1, 32, c.joint_attention_dim, generator=g),
+            pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g),
+            timestep=torch.tensor([0.5]),
+            guidance=torch.tensor([2.5]),
+            img_ids=torch.zeros(tokens, 3),
+            txt_ids=torch.zeros(32, 3),
+        )
+
+    flux_cfg = realconfigs.load("flux_1_kontext_dev")["transformer"]
+    backbones = [
+        (
+            "SANA-1.6B",
+            SanaTransformer2DModel,
+            realconfigs.load("sana_1600m_512px")["transformer"],
+            {"num_layers": None},
+            sana_inputs,
+            (70, 32),
+        ),
+        (
+            "FLUX.1-Kontext",
+            FluxTransformer2DModel,
+            flux_cfg,
+            {"num_layers": None, "num_single_layers": None},
+            flux_inputs,
+            (96, 32),
+        ),
+        (
+            "Wan2.2-TI2V-5B",
+            WanTransformer3DModel,
+            realconfigs.load("wan2_2_ti2v_5b")["transformer"],
+            {"num_layers": None},
+            wan_inputs,
+            (96, 32),
+        ),
+    ]
+    for name, cls, config, layer_keys, inputs, (heads, head_dim) in backbones:
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        one = {**config, **{k: 1 for k in layer_keys}}
+        t_one = _model_time(lambda c=one, cls=cls: cls.from_config(c), inputs, repeats)
+        step = t_one
+        for key in layer_keys:
+            two = {**one, key: 2}
+            per_layer = _model_time(lambda c=two, cls=cls: cls.from_config(c), inputs, repeats) - t_one
+            step += (config[key] - 1) * per_layer
+        width = heads * head_dim
+        with torch.no_grad():
+            connector = CanvasConnector(3584, width, heads, head_dim).eval()
+            x, canvas = torch.randn(1, tokens, width, generator=g), torch.randn(1, tokens, width, generator=g)
+            t = torch.tensor([500.0])
+            fuse = _time(lambda c=connector, x=x, k=canvas, t=t: c.fuse(x, k, t, side, side), repeats)
+        print(
+            f"    {name} (width {width}): step ≈ {step * 1e3:.0f} ms, connector {fuse * 1e3:.1f} ms "
+            f"= {100 * fuse / step:.2f}% of a step"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mllm", type=Path)
+    p.add_argument("--sana", type=Path)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=256, help="image tokens for the connector-share measurement")
+    args = p.parse_args()
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
+    )
+    if args.sana is None or args.mllm is None:
+        from .tiny import write_all
+
+        tiny = write_all(Path(tempfile.mkdtemp(prefix="metacanvas-bench-")))
+        args.mllm, args.sana = tiny["mllm"], tiny["sana"]
+        print("(no --sana/--mllm: [1] runs the tiny random models, so it measures per-step overhead, not model time)")
+    sampler_vs_pipeline(args.mllm, args.sana, args.steps, args.repeats)
+    connector_share(args.tokens, args.repeats)
+    if os.environ.get("COMFYUI_HARNESS"):
+        print("[3] ComfyUI vs direct: run `python -m pytest tests/test_comfyui_e2e.py -k timing -s`")
+    else:
+        print("[3] ComfyUI vs direct: skipped (set COMFYUI_HARNESS to a prepared ComfyUI harness)")
+
+
+if __name__ == "__main__":
+    main()
