@@ -66,7 +66,7 @@ def sample(
     latents = backbone.initial_noise(seed, 1, height, width, frames)
     sched = backbone.make_scheduler(scheduler)
     backbone.set_timesteps(sched, steps, height, width)
-    refs = cond.references
+    refs = backbone.fit_references(cond.references, frames)
     guidance = cond.guidance if guidance is None else guidance
     image_cfg = cond.image_cfg if image_cfg is None else image_cfg
     image_guided = image_cfg != 1.0 and refs is not None

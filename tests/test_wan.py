@@ -56,8 +56,9 @@ def test_keyframe_canvas_shapes(planner, wan, trained):
 def test_zero_init_is_the_plain_backbone(planner, wan, fresh):
     source = [_image()] * 9
     cond = _cond(planner, wan, fresh, video=source)
-    refs = cond.references
-    assert set(refs) == {"source", "condition_embedding"}
+    assert set(cond.references) == {"source_frames", "size", "condition_embedding"}  # encoded once the length is known
+    refs = wan.fit_references(cond.references, 9)
+    assert set(refs) == {"source", "condition_embedding"} and refs["source"].shape[2] == 3
     latents = wan.initial_noise(0, 1, H, W, 9)
     inj = CanvasInjection(cond.connector, interpolate_canvas(cond.canvas, wan.token_grid(H, W, 9)), slice(0, 1))
     t = torch.tensor(700.0)

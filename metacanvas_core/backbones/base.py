@@ -191,6 +191,11 @@ class Backbone(ABC):
         """
         return None
 
+    def fit_references(self, references: dict[str, Any] | None, frames: int) -> dict[str, Any] | None:
+        """The references for a sample of `frames` frames, made once before the loop (Wan: the source-video
+        latents, encoded for just the frames needed). Returns a new dict; the conditioning is not changed."""
+        return references
+
     def finalize(self, latents: torch.Tensor, references: dict[str, Any] | None) -> torch.Tensor:
         """The sampled latents as the decoder should see them (Wan I2V: the clean first frame put back)."""
         return latents

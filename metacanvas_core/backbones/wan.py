@@ -225,14 +225,30 @@ class WanBackbone(Backbone):
                     f"images: {len(images)} reference images; MetaCanvas video takes 1 to {MAX_REFERENCES}."
                 )
             refs["reference"] = torch.cat([self.encode_video([im], height, width) for im in images], 2)
-        if video:
-            usable = (len(video) - 1) // self.temporal_stride * self.temporal_stride + 1
-            refs["source"] = self.encode_video(video[:usable], height, width)
-        if "reference" in refs or "source" in refs:
+        if video:  # encoded by `fit_references`, once the sampler's length says how many frames are needed
+            refs["source_frames"], refs["size"] = list(video), (height, width)
+        if "reference" in refs or "source_frames" in refs:
             if metacanvas.condition_embedding is None:
                 raise MetaCanvasInputError(f"MetaCanvas checkpoint '{metacanvas.name}' has no condition embedding.")
             refs["condition_embedding"] = metacanvas.condition_embedding
         return refs or None
+
+    @torch.no_grad()
+    def fit_references(self, references: dict | None, frames: int) -> dict | None:
+        """Encode only the source-video frames a `frames`-long sample needs (a long clip never meets the VAE)."""
+        if not references or "source_frames" not in references:
+            return references
+        video, k = references["source_frames"], self.temporal_stride
+        needed = (self.latent_frames(frames) - 1) * k + 1
+        if len(video) < needed:
+            usable = (len(video) - 1) // k * k + 1
+            raise MetaCanvasInputError(
+                f"video: the source video gives {usable} usable frames, fewer than the {needed} asked: lower the "
+                "sampler's length or load more frames."
+            )
+        refs = {key: value for key, value in references.items() if key not in ("source_frames", "size")}
+        refs["source"] = self.encode_video(video[:needed], *references["size"])
+        return refs
 
     def _condition(self, refs: dict, frames: int, shape: tuple[int, ...]) -> torch.Tensor:
         """[source latent | is-reference | has-source] per latent frame, references first: (1, z+2, R+F, h, w)."""
@@ -241,14 +257,7 @@ class WanBackbone(Backbone):
         c = torch.zeros(1, z + 2, n_ref + frames, h, w, device=self.device)
         c[:, z, :n_ref] = 1
         if "source" in refs:
-            source = refs["source"]
-            if source.shape[2] < frames:
-                have = (source.shape[2] - 1) * self.temporal_stride + 1
-                raise MetaCanvasInputError(
-                    f"video: the source video gives {have} usable frames, fewer than the {(frames - 1) * self.temporal_stride + 1} "
-                    "asked: lower the sampler's length or load more frames."
-                )
-            c[:, :z, n_ref:] = source[:, :, :frames]
+            c[:, :z, n_ref:] = refs["source"]
             c[:, z + 1, n_ref:] = 1
         return c
 
