@@ -127,14 +127,16 @@ class Backbone(ABC):
 
     # --- sizes of the transformer ---------------------------------------------------------
     @property
-    @abstractmethod
     def width(self) -> int:
         """Hidden width of the DiT (the canvas connector's output width)."""
+        c = self.transformer.config
+        return c.num_attention_heads * c.attention_head_dim
 
     @property
-    @abstractmethod
     def attention_heads(self) -> tuple[int, int]:
-        """(heads, head_dim) of the DiT, reused by the connector's blocks."""
+        """(heads, head_dim) of the connector's blocks: by default the DiT's own."""
+        c = self.transformer.config
+        return c.num_attention_heads, c.attention_head_dim
 
     @property
     @abstractmethod

@@ -137,16 +137,6 @@ class FluxKontextBackbone(Backbone):
         return side, side
 
     @property
-    def width(self) -> int:
-        c = self.transformer.config
-        return c.num_attention_heads * c.attention_head_dim
-
-    @property
-    def attention_heads(self) -> tuple[int, int]:
-        c = self.transformer.config
-        return c.num_attention_heads, c.attention_head_dim
-
-    @property
     def text_dim(self) -> int:
         return self.transformer.config.joint_attention_dim
 

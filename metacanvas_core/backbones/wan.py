@@ -125,11 +125,6 @@ class WanBackbone(Backbone):
         return self.latent_frames(frames), height // self.pixel_stride, width // self.pixel_stride
 
     @property
-    def width(self) -> int:
-        c = self.transformer.config
-        return c.num_attention_heads * c.attention_head_dim
-
-    @property
     def attention_heads(self) -> tuple[int, int]:
         """Algorithm 1: the fuse block is `SanaTransformerBlock(dim=3072, heads=96, head_dim=32)`."""
         return self.width // 32, 32
