@@ -47,6 +47,7 @@ class TrainConfig:
     buckets: list[list[int]]  # (height, width) pairs
     data: list[dict]
     init_checkpoint: str | None = None  # a MetaCanvas file to start from (e.g. the previous stage's)
+    context_source: str | None = None  # new checkpoints: "native" or "mllm" (default: mllm when the context MLP trains)
     use_canvas: bool | None = None  # default: when a canvas part is trained or an init checkpoint is given
     mllm_lora: dict | None = None  # LoraConfig kwargs: r, lora_alpha, lora_dropout, target_modules
     dit_lora: dict | None = None
@@ -71,6 +72,7 @@ class TrainConfig:
     latent_cache: str | None = None  # folder for VAE latents (relative: in the output folder); built at the start
     text_cache_size: int = 1024  # prompts whose frozen text-encoder states are kept in memory
     skip_bad_records: bool = False
+    frames: int = 1  # frames per video sample (4k+1 for Wan); image samples are one frame
     eval_samples: int = 4  # records of a fixed evaluation loss logged at start and end (0: none)
 
     @property

@@ -70,7 +70,9 @@ RECORD_KINDS: dict[str, RecordKind] = {
 BACKBONE_KINDS: dict[str, tuple[str, ...]] = {
     "sana": ("t2i", "recon"),
     "flux_kontext": ("edit",),  # FLUX-Kontext edits: every sample needs an input image
-    "wan": tuple(RECORD_KINDS),
+    # Validated, not yet trained on Wan: edit, i2v, video_edit, ref2v (their inputs need the Wan condition
+    # path in the loss: first-frame masking, reference and source latents).
+    "wan": ("t2i", "recon", "t2v"),
 }
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 RECON_PROMPT = "Reconstruct this image."  # [D] the prompt of a recon record without one
@@ -204,13 +206,42 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> int
 def load_image(path: Path, height: int, width: int) -> torch.Tensor:
     """An RGB image resized to cover height × width and centre-cropped: (H, W, 3) float in 0..1."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = max(height / im.height, width / im.width)
-        rw, rh = max(width, round(im.width * scale)), max(height, round(im.height * scale))
-        im = im.resize((rw, rh), Image.BICUBIC)
-        left, top = (rw - width) // 2, (rh - height) // 2
-        im = im.crop((left, top, left + width, top + height))
+        im = _cover_crop(im.convert("RGB"), height, width)
         return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+
+
+def _cover_crop(im: Image.Image, height: int, width: int) -> Image.Image:
+    scale = max(height / im.height, width / im.width)
+    rw, rh = max(width, round(im.width * scale)), max(height, round(im.height * scale))
+    im = im.resize((rw, rh), Image.BICUBIC)
+    left, top = (rw - width) // 2, (rh - height) // 2
+    return im.crop((left, top, left + width, top + height))
+
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def load_frames(path: Path, count: int, height: int, width: int) -> list[Image.Image]:
+    """The first `count` frames of a video (a folder of frames, or a file read with imageio), cover-cropped."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)[:count]
+        frames = [load_image(p, height, width) for p in files]
+    else:
+        try:
+            import imageio.v3 as iio
+        except ImportError:
+            raise OSError(
+                "reading video files needs imageio (pip install imageio[ffmpeg]); or use a folder of frames"
+            ) from None
+        frames = []
+        for frame in iio.imiter(path):
+            frames.append(_cover_crop(Image.fromarray(frame).convert("RGB"), height, width))
+            if len(frames) == count:
+                break
+        frames = [torch.from_numpy(np.asarray(f, dtype=np.float32) / 255.0) for f in frames]
+    if len(frames) < count:
+        raise OSError(f"{len(frames)} frames, the recipe asks for {count}")
+    return [Image.fromarray((f.numpy() * 255).round().astype(np.uint8)) for f in frames]
 
 
 def load_input_image(path: Path) -> Image.Image:
@@ -249,9 +280,11 @@ class Source:
         g = torch.Generator().manual_seed(_seed(self.seed, epoch))
         perm = torch.randperm(len(self.records), generator=g).tolist()
         batches = []
+        media = [RECORD_KINDS[r.kind].media for r in self.records]
         for b in range(len(self.buckets)):
-            members = [i for i in perm if self.bucket_of[i] == b]
-            batches += [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+            for m in ("image", "video"):  # image and video targets never share a batch
+                members = [i for i in perm if self.bucket_of[i] == b and media[i] == m]
+                batches += [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
         order = torch.randperm(len(batches), generator=g).tolist()
         return [batches[i] for i in order]
 

@@ -1,7 +1,8 @@
 """A small synthetic data set the trainer writes itself: coloured shapes on a plain background, with
 captions that say what and where ("a red circle at the top left"), so a canvas has a layout to learn.
 
-Kinds: t2i and recon (one image each), edit (the same scene before and after a recolouring).
+Kinds: t2i and recon (one image each), edit (the same scene before and after a recolouring), t2v (a
+shape moving between two places, as a folder of `frames` frames).
 Deterministic in `seed`; written as PNGs plus a `<kind>.jsonl` manifest.
 """
 
@@ -23,11 +24,12 @@ PLACES = {
 }
 
 
-def _draw(size: tuple[int, int], shape: str, colour: str, place: str) -> Image.Image:
+def _draw(size: tuple[int, int], shape: str, colour: str, place: str, to: str | None = None, a: float = 0.0):
     w, h = size
     im = Image.new("RGB", size, (245, 245, 240))
     d = ImageDraw.Draw(im)
-    cx, cy = PLACES[place][0] * w, PLACES[place][1] * h
+    (x0, y0), (x1, y1) = PLACES[place], PLACES[to or place]
+    cx, cy = ((1 - a) * x0 + a * x1) * w, ((1 - a) * y0 + a * y1) * h
     r = 0.2 * min(w, h)
     box = (cx - r, cy - r, cx + r, cy + r)
     fill = COLOURS[colour]
@@ -41,7 +43,12 @@ def _draw(size: tuple[int, int], shape: str, colour: str, place: str) -> Image.I
 
 
 def write_synthetic(
-    folder: str | Path, kind: str = "t2i", count: int = 16, sizes: list[list[int]] | None = None, seed: int = 0
+    folder: str | Path,
+    kind: str = "t2i",
+    count: int = 16,
+    sizes: list[list[int]] | None = None,
+    seed: int = 0,
+    frames: int = 9,
 ) -> Path:
     """Write `count` records of `kind` with images of the given (height, width) sizes; returns the manifest."""
     folder = Path(folder)
@@ -49,7 +56,7 @@ def write_synthetic(
     manifest = folder / f"{kind}.jsonl"
     if manifest.is_file():  # written before with the same arguments (the name carries no arguments: check)
         meta = folder / f"{kind}.args.json"
-        if meta.is_file() and json.loads(meta.read_text()) == [count, sizes, seed]:
+        if meta.is_file() and json.loads(meta.read_text()) == [count, sizes, seed, frames]:
             return manifest
     rng = random.Random(seed)
     sizes = sizes or [[64, 64]]
@@ -73,9 +80,15 @@ def write_synthetic(
             image.save(folder / f"{name}.png")
             record = {"kind": kind, "image": f"{name}.png"}
             record["prompt"] = f"a {colour} {shape} at the {place}"
+        elif kind == "t2v":
+            to = rng.choice([p for p in PLACES if p != place])
+            (folder / name).mkdir(exist_ok=True)
+            for f in range(frames):
+                _draw((w, h), shape, colour, place, to, f / max(frames - 1, 1)).save(folder / name / f"{f:04d}.png")
+            record = {"kind": "t2v", "video": name, "prompt": f"a {colour} {shape} moving from the {place} to the {to}"}
         else:
-            raise ValueError(f"the synthetic set has no {kind!r} records (t2i, recon, edit)")
+            raise ValueError(f"the synthetic set has no {kind!r} records (t2i, recon, edit, t2v)")
         lines.append(json.dumps(record))
     manifest.write_text("\n".join(lines) + "\n")
-    (folder / f"{kind}.args.json").write_text(json.dumps([count, sizes, seed]))
+    (folder / f"{kind}.args.json").write_text(json.dumps([count, sizes, seed, frames]))
     return manifest

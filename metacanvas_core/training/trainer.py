@@ -14,6 +14,7 @@ the global RNG states, `trainer_state.json` the step and the data cursor.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from .data import (
     Record,
     Source,
     _seed,
+    load_frames,
     load_image,
     load_input_image,
     read_manifest,
@@ -123,6 +125,7 @@ class Trainer:
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() else "no"
         self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # also lets several CPU processes (torchrun) form a gloo group
             mixed_precision=mp,
             step_scheduler_with_optimizer=False,  # warm-up counts optimizer steps, whatever the process count
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -150,7 +153,12 @@ class Trainer:
         from .. import tiny
 
         what = value[len("tiny:") :]
-        writers = {"mllm": "write_tiny_qwen", "sana": "write_tiny_sana", "flux_kontext": "write_tiny_flux_kontext"}
+        writers = {
+            "mllm": "write_tiny_qwen",
+            "sana": "write_tiny_sana",
+            "flux_kontext": "write_tiny_flux_kontext",
+            "wan": "write_tiny_wan",
+        }
         if what not in writers or not hasattr(tiny, writers[what]):
             raise MetaCanvasInputError(f"'{value}': no such tiny model ({', '.join('tiny:' + k for k in writers)}).")
         folder = self.out / "tiny-models" / what
@@ -175,9 +183,13 @@ class Trainer:
             self.mc = load_metacanvas(resolve_path(c.init_checkpoint), self.device)
             self.mc.check_compatible(self.planner, self.backbone)
         else:
-            self.mc = new_metacanvas(self.planner, self.backbone)
+            kw = {}
+            if "context_source" in inspect.signature(new_metacanvas).parameters:  # backbones with both paths
+                kw["context_source"] = c.context_source or ("mllm" if "context_connector" in c.trainable else None)
+            self.mc = new_metacanvas(self.planner, self.backbone, **kw)
         self.mc.float()
         self.kinds = BACKBONE_KINDS.get(self.backbone.kind, ("t2i",))
+        self.is_video = bool(getattr(self.backbone, "is_video", False))
         self.num_train_timesteps = int(self.backbone.scheduler_config.get("num_train_timesteps", 1000))
 
     def _select_trainable(self) -> None:
@@ -308,15 +320,26 @@ class Trainer:
 
     @torch.no_grad()
     def _encode(self, records: list[Record], height: int, width: int) -> torch.Tensor:
+        """Target latents: (B, C, h, w) for image backbones, (B, C, F, h, w) for video ones (an image: F = 1)."""
         pixels = []
         for r in records:
-            if RECORD_KINDS[r.kind].media != "image":
-                raise ManifestError(f"{r.where('kind')}: {r.kind} records need a video backbone")
+            field_name = RECORD_KINDS[r.kind].target
             try:
-                pixels.append(load_image(r.target, height, width))
+                if RECORD_KINDS[r.kind].media == "video":
+                    if not self.is_video:
+                        raise ManifestError(f"{r.where('kind')}: {r.kind} records need a video backbone")
+                    pixels.append(load_frames(r.target, self.config.frames, height, width))
+                else:
+                    pixels.append(load_image(r.target, height, width))
             except OSError as e:
-                raise ManifestError(f"{r.where('target')}: cannot read '{r.target}' ({e})") from None
-        return self.backbone.encode(torch.stack(pixels)).float()
+                raise ManifestError(f"{r.where(field_name)}: cannot read '{r.target}' ({e})") from None
+        if not self.is_video:
+            return self.backbone.encode(torch.stack(pixels)).float()
+        out = []
+        for p in pixels:
+            frames = p if isinstance(p, list) else [Image.fromarray((p.numpy() * 255).round().astype("uint8"))]
+            out.append(self.backbone.encode_video(frames, height, width).float())
+        return torch.cat(out)
 
     def _batch(self, source: Source, indices: list[int]) -> Batch:
         records = [source.records[i] for i in indices]
@@ -407,11 +430,12 @@ class Trainer:
         if use_canvas:
             states = torch.cat(canvas_states).to(dev, torch.float32)
             aligned = mc.canvas_connector.align(states).reshape(len(kept), grid.frames, grid.height, grid.width, -1)
-            tokens = interpolate_canvas(aligned, backbone.token_grid(batch.height, batch.width))
+            size = (batch.height, batch.width) + ((x0.shape[2] * 4 - 3,) if self.is_video else ())
+            tokens = interpolate_canvas(aligned, backbone.token_grid(*size))
             injection = CanvasInjection(mc.canvas_connector, tokens, rows=slice(0, len(kept)))
         extra = {}
         takes_images = type(backbone).prepare_references is not Backbone.prepare_references
-        if takes_images and RECORD_KINDS[batch.records[0].kind].backbone_inputs:
+        if takes_images and RECORD_KINDS[batch.records[0].kind].backbone_inputs and any(batch.inputs):
             if b != 1:
                 raise MetaCanvasInputError(
                     f"recipe '{c.name}': the {backbone.kind} backbone takes one set of input images per call, so "
@@ -421,7 +445,17 @@ class Trainer:
             empty = torch.zeros(1, 0, 1)
             plan = Plan(batch.texts[0], "", empty, empty[..., 0], empty, g_, images=batch.inputs[0])
             extra["references"] = backbone.prepare_references(plan, mc, batch.height, batch.width)
-        v = backbone.predict(x_t, t, context, mask, injection, **extra)
+        if not self.is_video:
+            v = backbone.predict(x_t, t, context, mask, injection, **extra)
+        else:  # video backbones take one scalar timestep per call (their per-token timesteps): one call per sample
+            vs = []
+            for i in range(b):
+                inj = None
+                if injection is not None and i < len(kept):
+                    inj = CanvasInjection(injection.connector, injection.canvas[i : i + 1], slice(0, 1))
+                ctx = context[i : i + 1, mask[i].bool()]
+                vs.append(backbone.predict(x_t[i : i + 1], t[i], ctx, mask[i : i + 1, mask[i].bool()], inj, **extra))
+            v = torch.cat(vs)
         return F.mse_loss(v.float(), target.float())
 
     # --- optimisation -----------------------------------------------------------------------
@@ -432,10 +466,10 @@ class Trainer:
         )
         start = c.warmup_start_lr / c.lr
 
-        def factor(step: int) -> float:  # linear warm-up from warmup_start_lr, then constant
+        def factor(step: int) -> float:  # linear warm-up from about warmup_start_lr, then constant
             if c.warmup_steps <= 0:
                 return 1.0
-            return start + (1 - start) * min(1.0, step / c.warmup_steps)
+            return start + (1 - start) * min(1.0, (step + 1) / c.warmup_steps)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         self.module, self.optimizer, self.scheduler = self.accelerator.prepare(self.module, optimizer, scheduler)
