@@ -3,7 +3,10 @@
 One editor session loads each workflow (served by ComfyUI's template endpoint) and an old-style saved
 text_to_image, exports each as an API-format prompt; the prompts are pointed at the tiny models, shrunk (64×64 images,
 128×128 × 5-frame videos, 2 steps), given small generated inputs (PNG images, a 9-frame mp4) and run; the saved
-images and videos are checked (video frames counted with PyAV in the harness's Python).
+images and videos are checked (video frames counted with PyAV in the harness's Python). With "new (untrained)"
+and native context each workflow's saved pixels equal, exactly, what diffusers' own pipeline (SanaPipeline,
+WanPipeline, WanImageToVideoPipeline, FluxKontextPipeline) makes here for the same inputs. A timing test (-k timing
+-s) compares the graph in ComfyUI with the same node calls made in-process (metacanvas_core/bench.py [3]).
 
 Needs a prepared harness (../shared/comfyui-harness/setup.sh): set COMFYUI_HARNESS to its HARNESS_ROOT, with
 this pack linked into ComfyUI/custom_nodes. The harness scripts are found in COMFYUI_HARNESS_SCRIPTS, else in
@@ -28,7 +31,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = os.environ.get("COMFYUI_HARNESS")
@@ -38,6 +43,7 @@ OLD_STYLE = "old_text_to_image"
 TINY_BACKBONES = {"Sana": "tiny-sana", "FLUX.1-Kontext": "tiny-flux-kontext", "Wan2.2": "tiny-wan2_2-ti2v"}
 IMAGE_SIZE, VIDEO_SIZE, VIDEO_LENGTH = 64, 128, 5
 INPUT_IMAGES = {"e2e_landscape.png": (80, 48), "e2e_square.png": (64, 64)}  # different sizes: Image Batch resizes
+SAME_SIZE_PAIR = ("e2e_landscape.png", "e2e_landscape_b.png")  # Image Batch passes these through unchanged
 INPUT_VIDEO, INPUT_VIDEO_FRAMES, INPUT_VIDEO_FPS = "e2e_source.mp4", 9, 16  # not 24: video editing keeps its rate
 CORE_NODES = ["SaveImage", "SaveVideo", "LoadImage", "LoadVideo", "GetVideoComponents", "ImageFromBatch", "ImageBatch"]
 PACK_NODES = [
@@ -308,12 +314,13 @@ def probe_video(server, path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def inputs(server) -> Path:
-    """Small input files in ComfyUI's (temporary) input folder: two PNGs of different sizes, a 9-frame 16 fps mp4."""
+    """Small input files in ComfyUI's (temporary) input folder: PNGs (two of different sizes, a third of the
+    first's size), a 9-frame 16 fps mp4."""
     import numpy as np
     from PIL import Image
 
     folder = server["work"] / "input"
-    for k, (name, (w, h)) in enumerate(INPUT_IMAGES.items()):
+    for k, (name, (w, h)) in enumerate({**INPUT_IMAGES, SAME_SIZE_PAIR[1]: INPUT_IMAGES[SAME_SIZE_PAIR[0]]}.items()):
         pixels = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / name)
     args = (INPUT_VIDEO_FRAMES, VIDEO_SIZE, INPUT_VIDEO_FPS)
@@ -518,3 +525,309 @@ def test_old_saved_workflow_loads_and_runs(server, editor, artifacts):
     with Image.open(one) as a, Image.open(two) as b:
         assert a.size == b.size == (IMAGE_SIZE, IMAGE_SIZE)
         assert np.array_equal(np.asarray(a), np.asarray(b)), "the old-style workflow made a different image"
+
+
+# --- Untrained + native context = the backbone itself, in a real ComfyUI ------------------------------------------
+#
+# Each workflow with checkpoint "new (untrained)" and context "auto" (native: the Backbone Loader loads the text
+# encoder) must save exactly what diffusers' own pipeline makes for the same prompt, negative prompt, seed, steps,
+# guidance, scheduler, size and input image. The pipeline runs here, in the pytest process, on the same tiny folders;
+# its decoded float image is turned into uint8 the way ComfyUI's SaveImage does it (nodes.py:
+# `np.clip(255. * i.cpu().numpy(), 0, 255).astype(np.uint8)`) and compared with the saved PNG, array for array.
+# SaveVideo is lossy (h264), so video workflows get an extra core SaveImage on MetaCanvas Decode's IMAGE output
+# (the frames) and those PNGs are compared.
+
+
+def _as_saved(frames) -> np.ndarray:
+    """(N, H, W, 3) float images → the uint8 arrays ComfyUI's SaveImage writes (nodes.py, SaveImage.save_images)."""
+    return np.stack([np.clip(255.0 * i.cpu().numpy(), 0, 255).astype(np.uint8) for i in frames])
+
+
+def _load_saved(folder: Path, images: list[dict]) -> np.ndarray:
+    from PIL import Image
+
+    arrays = []
+    for item in images:
+        with Image.open(folder / item["filename"]) as im:
+            assert im.format == "PNG" and im.mode == "RGB", (item, im.mode)
+            arrays.append(np.asarray(im).copy())
+    return np.stack(arrays)
+
+
+def _load_image(path: Path) -> torch.Tensor:
+    """A PNG as core LoadImage makes it: (1, H, W, 3) float32 = uint8 / 255."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        rgb = ImageOps.exif_transpose(im).convert("RGB")
+        return torch.from_numpy(np.array(rgb).astype(np.float32) / 255.0)[None]
+
+
+def run_in_process(pack, api: dict, input_dir: Path, done: dict | None = None) -> dict:
+    """The API prompt's nodes called directly in this process, as ComfyUI calls them: the pack's node functions;
+    core LoadImage and a same-size ImageBatch (a concatenation) done as ComfyUI does them; output nodes skipped.
+    Returns {node id: outputs} (pass `done` to reuse what earlier calls computed)."""
+    done = {} if done is None else done
+    classes = pack.NODE_CLASS_MAPPINGS
+
+    def value(v):
+        return outputs(v[0])[v[1]] if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) else v
+
+    def outputs(nid: str):
+        if nid not in done:
+            kind, raw = api[nid]["class_type"], api[nid]["inputs"]
+            kw = {k: value(v) for k, v in raw.items() if k != "upload"}
+            if kind == "LoadImage":
+                done[nid] = (_load_image(input_dir / kw["image"]),)
+            elif kind == "ImageBatch":
+                assert kw["image1"].shape[1:] == kw["image2"].shape[1:], "in-process ImageBatch: same sizes only"
+                done[nid] = (torch.cat([kw["image1"], kw["image2"]]),)
+            else:
+                cls = classes[kind]
+                done[nid] = getattr(cls(), cls.FUNCTION)(**kw)
+        return done[nid]
+
+    for nid, node in api.items():
+        if node["class_type"] not in ("SaveImage", "SaveVideo"):
+            outputs(nid)
+    return done
+
+
+FRAMES_NODE = "9001"  # the extra SaveImage on Decode's IMAGE output of video workflows
+
+
+def native_prompt(name: str, editor: dict) -> dict:
+    """The workflow as exported, on the tiny models, as shipped: "new (untrained)", context auto, text encoder
+    loaded (asserted); Edit Guidance's image_cfg 1 (the pipelines have no image guidance); in_context_video's
+    two references of one size; SaveImage prefixes of its own (so nothing comes from ComfyUI's cache); video
+    workflows also save Decode's frames as PNGs."""
+    api = tiny(editor[name])
+    connector = api[_one(api, "MetaCanvasConnectorLoader")]["inputs"]
+    assert (connector["checkpoint"], connector.get("context", "auto")) == ("new (untrained)", "auto"), connector
+    assert api[_one(api, "MetaCanvasBackboneLoader")]["inputs"].get("load_text_encoder", True) is True
+    for nid in _ids(api, {"MetaCanvasEditGuidance"}):
+        api[nid]["inputs"]["image_cfg"] = 1.0
+    if name == "in_context_video":
+        for nid, image in zip(sorted(_ids(api, {"LoadImage"}), key=int), SAME_SIZE_PAIR, strict=True):
+            api[nid]["inputs"]["image"] = image
+    for nid in _ids(api, {"SaveImage", "SaveVideo"}):
+        api[nid]["inputs"]["filename_prefix"] = f"native_{name}"
+    if _is_video(api):
+        api[FRAMES_NODE] = {
+            "class_type": "SaveImage",
+            "inputs": {"images": [_one(api, "MetaCanvasDecode"), 0], "filename_prefix": f"native_{name}_frames"},
+        }
+    return api
+
+
+@pytest.fixture(scope="module")
+def native_backbones(models_dir) -> dict:
+    from metacanvas_core.backbones import load_backbone
+
+    cache = {}
+
+    def get(folder: str):
+        if folder not in cache:
+            cache[folder] = load_backbone(models_dir / "diffusers" / folder)
+        return cache[folder]
+
+    return get
+
+
+def pipeline_frames(api: dict, backbone, input_dir: Path, task: str) -> torch.Tensor:
+    """What diffusers' own pipeline makes for this prompt: (N, H, W, 3) float in 0..1 (output_type "pt").
+    task: t2i (SanaPipeline), t2v (WanPipeline), i2v (WanImageToVideoPipeline), edit (FluxKontextPipeline)."""
+    from diffusers import FluxKontextPipeline, SanaPipeline, WanImageToVideoPipeline, WanPipeline
+    from PIL import Image
+
+    plan = api[_one(api, "MetaCanvasPlan")]["inputs"]
+    s = api[_one(api, "MetaCanvasSampler")]["inputs"]
+    scheduler = backbone.make_scheduler(s["scheduler"])  # the one the workflow's Sampler names
+    call = dict(
+        prompt=plan["prompt"],
+        negative_prompt=plan["negative_prompt"],
+        num_inference_steps=s["steps"],
+        height=s["height"],
+        width=s["width"],
+        generator=torch.Generator("cpu").manual_seed(s["seed"]),
+        output_type="pt",
+    )
+    images = [input_dir / api[nid]["inputs"]["image"] for nid in sorted(_ids(api, {"LoadImage"}), key=int)]
+    if task == "t2i":
+        pipe = SanaPipeline(
+            tokenizer=backbone.pipeline.tokenizer,
+            text_encoder=backbone.text_encoder,
+            vae=backbone.vae,
+            transformer=backbone.transformer,
+            scheduler=scheduler,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(**call, guidance_scale=s["cfg"], use_resolution_binning=False).images.permute(0, 2, 3, 1)
+    if task in ("t2v", "i2v"):
+        parts = dict(
+            tokenizer=backbone.pipeline.tokenizer,
+            text_encoder=backbone.text_encoder,
+            vae=backbone.vae,
+            transformer=backbone.transformer,
+            scheduler=scheduler,
+            expand_timesteps=True,
+        )
+        call.update(num_frames=s["length"], guidance_scale=s["cfg"])
+        if task == "t2v":
+            pipe = WanPipeline(**parts)
+        else:  # the same PIL image: both the pipeline and our Wan adapter resize it with VideoProcessor.preprocess
+            pipe = WanImageToVideoPipeline(image_encoder=None, image_processor=None, **parts)
+            (path,) = images
+            call["image"] = Image.open(path).convert("RGB")
+        pipe.set_progress_bar_config(disable=True)
+        (frames,) = pipe(**call).frames  # (F, 3, H, W)
+        return frames.permute(0, 2, 3, 1)
+    assert task == "edit", task
+    from metacanvas_core.backbones.flux import reference_size
+
+    guidance = api[_one(api, "MetaCanvasEditGuidance")]["inputs"]
+    assert guidance["image_cfg"] == 1.0
+    (path,) = images
+    image = Image.open(path).convert("RGB")
+    # With _auto_resize=False the pipeline encodes the image at its own size floored to multiples of 16; our
+    # REFERENCE_RULE picks that same size for these inputs (asserted), so both see the same reference pixels.
+    stride = backbone.pixel_stride
+    rule = reference_size(image.width, image.height, s["height"], s["width"], stride)
+    assert rule == (image.height // stride * stride, image.width // stride * stride), (rule, image.size)
+    p = backbone.pipeline
+    pipe = FluxKontextPipeline(
+        scheduler=scheduler,
+        vae=backbone.vae,
+        text_encoder=p.text_encoder,
+        tokenizer=p.tokenizer,
+        text_encoder_2=p.text_encoder_2,
+        tokenizer_2=p.tokenizer_2,
+        transformer=backbone.transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        **call,
+        image=image,
+        true_cfg_scale=s["cfg"],  # ≤ 1: no true CFG, as our Sampler's cfg ≤ 1 drops the text term's null branch
+        guidance_scale=guidance["guidance"],
+        max_area=s["height"] * s["width"],
+        _auto_resize=False,
+    )
+    return out.images.permute(0, 2, 3, 1)
+
+
+NATIVE_TASKS = {
+    "text_to_image": "t2i",
+    "text_to_video": "t2v",
+    "video_editing": "t2v",  # untrained: the source reaches the DiT only through the zero condition embedding
+    "image_to_video": "i2v",
+    "image_editing": "edit",
+    "in_context_video": "t2v",  # compared below: NOT equal (the references are frames in the DiT's sequence)
+}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_untrained_native_is_the_backbone(name, server, editor, inputs, artifacts, native_backbones, pack):
+    """ "new (untrained)" + context auto in the real ComfyUI saves exactly the diffusers pipeline's output.
+
+    video_editing: an untrained checkpoint's condition embedding is exactly zero, so the source video changes
+    nothing and the output is plain WanPipeline text-to-video of the instruction. in_context_video: its reference
+    images are clean latent frames placed before the video in the DiT's sequence (timestep 0), which the Wan
+    self-attention sees even untrained; no diffusers pipeline does that, so the saved frames are compared exactly
+    with the same node functions called in this process, and shown to differ from plain text-to-video."""
+    assert set(NATIVE_TASKS) == set(SHIPPED)
+    api = native_prompt(name, editor)
+    t0 = time.time()
+    rc, report, entry = run_prompt(server, api, f"native_{name}", artifacts / f"native_{name}")
+    assert rc == 0, report
+    comfy_s = time.time() - t0
+    save = FRAMES_NODE if _is_video(api) else _one(api, "SaveImage")
+    saved = _load_saved(artifacts / f"native_{name}", entry["outputs"][save]["images"])
+    s = api[_one(api, "MetaCanvasSampler")]["inputs"]
+    assert saved.shape == (s["length"], s["height"], s["width"], 3) and saved.std() > 0, saved.shape
+
+    backbone = native_backbones(api[_one(api, "MetaCanvasBackboneLoader")]["inputs"]["backbone_folder"])
+    t0 = time.time()
+    reference = _as_saved(pipeline_frames(api, backbone, inputs, NATIVE_TASKS[name]))
+    pipe_s = time.time() - t0
+    assert reference.shape == saved.shape
+    if name == "in_context_video":
+        ours = run_in_process(pack, api, inputs)[_one(api, "MetaCanvasDecode")][0]
+        assert np.array_equal(saved, _as_saved(ours)), "ComfyUI and the in-process node chain differ"
+        assert not np.array_equal(saved, reference), "the reference frames changed nothing"
+        print(f"{name}: ComfyUI == in-process nodes ({comfy_s:.1f}s); != plain WanPipeline T2V (references)")
+        return
+    diff = np.abs(saved.astype(int) - reference.astype(int))
+    assert diff.max() == 0, f"{name}: {int((diff > 0).sum())} of {diff.size} values differ, by up to {diff.max()}"
+    print(
+        f"{name}: == {type(backbone).__name__} pipeline ({NATIVE_TASKS[name]}), ComfyUI {comfy_s:.1f}s, pipeline {pipe_s:.1f}s"
+    )
+
+
+# --- Timing: the whole graph in ComfyUI vs the same core calls in-process (metacanvas_core/bench.py [3]) -----------
+
+TIMING_RUNS = 5
+
+
+def _queue_and_wait(server, api: dict) -> tuple[float, dict]:
+    """POST /prompt, poll /history until the prompt is there: (wall seconds, history entry)."""
+    url = server["url"]
+    t0 = time.perf_counter()
+    status, body = _http("POST", f"{url}/prompt", {"prompt": api, "client_id": "e2e-timing"})
+    assert status == 200, body
+    pid = body["prompt_id"]
+    while time.perf_counter() - t0 < 300:
+        _, hist = _http("GET", f"{url}/history/{pid}")
+        if pid in hist:
+            elapsed = time.perf_counter() - t0
+            entry = hist[pid]
+            assert entry["status"]["status_str"] == "success", entry["status"]
+            return elapsed, entry
+        time.sleep(0.005)
+    pytest.fail(f"prompt {pid} did not finish in 300 s")
+
+
+def test_timing_comfyui_vs_in_process(server, api_prompt, inputs, pack):
+    """text_to_image on the tiny models, TIMING_RUNS times with only the seed changing (the plan stays cached,
+    as when an artist tries seeds): wall time from POST /prompt to the finished /history entry, against the
+    MetaCanvas Sampler + Decode node functions called in this process on the same inputs (same torch thread
+    count as the server). The two alternate seed by seed, so load from other processes hits both alike. Prints
+    the figures (python -m pytest tests/test_comfyui_e2e.py -k timing -s); asserts nothing about speed, only
+    that both make the same images."""
+    warm = tiny(api_prompt, seed=99)
+    _queue_and_wait(server, warm)  # loaders and plan now cached in the server
+    done = run_in_process(pack, warm, inputs)  # and here: loaders, plan, projection (and a warm-up sample)
+    nodes = pack.NODE_CLASS_MAPPINGS
+    sampler_id, decode_id = _one(warm, "MetaCanvasSampler"), _one(warm, "MetaCanvasDecode")
+    resolve = {k: (done[v[0]][v[1]] if isinstance(v, list) else v) for k, v in warm[sampler_id]["inputs"].items()}
+    backbone = done[warm[decode_id]["inputs"]["backbone"][0]][0]
+    comfy, direct = [], []
+    for seed in [100 + k for k in range(TIMING_RUNS)]:
+        api = tiny(api_prompt, seed=seed)
+        elapsed, entry = _queue_and_wait(server, api)
+        assert _ids(api, PLANNING | {"MetaCanvasProject"}) <= _cached(entry), "the plan was not cached"
+        comfy.append(elapsed)
+        (image,) = entry["outputs"][_one(api, "SaveImage")]["images"]
+        saved = _load_saved(server["work"] / "output" / image.get("subfolder", ""), [image])
+
+        t0 = time.perf_counter()
+        (latent,) = nodes["MetaCanvasSampler"]().sample(**{**resolve, "seed": seed})
+        frames, _ = nodes["MetaCanvasDecode"]().decode(backbone, latent)
+        direct.append(time.perf_counter() - t0)
+        assert np.array_equal(_as_saved(frames), saved), f"seed {seed}: ComfyUI and in-process differ"
+
+    def med(xs):
+        return sorted(xs)[len(xs) // 2]
+
+    s = warm[sampler_id]["inputs"]
+    print(
+        f"\ntiming, text_to_image on the tiny models ({s['width']}x{s['height']}, {s['steps']} steps, "
+        f"{s['scheduler']}, cfg {s['cfg']}), {TIMING_RUNS} seeds, plan cached, torch threads "
+        f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs:"
+    )
+    print("  ComfyUI, POST /prompt -> /history done (s): " + " ".join(f"{t:.3f}" for t in comfy))
+    print("  in-process Sampler + Decode nodes (s):      " + " ".join(f"{t:.3f}" for t in direct))
+    print(
+        f"  median ComfyUI {med(comfy):.3f} s, in-process {med(direct):.3f} s, ratio {med(comfy) / med(direct):.2f} "
+        "(ComfyUI adds queueing, validation, cache lookup, SaveImage's PNG write and /history polling)"
+    )
