@@ -6,7 +6,7 @@
    canvas off and on (tiny models unless real folders are given).
 2. The canvas connector's per-step cost (its fuse half: the align half runs once per generation) as a
    share of one backbone step, at the real models' widths: each backbone is built from its shipped
-   config with random weights and 1–2 layers; a full step is extrapolated per layer type.
+   config with random weights and 1 or 3 layers of each kind; a full step is extrapolated per layer.
 3. Whole graph in a real ComfyUI vs the same core calls made directly: `tests/test_comfyui_e2e.py`
    drives the server; this command reports where COMFYUI_HARNESS is set (otherwise says so).
 """
@@ -109,11 +109,7 @@ def _interleaved(runs: dict, repeats: int) -> dict[str, float]:
     return {name: sorted(ts)[len(ts) // 2] for name, ts in samples.items()}
 
 
-def _model_time(build, make_inputs, repeats: int) -> float:
-    with torch.no_grad():
-        model = build().eval()
-        inputs = make_inputs(model)
-        return _time(lambda: model(**inputs), repeats)
+EXTRA_LAYERS = 2  # a layer's cost = (model with 1 + EXTRA_LAYERS layers − model with 1) / EXTRA_LAYERS
 
 
 def connector_share(tokens: int, repeats: int) -> None:
@@ -181,22 +177,27 @@ def connector_share(tokens: int, repeats: int) -> None:
     ]
     for name, cls, config, layer_keys, inputs, (heads, head_dim) in backbones:
         config = {k: v for k, v in config.items() if not k.startswith("_")}
-        one = {**config, **{k: 1 for k in layer_keys}}
-        t_one = _model_time(lambda c=one, cls=cls: cls.from_config(c), inputs, repeats)
-        step = t_one
-        for key in layer_keys:
-            two = {**one, key: 2}
-            per_layer = _model_time(lambda c=two, cls=cls: cls.from_config(c), inputs, repeats) - t_one
-            step += (config[key] - 1) * per_layer
         width = heads * head_dim
+        base = {**config, **{k: 1 for k in layer_keys}}
+        variants = {"base": base, **{key: {**base, key: 1 + EXTRA_LAYERS} for key in layer_keys}}
+        runs = {}
         with torch.no_grad():
+            for label, cfg in variants.items():
+                model = cls.from_config(cfg).eval()
+                model_inputs = inputs(model)
+                runs[label] = lambda m=model, x=model_inputs: m(**x)
             connector = CanvasConnector(3584, width, heads, head_dim).eval()
             x, canvas = torch.randn(1, tokens, width, generator=g), torch.randn(1, tokens, width, generator=g)
             t = torch.tensor([500.0])
-            fuse = _time(lambda c=connector, x=x, k=canvas, t=t: c.fuse(x, k, t, side, side), repeats)
+            runs["connector"] = lambda c=connector, x=x, k=canvas, t=t: c.fuse(x, k, t, side, side)
+            times = _interleaved(runs, repeats)
+        del runs
+        per_layer = {key: (times[key] - times["base"]) / EXTRA_LAYERS for key in layer_keys}
+        step = times["base"] + sum((config[key] - 1) * per_layer[key] for key in layer_keys)
+        layers = ", ".join(f"{config[k]} × {per_layer[k] * 1e3:.0f} ms" for k in layer_keys)
         print(
-            f"    {name} (width {width}): step ≈ {step * 1e3:.0f} ms, connector {fuse * 1e3:.1f} ms "
-            f"= {100 * fuse / step:.2f}% of a step"
+            f"    {name} (width {width}): step ≈ {step * 1e3:.0f} ms ({layers}), connector "
+            f"{times['connector'] * 1e3:.1f} ms = {100 * times['connector'] / step:.2f}% of a step"
         )
 
 
