@@ -53,20 +53,47 @@ def _zero_linear(dim_in: int, dim_out: int) -> nn.Linear:
 class CanvasConnector(ModelMixin, ConfigMixin):
     """MLLM canvas states → a residual on the DiT's patch embeddings of the noisy target."""
 
+    FUSE_MODES = ("block", "none")
+    INJECT_MODES = ("patch_embed", "latent")
+
     @register_to_config
-    def __init__(self, mllm_dim: int, dit_dim: int, num_heads: int, head_dim: int, mlp_ratio: float = 2.5):
+    def __init__(
+        self,
+        mllm_dim: int,
+        dit_dim: int,
+        num_heads: int,
+        head_dim: int,
+        mlp_ratio: float = 2.5,
+        fuse: str = "block",
+        timestep_cond: bool = True,
+        inject: str = "patch_embed",
+        latent_channels: int | None = None,
+    ):
+        """The defaults are the paper's connector; the other values are the Table 3 ablations (T2I study):
+
+        `timestep_cond=False`: the fuse block without AdaLN-single timestep input (its learned constant
+        modulation `scale_shift_table` stays). `fuse="none"`: no fuse block, the aligned canvas is the residual
+        on the patch embeddings. `inject="latent"`: added before patchify, in latent space: the align output has
+        `latent_channels` × patch² channels (zero-initialised) and is added to the noisy latent (needs
+        `fuse="none"`; SANA backbones only). Checkpoints with the defaults do not store these keys.
+        """
         super().__init__()
+        if fuse not in self.FUSE_MODES or inject not in self.INJECT_MODES:
+            raise ValueError(f"fuse is one of {self.FUSE_MODES}, inject one of {self.INJECT_MODES}")
+        if inject == "latent" and (fuse != "none" or not latent_channels):
+            raise ValueError('inject="latent" needs fuse="none" and latent_channels')
         self.align_in = nn.Linear(mllm_dim, dit_dim)
         self.align_block = nn.TransformerEncoderLayer(
             dit_dim, num_heads, 4 * dit_dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
         )
-        self.align_out = _zero_linear(dit_dim, dit_dim)
-        self.time_embed = AdaLayerNormSingle(dit_dim)
-        self.fuse_block = SanaSelfAttentionBlock(dit_dim, num_heads, head_dim, mlp_ratio)
-        self.out_proj = _zero_linear(dit_dim, dit_dim)
+        self.align_out = _zero_linear(dit_dim, latent_channels if inject == "latent" else dit_dim)
+        if fuse == "block":
+            self.time_embed = AdaLayerNormSingle(dit_dim) if timestep_cond else None
+            self.fuse_block = SanaSelfAttentionBlock(dit_dim, num_heads, head_dim, mlp_ratio)
+            self.out_proj = _zero_linear(dit_dim, dit_dim)
 
     def align(self, canvas_states: torch.Tensor) -> torch.Tensor:
-        """(B, N, mllm_dim) canvas hidden states → (B, N, dit_dim)."""
+        """(B, N, mllm_dim) canvas hidden states → (B, N, dit_dim) (latent injection: latent channels × patch²)."""
         return self.align_out(self.align_block(self.align_in(canvas_states)))
 
     def fuse(self, patch_tokens: torch.Tensor, canvas: torch.Tensor, timestep: torch.Tensor, height: int, width: int):
@@ -74,7 +101,13 @@ class CanvasConnector(ModelMixin, ConfigMixin):
 
         `timestep` is (B,), in the backbone's own timestep units. Video callers fold frames into B.
         """
-        modulation, _ = self.time_embed(timestep, batch_size=patch_tokens.shape[0], hidden_dtype=patch_tokens.dtype)
+        if self.config.fuse == "none":
+            return canvas
+        b, d = patch_tokens.shape[0], patch_tokens.shape[-1]
+        if self.time_embed is not None:
+            modulation, _ = self.time_embed(timestep, batch_size=b, hidden_dtype=patch_tokens.dtype)
+        else:
+            modulation = patch_tokens.new_zeros(b, 6 * d)
         x = self.fuse_block(patch_tokens + canvas, timestep=modulation, height=height, width=width)
         return self.out_proj(x)
 

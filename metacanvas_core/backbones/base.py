@@ -38,11 +38,30 @@ class CanvasInjection:
     canvas: torch.Tensor  # (b, T, H, W, D) for the rows in `rows`
     rows: slice
 
+    @property
+    def in_latents(self) -> bool:
+        """Whether the canvas is added to the noisy latent before patchify (the Table 3 ablation)."""
+        return self.connector.config.get("inject", "patch_embed") == "latent"
+
+    def add_to_latents(self, latents: torch.Tensor, patch_size: int) -> torch.Tensor:
+        """Latents (B, C, h, w) plus the canvas (b, 1, h/p, w/p, C·p²) unpatchified, on `rows`."""
+        b, _, hh, ww, _ = self.canvas.shape
+        c, p = latents.shape[1], patch_size
+        x = self.canvas[:, 0].reshape(b, hh, ww, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, hh * p, ww * p)
+        residual = torch.zeros_like(latents)
+        residual[self.rows] = x.to(latents.dtype)
+        return latents + residual
+
     def add_to(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, T, H, W, D) plus the fuse block's residual on `rows`; other rows untouched.
 
         The fuse block runs frame by frame, `(b t) (h w) d`, which bounds its memory on video.
         """
+        if self.in_latents:
+            raise MetaCanvasInputError(
+                "this MetaCanvas checkpoint adds its canvas before patchify (a connector ablation): only the SANA "
+                "backbone takes it."
+            )
         dtype = next(self.connector.parameters()).dtype  # the connector keeps its own precision
         x = tokens[self.rows].to(dtype)
         b, t, h, w, d = x.shape

@@ -122,6 +122,8 @@ class SanaBackbone(Backbone):
 
         dtype = model.dtype
         call = dict(encoder_hidden_states=context.to(dtype), encoder_attention_mask=context_mask, timestep=timestep)
+        if canvas is not None and canvas.in_latents:  # ablation: the canvas added before patchify
+            latents, canvas = canvas.add_to_latents(latents.to(dtype), p), None
         if canvas is None:
             v = model(latents.to(dtype), **call, return_dict=False)[0]
         else:

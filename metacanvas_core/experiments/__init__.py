@@ -1,0 +1,1 @@
+"""Experiments run with the pack's own trainer (toy scale)."""
