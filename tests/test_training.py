@@ -197,6 +197,31 @@ def test_tiny_recipes_of_the_other_backbones(tiny, tmp_path, recipe, backbone, p
     assert mc.info.lora == (config.mllm_lora if "lora" in parts else None)
 
 
+def test_every_task_kind_trains_on_wan(tiny, tmp_path):
+    """One loss and backward per kind of the S3 mix; the condition channels learn from source and references."""
+    kinds = ["t2i", "recon", "edit", "t2v", "i2v", "video_edit", "ref2v"]
+    data = [{"synthetic": {"kind": k, "count": 1, "seed": i, "frames": 5}} for i, k in enumerate(kinds)]
+    config = make_config(
+        tiny,
+        backbone=str(tiny["wan"]),
+        trainable=["dit", "canvas", "canvas_connector", "context_connector", "condition_embedding"],
+        batch_size=1,
+        frames=5,
+        data=data,
+        init_checkpoint=None,
+    )
+    trainer = Trainer(config, tmp_path, progress=False)
+    conv = trainer.mc.condition_embedding
+    for source, kind in zip(trainer.mix.sources, kinds, strict=True):
+        trainer._current = trainer._batch(source, [0])
+        loss = trainer._loss(0)
+        assert math.isfinite(loss.item()), kind
+        conv.zero_grad()
+        loss.backward()
+        grad = sum(p.grad.abs().sum() for p in conv.parameters() if p.grad is not None)
+        assert (float(grad) > 0) == (kind in ("edit", "video_edit", "ref2v")), kind
+
+
 def test_exported_checkpoint_loads_in_the_node_and_changes_the_output(trained, pack, models_dir, tiny):
     from metacanvas_core.backbones import load_backbone
     from metacanvas_core.checkpoint import load_metacanvas

@@ -20,6 +20,7 @@ PARTS = (
     "canvas",  # canvas embeddings and start marker
     "canvas_connector",
     "context_connector",  # MLLM → text-slot MLP (MLLM-context backbones)
+    "condition_embedding",  # Wan: the zero-initialised input channels for source video / reference frames
     "mllm_lora",  # canvas-only (activated) LoRA on the MLLM; needs `mllm_lora` settings
     "dit",  # every DiT parameter
     "dit_cross_attention",

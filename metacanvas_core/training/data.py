@@ -70,9 +70,7 @@ RECORD_KINDS: dict[str, RecordKind] = {
 BACKBONE_KINDS: dict[str, tuple[str, ...]] = {
     "sana": ("t2i", "recon"),
     "flux_kontext": ("edit",),  # FLUX-Kontext edits: every sample needs an input image
-    # Validated, not yet trained on Wan: edit, i2v, video_edit, ref2v (their inputs need the Wan condition
-    # path in the loss: first-frame masking, reference and source latents).
-    "wan": ("t2i", "recon", "t2v"),
+    "wan": tuple(RECORD_KINDS),
 }
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 RECON_PROMPT = "Reconstruct this image."  # [D] the prompt of a recon record without one

@@ -1,8 +1,9 @@
 """A small synthetic data set the trainer writes itself: coloured shapes on a plain background, with
 captions that say what and where ("a red circle at the top left"), so a canvas has a layout to learn.
 
-Kinds: t2i and recon (one image each), edit (the same scene before and after a recolouring), t2v (a
-shape moving between two places, as a folder of `frames` frames).
+Kinds: t2i and recon (one image each), edit (the same scene before and after a recolouring), and every
+video kind on a shape moving between two places (folders of `frames` frames): t2v, i2v (+ its first
+frame), video_edit (recoloured clip), ref2v (+ a reference image of the shape).
 Deterministic in `seed`; written as PNGs plus a `<kind>.jsonl` manifest.
 """
 
@@ -80,14 +81,36 @@ def write_synthetic(
             image.save(folder / f"{name}.png")
             record = {"kind": kind, "image": f"{name}.png"}
             record["prompt"] = f"a {colour} {shape} at the {place}"
-        elif kind == "t2v":
+        elif kind in ("t2v", "i2v", "video_edit", "ref2v"):
             to = rng.choice([p for p in PLACES if p != place])
-            (folder / name).mkdir(exist_ok=True)
-            for f in range(frames):
-                _draw((w, h), shape, colour, place, to, f / max(frames - 1, 1)).save(folder / name / f"{f:04d}.png")
-            record = {"kind": "t2v", "video": name, "prompt": f"a {colour} {shape} moving from the {place} to the {to}"}
+            new = rng.choice([c for c in COLOURS if c != colour])
+
+            def clip(folder_name: str, col: str, scene=(w, h, shape, place, to)) -> str:
+                w_, h_, shape_, place_, to_ = scene
+                (folder / folder_name).mkdir(exist_ok=True)
+                for f in range(frames):
+                    a = f / max(frames - 1, 1)
+                    _draw((w_, h_), shape_, col, place_, to_, a).save(folder / folder_name / f"{f:04d}.png")
+                return folder_name
+
+            moving = f"a {colour} {shape} moving from the {place} to the {to}"
+            record = {"kind": kind, "video": clip(name, colour), "prompt": moving}
+            if kind == "i2v":
+                record["image"] = f"{name}/0000.png"
+                record["prompt"] = f"the {shape} moves to the {to}"
+            elif kind == "video_edit":
+                record = {
+                    "kind": kind,
+                    "source": clip(name, colour),
+                    "instruction": f"make the {shape} {new}",
+                    "target": clip(f"{name}_tgt", new),
+                }
+            elif kind == "ref2v":
+                _draw((w, h), shape, colour, "top left").save(folder / f"{name}_ref.png")
+                record["references"] = [f"{name}_ref.png"]
+                record["prompt"] = f"the {shape} of the reference moving from the {place} to the {to}"
         else:
-            raise ValueError(f"the synthetic set has no {kind!r} records (t2i, recon, edit, t2v)")
+            raise ValueError(f"the synthetic set has no {kind!r} records (t2i, recon, edit and the video kinds)")
         lines.append(json.dumps(record))
     manifest.write_text("\n".join(lines) + "\n")
     (folder / f"{kind}.args.json").write_text(json.dumps([count, sizes, seed, frames]))

@@ -21,7 +21,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from ..backbones import Backbone, CanvasInjection, load_backbone
 from ..canvas import interpolate_canvas
 from ..checkpoint import MetaCanvas, load_metacanvas, new_metacanvas, save_metacanvas
 from ..errors import MetaCanvasInputError
-from ..planner import CanvasLora, Plan, Planner
+from ..planner import CanvasLora, Plan, Planner, video_frames_for_mllm
 from .config import DIT_PATTERNS, TrainConfig, resolve_path
 from .data import (
     BACKBONE_KINDS,
@@ -61,9 +61,10 @@ class Batch:
     records: list[Record]
     latents: torch.Tensor  # (B, C, h, w) float32
     texts: list[str]
-    inputs: list[list[Image.Image]]  # input images per sample (to the MLLM, and the backbone if it takes them)
+    inputs: list[list[Image.Image]]  # what the MLLM sees per sample (input images, then frames of a source video)
     height: int
     width: int
+    conditions: list[dict] = field(default_factory=list)  # per sample: backbone inputs (images, video, image_role)
 
 
 class _Trained(nn.Module):
@@ -201,12 +202,12 @@ class Trainer:
         self.lora: CanvasLora | None = mc.lora  # used by the planner (trained or as loaded)
         mllm_module = None
         for part in c.trainable:
-            if part in ("canvas", "canvas_connector", "context_connector"):
+            if part in ("canvas", "canvas_connector", "context_connector", "condition_embedding"):
                 module = getattr(mc, part)
                 if module is None:
                     raise MetaCanvasInputError(
-                        f"recipe '{c.name}': the {self.backbone.kind} backbone keeps its own text encoder, so there is "
-                        "no context connector to train."
+                        f"recipe '{c.name}': this MetaCanvas for the {self.backbone.kind} backbone has no {part} to "
+                        "train (context_connector: only with context_source mllm; condition_embedding: Wan only)."
                     )
                 params.update({f"mc.{part}.{n}": p for n, p in module.named_parameters()})
             elif part == "mllm_lora":
@@ -241,7 +242,7 @@ class Trainer:
             m.eval()
         transformer.train(self.trains_dit)
         mc.eval()
-        for part in ("canvas", "canvas_connector", "context_connector"):
+        for part in ("canvas", "canvas_connector", "context_connector", "condition_embedding"):
             if part in c.trainable:
                 getattr(mc, part).train()
         planner.model.eval()
@@ -348,8 +349,46 @@ class Trainer:
             latents = torch.stack([torch.load(self._cache_path(source, i, h, w)) for i in indices])
         else:
             latents = self._encode(records, h, w)
-        inputs = [[load_input_image(p) for p in r.inputs] for r in records]
-        return Batch(source.name, records, latents.float(), [r.text for r in records], inputs, h, w)
+        inputs, conditions = [], []
+        for r in records:
+            cond = self._conditions(r, h, w)
+            conditions.append(cond)
+            inputs.append(cond["images"] + video_frames_for_mllm(cond["video"]))
+        return Batch(source.name, records, latents.float(), [r.text for r in records], inputs, h, w, conditions)
+
+    def _conditions(self, r: Record, height: int, width: int) -> dict:
+        """A record's inputs as a plan carries them: images (+ their role) and a source video."""
+        kind = RECORD_KINDS[r.kind]
+        cond = {"images": [], "video": [], "image_role": "references", "to_backbone": kind.backbone_inputs}
+        try:
+            if kind.input_media == "video":  # video_edit: the source clip, as long as the target
+                cond["video"] = load_frames(r.inputs[0], self.config.frames, height, width)
+            elif r.kind == "edit" and self.is_video:  # an image edit on a video backbone: a one-frame source video
+                cond["video"] = [load_input_image(r.inputs[0])]
+            else:
+                cond["images"] = [load_input_image(p) for p in r.inputs]
+        except OSError as e:
+            raise ManifestError(f"{r.where(kind.inputs[0])}: cannot read its input ({e})") from None
+        if r.kind == "i2v":
+            cond["image_role"] = "first frame"
+        return cond
+
+    def _references(self, batch: Batch, i: int, grid) -> dict | None:
+        """The backbone's own inputs for sample i (FLUX-Kontext reference tokens, Wan first frame/references/source)."""
+        cond = batch.conditions[i] if batch.conditions else None
+        if cond is None or not cond["to_backbone"] or not (cond["images"] or cond["video"]):
+            return None
+        if type(self.backbone).prepare_references is Backbone.prepare_references:
+            return None
+        empty = torch.zeros(1, 0, 1)
+        plan = Plan(batch.texts[i], "", empty, empty[..., 0], empty, grid, images=cond["images"])
+        if "video" in Plan.__dataclass_fields__:
+            plan.video, plan.image_role = cond["video"], cond["image_role"]
+        refs = self.backbone.prepare_references(plan, self.mc, batch.height, batch.width)
+        fit = getattr(self.backbone, "fit_references", None)  # Wan: encode the source frames the clip needs
+        if fit is not None and self.is_video:
+            refs = fit(refs, (batch.latents.shape[2] - 1) * self.backbone.temporal_stride + 1)
+        return refs
 
     # --- the loss ---------------------------------------------------------------------------
     def _sigmas(self, n: int, g: torch.Generator) -> torch.Tensor:
@@ -433,30 +472,31 @@ class Trainer:
             size = (batch.height, batch.width) + ((x0.shape[2] * 4 - 3,) if self.is_video else ())
             tokens = interpolate_canvas(aligned, backbone.token_grid(*size))
             injection = CanvasInjection(mc.canvas_connector, tokens, rows=slice(0, len(kept)))
-        extra = {}
-        takes_images = type(backbone).prepare_references is not Backbone.prepare_references
-        if takes_images and RECORD_KINDS[batch.records[0].kind].backbone_inputs and any(batch.inputs):
-            if b != 1:
-                raise MetaCanvasInputError(
-                    f"recipe '{c.name}': the {backbone.kind} backbone takes one set of input images per call, so "
-                    "batch_size must be 1 (scale the batch with more processes)."
-                )
-            g_ = grid or mc.canvas_grid(batch.height, batch.width)
-            empty = torch.zeros(1, 0, 1)
-            plan = Plan(batch.texts[0], "", empty, empty[..., 0], empty, g_, images=batch.inputs[0])
-            extra["references"] = backbone.prepare_references(plan, mc, batch.height, batch.width)
+        g_ = grid or mc.canvas_grid(batch.height, batch.width)
+        refs = [self._references(batch, i, g_) for i in order]
         if not self.is_video:
+            extra = {}
+            if any(r is not None for r in refs):
+                if b != 1:
+                    raise MetaCanvasInputError(
+                        f"recipe '{c.name}': the {backbone.kind} backbone takes one set of input images per call, "
+                        "so batch_size must be 1 (scale the batch with more processes)."
+                    )
+                extra["references"] = refs[0]
             v = backbone.predict(x_t, t, context, mask, injection, **extra)
-        else:  # video backbones take one scalar timestep per call (their per-token timesteps): one call per sample
-            vs = []
-            for i in range(b):
-                inj = None
-                if injection is not None and i < len(kept):
-                    inj = CanvasInjection(injection.connector, injection.canvas[i : i + 1], slice(0, 1))
-                ctx = context[i : i + 1, mask[i].bool()]
-                vs.append(backbone.predict(x_t[i : i + 1], t[i], ctx, mask[i : i + 1, mask[i].bool()], inj, **extra))
-            v = torch.cat(vs)
-        return F.mse_loss(v.float(), target.float())
+            return F.mse_loss(v.float(), target.float())
+        # Video backbones take one scalar timestep per call (their per-token timesteps): one call per sample.
+        losses = []
+        for i in range(b):
+            inj = None
+            if injection is not None and i < len(kept):
+                inj = CanvasInjection(injection.connector, injection.canvas[i : i + 1], slice(0, 1))
+            keep = mask[i].bool()
+            extra = {"references": refs[i]} if refs[i] is not None else {}
+            v = backbone.predict(x_t[i : i + 1], t[i], context[i : i + 1, keep], mask[i : i + 1, keep], inj, **extra)
+            first = 1 if refs[i] and "first_frame" in refs[i] else 0  # image-to-video: frame 0 is given, not learned
+            losses.append(F.mse_loss(v[:, :, first:].float(), target[i : i + 1, :, first:].float()))
+        return torch.stack(losses).mean()
 
     # --- optimisation -----------------------------------------------------------------------
     def _build_optimizer(self) -> None:
