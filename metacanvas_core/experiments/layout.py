@@ -9,6 +9,7 @@ run by the pack's own trainer (`training.Trainer`):
   no_timestep      canvas, the fuse block without timestep conditioning          (Table 3 row 2)
   no_fuse          canvas, no fuse block: the aligned canvas added to the patches (Table 3 row 3)
   before_patchify  canvas, no fuse block, added to the noisy latent before patchify (Table 3 row 5)
+  canvas_lora      canvas + the MLLM's canvas-only LoRA trained (so canvas tokens can learn to read the prompt)
 
 Data: 48×48 images with 1–3 objects (shape × colour × cell of a 3×3 grid, distinct colours and cells) and
 prompts naming them ("a red circle at the top left and a blue square in the center"); seeded. Some
@@ -65,6 +66,16 @@ ARMS = {
     "no_timestep": {"timestep_cond": False},
     "no_fuse": {"fuse": "none"},
     "before_patchify": {"fuse": "none", "inject": "latent", "latent_channels": 4},
+    "canvas_lora": {},
+}
+# Arms that also train the MLLM's canvas-only LoRA (the paper's T2I variant with LoRA r=32; here r=16).
+LORA_ARMS = {
+    "canvas_lora": {
+        "r": 16,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "target_modules": r"model\.language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+    }
 }
 
 Obj = tuple[str, str, int]  # (shape, colour, cell)
@@ -290,7 +301,7 @@ def generate(trainer, scenes: list[list[Obj]], use_canvas: bool, s: Settings) ->
     embeds = mc.canvas(grid)
     out = []
     for i, scene in enumerate(scenes):
-        plan = planner.plan(prompt_of(scene), embeds, grid, with_negative_context=True)
+        plan = planner.plan(prompt_of(scene), embeds, grid, with_negative_context=True, lora=trainer.lora)
         cond = project(plan, mc, backbone)
         latents = sample(
             backbone,
@@ -327,6 +338,7 @@ def run_arm(arm: str, seed: int, manifest: Path, models: dict, out: Path, s: Set
     )
     use_canvas = connector is not None
     trainable = (["canvas", "canvas_connector"] if use_canvas else []) + ["context_connector", "dit"]
+    trainable += ["mllm_lora"] if arm in LORA_ARMS else []
     config = TrainConfig(
         name=f"layout-{arm}",
         mllm=str(models["mllm"]),
@@ -338,6 +350,7 @@ def run_arm(arm: str, seed: int, manifest: Path, models: dict, out: Path, s: Set
         buckets=[[SIZE, SIZE]],
         data=[{"manifest": str(manifest)}],
         init_checkpoint=str(init),
+        mllm_lora=LORA_ARMS.get(arm),
         use_canvas=use_canvas,
         warmup_steps=s.warmup,
         warmup_start_lr=s.lr / 10,
@@ -359,6 +372,7 @@ def run_arm(arm: str, seed: int, manifest: Path, models: dict, out: Path, s: Set
             losses += trainer.train()
         images = generate(trainer, test, use_canvas, s)
         curve.append({"step": target, **judge_all(images, test)})
+    share = prompt_share(trainer, test) if use_canvas else None
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     shutil.rmtree(folder / "backbone", ignore_errors=True)
     tail = losses[-max(1, len(losses) // 10) :]
@@ -368,8 +382,28 @@ def run_arm(arm: str, seed: int, manifest: Path, models: dict, out: Path, s: Set
         "curve": curve,
         "final_loss": float(np.mean(tail)) if tail else float("nan"),
         "seconds": time.perf_counter() - start,
+        "prompt_share": share,
         "samples": images[: s.grid_prompts],
     }
+
+
+@torch.no_grad()
+def prompt_share(trainer, scenes: list[list[Obj]]) -> dict[str, float]:
+    """How much the canvas depends on the prompt: the share of its variance (over prompts × positions) that is
+    across prompts, for the MLLM's canvas states and for the aligned canvas. Near 0: a per-position embedding."""
+    mc, planner = trainer.mc, trainer.planner
+    grid = mc.canvas_grid(SIZE, SIZE)
+    embeds = mc.canvas(grid)
+    states, aligned = [], []
+    for scene in scenes:
+        hidden, n = planner.forward(prompt_of(scene), [], embeds, grid, trainer.lora)
+        states.append(hidden[0, n + 1 :].float())
+        aligned.append(mc.canvas_connector.align(hidden[:, n + 1 :].float())[0])
+    out = {}
+    for name, x in (("states", torch.stack(states)), ("aligned", torch.stack(aligned))):
+        total = x.var(dim=(0, 1)).sum()
+        out[name] = float(x.var(dim=0).mean(0).sum() / total) if total > 0 else 0.0
+    return out
 
 
 def logging_off() -> None:
@@ -392,6 +426,7 @@ ARM_COLOURS = {
     "no_timestep": (230, 140, 0),
     "no_fuse": (30, 110, 210),
     "before_patchify": (40, 160, 70),
+    "canvas_lora": (150, 60, 200),
 }
 
 
@@ -468,6 +503,7 @@ def summarise(results: list[dict]) -> dict:
             "seeds": [r["seed"] for r in runs],
             **{k: [f[k] for f in final] for k in ("object", "position", "colour", "count", "all")},
             "final_loss": [r["final_loss"] for r in runs],
+            "prompt_share": [r["prompt_share"]["states"] for r in runs if r.get("prompt_share")],
             "seconds": [r["seconds"] for r in runs],
             "curve": {
                 p["step"]: statistics.mean(q["object"] for r in runs for q in r["curve"] if q["step"] == p["step"])
@@ -493,13 +529,19 @@ def write_report(results: list[dict], data: LayoutData, s: Settings, out: Path, 
         "",
         "Final judge scores on held-out prompts, mean ± std over seeds (per-seed values in results.json):",
         "",
-        "| arm | object | position | colour | count | all correct | train loss (last 10%) | s/run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | object | position | colour | count | all correct | train loss (last 10%) | canvas prompt share | s/run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, t in table.items():
         cells = [_fmt(t[k]) for k in ("object", "position", "colour", "count", "all", "final_loss")]
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {statistics.mean(t['seconds']):.0f} |")
+        share = _fmt(t["prompt_share"]) if t["prompt_share"] else "–"
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {share} | {statistics.mean(t['seconds']):.0f} |")
     steps = sorted({p["step"] for r in results for p in r["curve"]})
+    lines += [
+        "",
+        "Canvas prompt share: the share of the MLLM canvas states' variance that is across prompts "
+        "(0: the canvas is a per-position embedding that ignores the prompt).",
+    ]
     lines += ["", "Object accuracy (seed mean) vs step:", "", "| arm | " + " | ".join(map(str, steps)) + " |"]
     lines.append("|---|" + "---|" * len(steps))
     for arm, t in table.items():
