@@ -764,6 +764,61 @@ def test_untrained_native_is_the_backbone(name, server, editor, inputs, artifact
     )
 
 
+# --- A checkpoint trained from the CLI, used by a workflow in the real ComfyUI (issue 5) --------------------------
+
+TRAINED_NAME = "tiny-sana-t2i.safetensors"  # the recipe's name + .safetensors (docs/TRAINING.md)
+
+
+def test_trained_checkpoint_changes_the_image(server, api_prompt, models_dir, artifacts, tmp_path):
+    """python -m metacanvas_core.train tiny_sana_t2i for 3 steps, as a user runs it, against the e2e models' tiny
+    Qwen and SANA (--set mllm/backbone); its checkpoint copied to models/metacanvas/ appears in the Connector
+    Loader's list (object_info is computed again on each request), and text_to_image with it saves an image that
+    is not the "new (untrained)" one (same seed, prompt, sizes, 2 steps)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "metacanvas_core.train", "tiny_sana_t2i", "--output-dir", str(out)]
+    cmd += ["--max-steps", "3", "--no-progress"]
+    cmd += ["--set", f"mllm={json.dumps(str(models_dir / 'LLM' / 'tiny-qwen2_5-vl'))}"]
+    cmd += ["--set", f"backbone={json.dumps(str(models_dir / 'diffusers' / 'tiny-sana'))}"]
+    t0 = time.time()
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    train_s = time.time() - t0
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    trained = out / TRAINED_NAME
+    assert trained.is_file(), sorted(p.name for p in out.iterdir())
+    assert "trained 3 steps" in res.stdout + res.stderr
+    assert not (out / "tiny-models").exists(), "the recipe wrote its own tiny models instead of the e2e ones"
+
+    target = models_dir / "metacanvas" / TRAINED_NAME
+    assert not target.exists()
+    shutil.copy(trained, target)
+    try:
+        status, info = _http("GET", f"{server['url']}/object_info/MetaCanvasConnectorLoader")
+        assert status == 200, info
+        choices = info["MetaCanvasConnectorLoader"]["input"]["required"]["checkpoint"][0]
+        assert TRAINED_NAME in choices and "new (untrained)" in choices, choices
+
+        images = {}
+        for label, checkpoint in (("untrained", "new (untrained)"), ("trained", TRAINED_NAME)):
+            api = tiny(api_prompt, seed=7)
+            api[_one(api, "MetaCanvasConnectorLoader")]["inputs"]["checkpoint"] = checkpoint
+            assert api[_one(api, "MetaCanvasSampler")]["inputs"]["use_canvas"] is True
+            save = _one(api, "SaveImage")
+            api[save]["inputs"]["filename_prefix"] = f"ckpt_{label}"
+            rc, report, entry = run_prompt(server, api, f"ckpt_{label}", artifacts / f"ckpt_{label}")
+            assert rc == 0, report
+            images[label] = _load_saved(artifacts / f"ckpt_{label}", entry["outputs"][save]["images"])
+            assert images[label].shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3), images[label].shape
+    finally:
+        target.unlink()
+    assert images["trained"].std() > 0, "the trained checkpoint's image is one constant colour"
+    diff = np.abs(images["trained"].astype(int) - images["untrained"].astype(int))
+    assert diff.max() > 0, "the trained checkpoint made the same image as the untrained connector"
+    print(
+        f"trained 3 steps in {train_s:.1f}s; trained vs untrained image: {int((diff > 0).sum())} of {diff.size} "
+        f"values differ, mean |diff| {diff.mean():.2f}, max {diff.max()}"
+    )
+
+
 # --- Timing: the whole graph in ComfyUI vs the same core calls in-process (metacanvas_core/bench.py [3]) -----------
 
 TIMING_RUNS = 5
