@@ -78,11 +78,13 @@ def test_default_connector_config_unchanged(tiny):
 
 
 def test_every_arm_trains_and_evaluates(tmp_path):
-    s = layout.Settings(steps=2, eval_every=2, batch_size=2, sample_steps=2, test_prompts=2, grid_prompts=2, threads=2)
+    s = layout.Settings(
+        steps=1, batch_size=2, sample_steps=2, test_prompts=2, grid_prompts=2, threads=2, eval_at_start=False
+    )
     r = layout.run_experiment(tmp_path, seeds=1, settings=s, workers=1, n_train=16)
     assert {x["arm"] for x in r["results"]} == set(layout.ARMS)
     for x in r["results"]:
-        assert [p["step"] for p in x["curve"]] == [0, 2]
+        assert [p["step"] for p in x["curve"]] == [1]
         assert all(0 <= p["object"] <= 1 for p in x["curve"]) and np.isfinite(x["final_loss"])
         assert len(x["samples"]) == 2 and x["samples"][0].shape == (48, 48, 3)
     for name in ("layout_report.md", "layout_plot.png", "layout_samples.png", "results.json"):

@@ -284,6 +284,7 @@ class Settings:
     test_prompts: int = 16
     grid_prompts: int = 8
     threads: int = 1
+    eval_at_start: bool = True  # judge the untrained model at step 0 too
 
 
 @torch.no_grad()
@@ -365,7 +366,7 @@ def run_arm(arm: str, seed: int, manifest: Path, models: dict, out: Path, s: Set
     trainer.backbone.encode = pixel_encode  # the exact pixel autoencoder (see the module docstring)
     test = test[: s.test_prompts]
     curve, losses = [], []
-    points = sorted({*range(0, s.steps, s.eval_every), s.steps})
+    points = sorted({*range(0 if s.eval_at_start else s.eval_every, s.steps, s.eval_every), s.steps})
     for target in points:
         if target > trainer.step:
             trainer.max_steps = target
