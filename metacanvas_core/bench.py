@@ -29,17 +29,6 @@ from . import realconfigs  # noqa: E402
 from .connectors import CanvasConnector  # noqa: E402
 
 
-def _time(fn, repeats: int) -> float:
-    """Median seconds of `fn()` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def sampler_vs_pipeline(mllm: Path, sana_folder: Path, steps: int, repeats: int) -> None:
     from diffusers import SanaPipeline
 

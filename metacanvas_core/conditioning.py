@@ -8,7 +8,7 @@ also get their own inputs made from the plan's input images (`Backbone.prepare_r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -41,12 +41,9 @@ class Conditioning:
 
     def with_negative(self, other: Conditioning) -> Conditioning:
         """This conditioning with another one's positive context as the unconditional branch."""
-        negative = {
-            "negative_context": other.context,
-            "negative_mask": other.context_mask,
-            "negative_pooled": other.pooled,
-        }
-        return Conditioning(**{**self.__dict__, **negative})
+        return replace(
+            self, negative_context=other.context, negative_mask=other.context_mask, negative_pooled=other.pooled
+        )
 
 
 @torch.no_grad()

@@ -35,10 +35,6 @@ def _comfy(module: str):
         return None
 
 
-def in_comfyui() -> bool:
-    return _comfy("comfy.model_management") is not None
-
-
 def torch_device() -> torch.device:
     mm = _comfy("comfy.model_management")
     if mm is not None:

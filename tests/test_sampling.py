@@ -99,3 +99,13 @@ def test_bf16_backbone_with_fp32_checkpoint(tiny, planner):
     on, off = sample(sana16, cond, **kw), sample(sana16, cond, use_canvas=False, **kw)
     assert on.dtype == torch.float32 and torch.isfinite(on).all() and not torch.equal(on, off)
     assert torch.isfinite(sana16.decode(on)).all()
+
+
+def test_negative_from_another_conditioning(sana, fresh_cond, planner):
+    mc = new_metacanvas(planner, sana)
+    grid = mc.canvas_grid(64, 64)
+    other = project(planner.plan("a green tree", mc.canvas(grid), grid), mc, sana)
+    swapped = fresh_cond.with_negative(other)
+    assert torch.equal(swapped.negative_context, other.context) and torch.equal(swapped.context, fresh_cond.context)
+    kw = dict(seed=0, steps=2, cfg=4.5, height=64, width=64, scheduler="flow_euler")
+    assert not torch.equal(sample(sana, swapped, **kw), sample(sana, fresh_cond, **kw))
