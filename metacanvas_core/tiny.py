@@ -57,8 +57,8 @@ _CORPUS = [
 ] * 20
 
 
-def _byte_bpe(special: list[str], vocab_size: int, bos: str | None = None):
-    """A byte-level BPE tokenizer trained in memory (no hub files), wrapped for transformers."""
+def _byte_bpe(special: list[str], vocab_size: int, bos: str | None = None, corpus: list[str] = _CORPUS):
+    """A byte-level BPE tokenizer trained in memory on `corpus` (no hub files), wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -68,7 +68,7 @@ def _byte_bpe(special: list[str], vocab_size: int, bos: str | None = None):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tk.train_from_iterator(_CORPUS, trainer)
+    tk.train_from_iterator(corpus, trainer)
     if bos is not None:
         tk.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", special_tokens=[(bos, tk.token_to_id(bos))]
@@ -76,12 +76,15 @@ def _byte_bpe(special: list[str], vocab_size: int, bos: str | None = None):
     return tk, PreTrainedTokenizerFast
 
 
-def write_tiny_qwen(folder: Path, seed: int = 0) -> Path:
-    """Qwen2.5-VL with hidden size 64, 2 layers, a 2-block vision tower; images of 56×56 → 4 tokens."""
+def write_tiny_qwen(folder: Path, seed: int = 0, corpus: list[str] = _CORPUS, vocab_size: int = 320) -> Path:
+    """Qwen2.5-VL with hidden size 64, 2 layers, a 2-block vision tower; images of 56×56 → 4 tokens.
+
+    The tokenizer is a byte-level BPE of `vocab_size` trained on `corpus`.
+    """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tk, Fast = _byte_bpe(QWEN_SPECIAL, 320)
+    tk, Fast = _byte_bpe(QWEN_SPECIAL, vocab_size, corpus=corpus)
     tokenizer = Fast(
         tokenizer_object=tk,
         eos_token="<|im_end|>",

@@ -35,10 +35,20 @@ def test_judge_ground_truth_and_shuffled():
     raw = [np.asarray(layout.draw(s, jitter=j)) for s, j in zip(data.train[:200], data.jitter, strict=False)]
     assert layout.judge_all(raw, data.train[:200])["all"] >= 0.99
     gt, shuffled = layout.judge_sanity(data)  # through the pixel autoencoder
-    assert gt["object"] >= 0.99 and gt["count"] >= 0.99 and gt["all"] >= 0.99
-    assert shuffled["object"] < 0.15 and shuffled["all"] < 0.1
+    assert gt["object"] >= 0.99 and gt["cell"] >= 0.99 and gt["count"] >= 0.99 and gt["all"] >= 0.99
+    assert shuffled["object"] < 0.15 and shuffled["cell"] < 0.4 and shuffled["all"] < 0.1
     blank = np.full((layout.SIZE, layout.SIZE, 3), 245, np.uint8)
-    assert layout.judge(blank, data.test[0])["object"] == 0.0
+    assert layout.judge(blank, data.test[0])["object"] == 0.0 and layout.judge(blank, data.test[0])["cell"] == 0.0
+
+
+def test_judge_reads_shades_by_hue_and_placement_without_colour():
+    scene = [("circle", "blue", 0), ("square", "yellow", 4)]
+    image = np.asarray(layout.draw(scene)).astype(np.float32)
+    dark = (image * 0.55).astype(np.uint8)  # a darker shade of every colour (and a grey background)
+    assert layout.judge(dark, scene)["all"] == 1.0
+    swapped = [("circle", "yellow", 0), ("square", "blue", 4)]  # right cells, colours bound the wrong way
+    score = layout.judge(np.asarray(layout.draw(scene)), swapped)
+    assert score["object"] == 0.0 and score["colour"] == 0.0 and score["cell"] == 1.0 and score["count"] == 1.0
 
 
 def test_pixel_autoencoder_round_trip():
@@ -79,9 +89,16 @@ def test_default_connector_config_unchanged(tiny):
 
 def test_every_arm_trains_and_evaluates(tmp_path):
     s = layout.Settings(
-        steps=1, batch_size=2, sample_steps=2, test_prompts=2, grid_prompts=2, threads=2, eval_at_start=False
+        steps=1,
+        batch_size=2,
+        sample_steps=2,
+        test_prompts=2,
+        grid_prompts=2,
+        threads=2,
+        eval_at_start=False,
+        mllm_steps=2,
     )
-    r = layout.run_experiment(tmp_path, seeds=1, settings=s, workers=1, n_train=16)
+    r = layout.run_experiment(tmp_path, seeds=1, settings=s, arms=list(layout.ARMS), workers=1, n_train=16)
     assert {x["arm"] for x in r["results"]} == set(layout.ARMS)
     for x in r["results"]:
         assert [p["step"] for p in x["curve"]] == [1]
@@ -90,4 +107,14 @@ def test_every_arm_trains_and_evaluates(tmp_path):
     for name in ("layout_report.md", "layout_plot.png", "layout_samples.png", "results.json"):
         assert (tmp_path / name).is_file()
     assert "| canvas |" in (tmp_path / "layout_report.md").read_text()
-    assert set(json.loads((tmp_path / "results.json").read_text())["table"]) == set(layout.ARMS)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["table"]) == set(layout.ARMS)
+    assert results["mllm"]["kind"] == "language" and results["mllm"]["grounding"]["steps"] == 2
+    assert "trained on the toy language" in (tmp_path / "layout_report.md").read_text()
+
+
+def test_random_mllm_option(tmp_path):
+    data = layout.make_data(0, n_train=16)
+    models = layout.write_models(tmp_path, [0], data, mllm="random")
+    assert models["mllm"].name == "mllm-random" and models["grounding"] is None
+    assert (models["mllm"] / "model.safetensors").is_file() and (models["dits"][0] / "transformer").is_dir()

@@ -1,8 +1,9 @@
 """Toy-scale rerun of the paper's T2I study (§4, Table 3): does the canvas beat global conditioning on layout?
 
-Every arm has the same frozen tiny MLLM (random Qwen2.5-VL, width 64), the same tiny SANA-style DiT trained
-from scratch (random init per seed, all parameters trained), the same data, steps, seed and learning rate,
-run by the pack's own trainer (`training.Trainer`):
+Every arm has the same frozen tiny MLLM (Qwen2.5-VL, width 64, taught the toy language by text-only grounding
+in `toy_mllm`, or with `--mllm random` left random), the same tiny SANA-style DiT trained from scratch
+(random init per seed, all parameters trained), the same data, steps, seed and learning rate, run by the
+pack's own trainer (`training.Trainer`):
 
   global           context connector only (MLLM prompt states → DiT cross-attention), no canvas
   canvas           MetaCanvas: canvas + canvas connector (align + fuse) + the same context connector
@@ -18,12 +19,13 @@ held-out prompt is a training prompt. The "VAE" is a fixed exact pixel autoencod
 12×12×3, plus a zero channel; nearest upsampling back), because the tiny DC-AE is random and cannot
 reconstruct: a judge would only see its noise. The DiT sees 12×12 = 144 tokens; the canvas is 12×12.
 
-Judge (no learned model): every pixel is classified to the nearest palette colour (or none); per named
-object it checks its colour's mass peaks in its named cell (position), that the named cell's dominant colour
-is its colour (colour binding), and per image that the number of occupied cells is the number of objects
-(count). `object` = position and colour both right; `all` = every object right and the count right.
+Judge (no learned model): every pixel is classified by hue to a palette colour (or none, when unsaturated
+or dark); per named object it checks its colour's mass peaks in its named cell (position), that the named
+cell's dominant colour is its colour (colour binding), and that its cell holds some object (cell: placement
+alone); per image, that the number of occupied cells is the number of objects (count). `object` = position
+and colour both right; `all` = every object right and the count right.
 
-    python -m metacanvas_core.experiments.layout --out runs/layout [--steps N --seeds K --workers W]
+    python -m metacanvas_core.experiments.layout --out runs/layout [--steps N --seeds K --workers W --mllm random]
 """
 
 from __future__ import annotations
@@ -77,8 +79,10 @@ LORA_ARMS = {
         "target_modules": r"model\.language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
     }
 }
+DEFAULT_ARMS = [a for a in ARMS if a not in LORA_ARMS]  # the issue's arms; add canvas_lora with --arms
 
 Obj = tuple[str, str, int]  # (shape, colour, cell)
+METRICS = ("object", "position", "colour", "cell", "count", "all")  # the judge's scores
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -157,43 +161,64 @@ def write_data(data: LayoutData, folder: Path) -> Path:
 
 
 # --- judge ------------------------------------------------------------------------------------
-_PALETTE = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)
-_NAMES = ["background", *COLOURS]
-
-
-def colour_mass(image) -> np.ndarray:
-    """(colours, 9): the fraction of each grid cell's pixels nearest to each palette colour (background excluded).
-
-    A pixel farther than 70 (RGB, 0..255) from every palette colour counts for none.
-    """
+def _hsv(image) -> np.ndarray:
+    """(H, W, 3) uint8 hue, saturation, value (PIL's HSV, each 0..255) of an RGB image in 0..255 or 0..1."""
     x = np.asarray(image, dtype=np.float32)
     if x.max() <= 1.0 + 1e-6:
         x = x * 255
-    dist = np.linalg.norm(x[:, :, None, :] - _PALETTE[None, None], axis=-1)
-    label = np.where(dist.min(-1) < 70, dist.argmin(-1), -1)
+    return np.asarray(Image.fromarray(x.round().clip(0, 255).astype(np.uint8), "RGB").convert("HSV")).astype(np.int32)
+
+
+_HUES = _hsv(np.array([list(COLOURS.values())], dtype=np.uint8))[0, :, 0]
+
+
+def colour_mass(image) -> np.ndarray:
+    """(colours, 9): the fraction of each grid cell's pixels of each palette colour.
+
+    A pixel is coloured when saturated and bright enough (S ≥ 0.35, V ≥ 0.25; the background is not) and
+    takes the palette colour of nearest hue, so a darker or paler shade of blue still counts as blue, as a
+    person (or GenEval's colour classifier) would say.
+    """
+    hsv = _hsv(image)
+    diff = np.abs(hsv[:, :, :1] - _HUES[None, None])
+    diff = np.minimum(diff, 256 - diff)  # hue is circular
+    label = np.where((hsv[:, :, 1] >= 90) & (hsv[:, :, 2] >= 64), diff.argmin(-1), -1)
     h, w = label.shape
     mass = np.zeros((len(COLOURS), 9))
     for k in range(9):
         cell = label[(k // 3) * h // 3 : (k // 3 + 1) * h // 3, (k % 3) * w // 3 : (k % 3 + 1) * w // 3]
         for j in range(len(COLOURS)):
-            mass[j, k] = (cell == j + 1).mean()
+            mass[j, k] = (cell == j).mean()
     return mass
 
 
 def judge(image, scene: list[Obj], threshold: float = 0.05) -> dict[str, float]:
-    """Scores of one image against its scene: position, colour, object (per-object means), count, all (0/1)."""
+    """Scores of one image against its scene: per-object means of position, colour, object and cell, and per
+    image count and all (0/1).
+
+    position: the object's colour mass peaks in its named cell; colour: the named cell's dominant colour is
+    its colour; object: both; cell: its named cell holds some object, whatever the colour (placement alone).
+    """
     mass = colour_mass(image)
     names = list(COLOURS)
-    pos = col = obj = 0
+    pos = col = obj = placed = 0
     for _shape, colour, cell in scene:
         j = names.index(colour)
         p = mass[j, cell] >= threshold and int(mass[j].argmax()) == cell
         c = mass[:, cell].max() >= threshold and int(mass[:, cell].argmax()) == j
         pos, col, obj = pos + p, col + c, obj + (p and c)
+        placed += mass[:, cell].sum() >= threshold
     n = len(scene)
-    occupied = int((mass.max(0) >= threshold).sum())
+    occupied = int((mass.sum(0) >= threshold).sum())
     count = float(occupied == n)
-    return {"position": pos / n, "colour": col / n, "object": obj / n, "count": count, "all": float(obj == n and count)}
+    return {
+        "position": pos / n,
+        "colour": col / n,
+        "object": obj / n,
+        "cell": placed / n,
+        "count": count,
+        "all": float(obj == n and count),
+    }
 
 
 def judge_all(images, scenes) -> dict[str, float]:
@@ -215,21 +240,53 @@ def pixel_decode(latents: torch.Tensor) -> torch.Tensor:
 
 
 # --- models -----------------------------------------------------------------------------------
-def write_models(root: Path, seeds: list[int], width: int = 64, layers: int = 4) -> dict:
-    """The frozen tiny MLLM (one for all arms) and a from-scratch DiT per seed (SANA-style, width × layers)."""
+MLLMS = ("language", "random")
+
+
+def language_scenes(data: LayoutData, n: int = 20_000, seed: int = 1) -> list[list[Obj]]:
+    """The MLLM's own text corpus: seeded scenes over every triple (it knows the language), no test prompt."""
+    rng = random.Random(seed)
+    test = {prompt_of(s) for s in data.test}
+    out: list[list[Obj]] = []
+    while len(out) < n:
+        scene = _scene(rng)
+        if prompt_of(scene) not in test:
+            out.append(scene)
+    return out
+
+
+def write_models(
+    root: Path,
+    seeds: list[int],
+    data: LayoutData,
+    mllm: str = "language",
+    mllm_steps: int = 1500,
+    width: int = 64,
+    layers: int = 4,
+) -> dict:
+    """The frozen tiny MLLM (one for all arms) and a from-scratch DiT per seed (SANA-style, width × layers).
+
+    `mllm`: "language" = trained on the toy language first (`toy_mllm`), "random" = random weights.
+    """
     from diffusers import SanaTransformer2DModel
 
     from ..tiny import write_tiny_qwen, write_tiny_sana
+    from .toy_mllm import write_language_mllm
 
-    mllm = root / "mllm"
-    if not (mllm / "config.json").is_file():
-        write_tiny_qwen(mllm, seed=0)
+    folder = root / f"mllm-{mllm}"
+    done = folder / ("grounding.json" if mllm == "language" else "model.safetensors")
+    if not done.is_file():
+        if mllm == "language":
+            write_language_mllm(folder, language_scenes(data), data.test, CELLS, prompt_of, steps=mllm_steps)
+        else:
+            write_tiny_qwen(folder, seed=0)
+    grounding = folder / "grounding.json"
     dits = {}
     for seed in seeds:
-        folder = root / f"dit-{seed}"
-        if not (folder / "transformer" / "config.json").is_file():
-            write_tiny_sana(folder, seed=seed)
-            shutil.rmtree(folder / "transformer")
+        dit = root / f"dit-{seed}"
+        if not (dit / "transformer" / "config.json").is_file():
+            write_tiny_sana(dit, seed=seed)
+            shutil.rmtree(dit / "transformer")
             torch.manual_seed(seed)
             heads = width // 16
             SanaTransformer2DModel(
@@ -246,9 +303,14 @@ def write_models(root: Path, seeds: list[int], width: int = 64, layers: int = 4)
                 sample_size=SIZE // STRIDE,
                 patch_size=1,
                 norm_elementwise_affine=False,
-            ).save_pretrained(folder / "transformer", safe_serialization=True)
-        dits[seed] = folder
-    return {"mllm": mllm, "dits": dits}
+            ).save_pretrained(dit / "transformer", safe_serialization=True)
+        dits[seed] = dit
+    return {
+        "mllm": folder,
+        "mllm_kind": mllm,
+        "grounding": json.loads(grounding.read_text()) if grounding.is_file() else None,
+        "dits": dits,
+    }
 
 
 def write_init_checkpoint(path: Path, mllm: Path, dit: Path, seed: int, connector: dict) -> Path:
@@ -274,17 +336,18 @@ def write_init_checkpoint(path: Path, mllm: Path, dit: Path, seed: int, connecto
 # --- one arm ----------------------------------------------------------------------------------
 @dataclass
 class Settings:
-    steps: int = 300
-    eval_every: int = 75
+    steps: int = 1000
+    eval_every: int = 250
     batch_size: int = 8
     lr: float = 1e-3
     warmup: int = 20
     sample_steps: int = 12
     cfg: float = 3.0
-    test_prompts: int = 16
+    test_prompts: int = 32
     grid_prompts: int = 8
     threads: int = 1
     eval_at_start: bool = True  # judge the untrained model at step 0 too
+    mllm_steps: int = 1500  # grounding steps of the toy-language MLLM (`toy_mllm`)
 
 
 @torch.no_grad()
@@ -502,7 +565,7 @@ def summarise(results: list[dict]) -> dict:
         final = [r["curve"][-1] for r in runs]
         table[arm] = {
             "seeds": [r["seed"] for r in runs],
-            **{k: [f[k] for f in final] for k in ("object", "position", "colour", "count", "all")},
+            **{k: [f[k] for f in final] for k in METRICS},
             "final_loss": [r["final_loss"] for r in runs],
             "prompt_share": [r["prompt_share"]["states"] for r in runs if r.get("prompt_share")],
             "seconds": [r["seconds"] for r in runs],
@@ -514,7 +577,9 @@ def summarise(results: list[dict]) -> dict:
     return table
 
 
-def write_report(results: list[dict], data: LayoutData, s: Settings, out: Path, wall: float, gt: dict, shuffled: dict):
+def write_report(
+    results: list[dict], data: LayoutData, s: Settings, out: Path, wall: float, gt: dict, shuffled: dict, models: dict
+):
     table = summarise(results)
     lines = [
         "# Layout experiment: canvas vs global conditioning (toy scale)",
@@ -526,15 +591,19 @@ def write_report(results: list[dict], data: LayoutData, s: Settings, out: Path, 
         f"({torch.__version__}).",
         "",
         f"Judge sanity: ground truth (through the pixel autoencoder) object {gt['object']:.3f}, all {gt['all']:.3f}; "
-        f"shuffled images object {shuffled['object']:.3f}, all {shuffled['all']:.3f}.",
+        f"shuffled images object {shuffled['object']:.3f}, cell {shuffled['cell']:.3f}, count "
+        f"{shuffled['count']:.3f}, all {shuffled['all']:.3f}.",
+        "",
+        _mllm_line(models),
         "",
         "Final judge scores on held-out prompts, mean ± std over seeds (per-seed values in results.json):",
         "",
-        "| arm | object | position | colour | count | all correct | train loss (last 10%) | canvas prompt share | s/run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | object | position | colour | cell | count | all correct | train loss (last 10%) | canvas prompt share "
+        "| s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, t in table.items():
-        cells = [_fmt(t[k]) for k in ("object", "position", "colour", "count", "all", "final_loss")]
+        cells = [_fmt(t[k]) for k in (*METRICS, "final_loss")]
         share = _fmt(t["prompt_share"]) if t["prompt_share"] else "–"
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {share} | {statistics.mean(t['seconds']):.0f} |")
     steps = sorted({p["step"] for r in results for p in r["curve"]})
@@ -556,11 +625,23 @@ def write_report(results: list[dict], data: LayoutData, s: Settings, out: Path, 
                 "wall_s": wall,
                 "judge_ground_truth": gt,
                 "judge_shuffled": shuffled,
+                "mllm": {"kind": models["mllm_kind"], "grounding": models["grounding"]},
                 "table": table,
                 "runs": [{k: v for k, v in r.items() if k != "samples"} for r in results],
             },
             indent=1,
         )
+    )
+
+
+def _mllm_line(models: dict) -> str:
+    g = models["grounding"]
+    if g is None:
+        return "MLLM: the tiny Qwen2.5-VL with random weights (frozen)."
+    return (
+        f"MLLM: the tiny Qwen2.5-VL trained on the toy language ({g['steps']} steps of text-only grounding), "
+        f"frozen; held-out grounding answers: {g['test']['token']:.3f} of tokens right, {g['test']['exact']:.3f} "
+        "exactly right (teacher-forced)."
     )
 
 
@@ -580,6 +661,7 @@ def run_experiment(
     arms: list[str] | None = None,
     workers: int = 2,
     n_train: int = 2000,
+    mllm: str = "language",
 ) -> dict:
     s = settings or Settings()
     out.mkdir(parents=True, exist_ok=True)
@@ -587,9 +669,9 @@ def run_experiment(
     data = make_data(0, n_train=n_train)
     manifest = write_data(data, out / "data")
     seed_list = list(range(seeds))
-    models = write_models(out / "models", seed_list)
+    models = write_models(out / "models", seed_list, data, mllm, s.mllm_steps)
     gt, shuffled = judge_sanity(data)
-    jobs = [(arm, seed, manifest, models, out, s, data.test) for seed in seed_list for arm in (arms or list(ARMS))]
+    jobs = [(arm, seed, manifest, models, out, s, data.test) for seed in seed_list for arm in (arms or DEFAULT_ARMS)]
     if workers > 1:
         import multiprocessing
 
@@ -598,7 +680,7 @@ def run_experiment(
     else:
         results = [_job(j) for j in jobs]
     wall = time.perf_counter() - start
-    write_report(results, data, s, out, wall, gt, shuffled)
+    write_report(results, data, s, out, wall, gt, shuffled, models)
     plot(results, out / "layout_plot.png")
     sample_grid(results, data.test[: s.grid_prompts], out / "layout_samples.png")
     return {"results": results, "table": summarise(results), "wall_s": wall, "judge": (gt, shuffled)}
@@ -611,7 +693,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="parallel runs (one CPU thread each)")
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS))
+    p.add_argument("--mllm", choices=MLLMS, default="language", help="the frozen MLLM: toy-language-trained or random")
     p.add_argument("--batch-size", type=int, default=Settings.batch_size)
     p.add_argument("--lr", type=float, default=Settings.lr)
     p.add_argument("--test-prompts", type=int, default=Settings.test_prompts)
@@ -625,7 +708,7 @@ def main(argv: list[str] | None = None) -> None:
         test_prompts=a.test_prompts,
         sample_steps=a.sample_steps,
     )
-    r = run_experiment(a.out, a.seeds, s, a.arms.split(","), a.workers)
+    r = run_experiment(a.out, a.seeds, s, a.arms.split(","), a.workers, mllm=a.mllm)
     print((a.out / "layout_report.md").read_text())
     print(f"wall {r['wall_s'] / 60:.1f} min")
 
