@@ -197,7 +197,8 @@ def judge(image, scene: list[Obj], threshold: float = 0.05) -> dict[str, float]:
     image count and all (0/1).
 
     position: the object's colour mass peaks in its named cell; colour: the named cell's dominant colour is
-    its colour; object: both; cell: its named cell holds some object, whatever the colour (placement alone).
+    its colour; object: both; cell: its named cell holds some object, whatever the colour (placement alone;
+    recall only, so colourful noise in every cell passes it: read it with count, which fails extra blobs).
     """
     mass = colour_mass(image)
     names = list(COLOURS)
@@ -616,7 +617,7 @@ def write_report(
     lines.append("|---|" + "---|" * len(steps))
     for arm, t in table.items():
         lines.append(f"| {arm} | " + " | ".join(f"{t['curve'][k]:.3f}" for k in steps) + " |")
-    lines += ["", "![judge vs step](layout_plot.png)", "", "![samples](layout_samples.png)", ""]
+    lines += ["", "![object accuracy vs step](layout_plot.png)", "", "![samples](layout_samples.png)", ""]
     (out / "layout_report.md").write_text("\n".join(lines))
     (out / "results.json").write_text(
         json.dumps(
