@@ -118,3 +118,5 @@ def test_random_mllm_option(tmp_path):
     models = layout.write_models(tmp_path, [0], data, mllm="random")
     assert models["mllm"].name == "mllm-random" and models["grounding"] is None
     assert (models["mllm"] / "model.safetensors").is_file() and (models["dits"][0] / "transformer").is_dir()
+    with pytest.raises(ValueError, match="mllm must be one of"):
+        layout.write_models(tmp_path, [0], data, mllm="pretrained")

@@ -274,14 +274,14 @@ def write_models(
     from ..tiny import write_tiny_qwen, write_tiny_sana
     from .toy_mllm import write_language_mllm
 
+    if mllm not in MLLMS:
+        raise ValueError(f"mllm must be one of {MLLMS}, got {mllm!r}")
     folder = root / f"mllm-{mllm}"
-    done = folder / ("grounding.json" if mllm == "language" else "model.safetensors")
-    if not done.is_file():
-        if mllm == "language":
-            write_language_mllm(folder, language_scenes(data), data.test, CELLS, prompt_of, steps=mllm_steps)
-        else:
-            write_tiny_qwen(folder, seed=0)
     grounding = folder / "grounding.json"
+    if mllm == "random" and not (folder / "model.safetensors").is_file():
+        write_tiny_qwen(folder, seed=0)
+    if mllm == "language" and not (grounding.is_file() and json.loads(grounding.read_text())["steps"] == mllm_steps):
+        write_language_mllm(folder, language_scenes(data), data.test, CELLS, prompt_of, steps=mllm_steps)
     dits = {}
     for seed in seeds:
         dit = root / f"dit-{seed}"

@@ -32,7 +32,10 @@ def answer_of(scene, cells: tuple[str, ...]) -> str:
 
 
 def _chat(prompt: str, answer: str) -> str:
-    """The Qwen chat format of one grounding exchange (the planner's user turn, then the answer)."""
+    """The Qwen chat format of one grounding exchange (the planner's user turn, then the answer).
+
+    Written out rather than rendered by the tokenizer: the tokenizer is trained on these texts.
+    """
     return f"{SYSTEM}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
 
 
