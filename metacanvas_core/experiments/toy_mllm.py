@@ -39,19 +39,23 @@ def _chat(prompt: str, answer: str) -> str:
     return f"{SYSTEM}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
 
 
-def _batch(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask, and a mask of the answer tokens (the loss is on those only)."""
-    ids, answer = [], []
+def _encode(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each exchange and a mask of its answer tokens (the loss is on those only)."""
+    out = []
     for prompt, ans in pairs:
-        full = tokenizer(_chat(prompt, ans)).input_ids
-        head = len(tokenizer(_chat(prompt, ans).rsplit(ans, 1)[0]).input_ids)
-        ids.append(full)
-        answer.append([0] * head + [1] * (len(full) - head))
-    n = max(map(len, ids))
-    pad = tokenizer.pad_token_id
-    x = torch.tensor([r + [pad] * (n - len(r)) for r in ids])
-    mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in ids])
-    target = torch.tensor([r + [0] * (n - len(r)) for r in answer])
+        text = _chat(prompt, ans)
+        ids = tokenizer(text).input_ids
+        head = len(tokenizer(text.rsplit(ans, 1)[0]).input_ids)
+        out.append((ids, [0] * head + [1] * (len(ids) - head)))
+    return out
+
+
+def _batch(encoded: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and answer mask of encoded exchanges."""
+    n = max(len(ids) for ids, _ in encoded)
+    x = torch.tensor([ids + [pad] * (n - len(ids)) for ids, _ in encoded])
+    mask = torch.tensor([[1] * len(ids) + [0] * (n - len(ids)) for ids, _ in encoded])
+    target = torch.tensor([answer + [0] * (n - len(answer)) for _, answer in encoded])
     return x, mask, target
 
 
@@ -64,7 +68,7 @@ def _logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def grounding_accuracy(model, tokenizer, pairs: list[tuple[str, str]]) -> dict[str, float]:
     """Teacher-forced: the share of answer tokens predicted right, and of answers with every token right."""
     with torch.no_grad():
-        ids, mask, target = _batch(tokenizer, pairs)
+        ids, mask, target = _batch(_encode(tokenizer, pairs), tokenizer.pad_token_id)
         pred = _logits(model, ids, mask)[:, :-1].argmax(-1)
         t = target[:, 1:].bool()
         right = (pred == ids[:, 1:]) | ~t
@@ -98,6 +102,7 @@ def write_language_mllm(
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).train()
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    encoded = _encode(tokenizer, pairs)  # once: the training loop only samples and pads
     params = [p for n, p in model.named_parameters() if "visual" not in n]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, min(100, steps // 10))  # then linear decay to 5%
@@ -106,7 +111,7 @@ def write_language_mllm(
     )
     losses = []
     for _ in range(steps):
-        ids, mask, target = _batch(tokenizer, rng.sample(pairs, batch_size))
+        ids, mask, target = _batch(rng.sample(encoded, batch_size), tokenizer.pad_token_id)
         logits = _logits(model, ids, mask)[:, :-1]
         t = target[:, 1:].bool()
         loss = F.cross_entropy(logits[t].float(), ids[:, 1:][t])
