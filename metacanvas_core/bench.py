@@ -33,8 +33,8 @@ def sampler_vs_pipeline(mllm: Path, sana_folder: Path, steps: int, repeats: int)
     from diffusers import SanaPipeline
 
     from .backbones import load_backbone
-    from .checkpoint import new_metacanvas
     from .conditioning import project
+    from .metacanvas import new_metacanvas
     from .planner import Planner
     from .sampling import sample
 
@@ -43,13 +43,12 @@ def sampler_vs_pipeline(mllm: Path, sana_folder: Path, steps: int, repeats: int)
     h, w = sana.default_size
     prompt = "a red cube left of a blue ball on a wooden table"
     conds = {}
-    for name, mc in (("canvas off", new_metacanvas(planner, sana)), ("canvas on", None)):
-        if mc is None:  # a connector with nonzero projections, so the canvas path really runs
-            mc = new_metacanvas(planner, sana)
+    for name in ("canvas off", "canvas on"):
+        mc = new_metacanvas(planner.hidden_size, sana.spec, "native").to(device)
+        if name == "canvas on":  # a connector with nonzero projections, so the canvas path really runs
             for layer in (mc.canvas_connector.align_out, mc.canvas_connector.out_proj):
                 torch.nn.init.normal_(layer.weight, std=0.02)
-        grid = mc.canvas_grid(h, w)
-        conds[name] = project(planner.plan(prompt, mc.canvas(grid), grid), mc, sana)
+        conds[name] = project(mc.plan(planner, prompt, h, w), mc, sana)
     pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=sana.vae, transformer=sana.transformer, scheduler=None)
     pipe.set_progress_bar_config(disable=True)
     cond = conds["canvas off"]
@@ -57,11 +56,11 @@ def sampler_vs_pipeline(mllm: Path, sana_folder: Path, steps: int, repeats: int)
     def run_pipeline():
         pipe.scheduler = sana.make_scheduler("flow_euler")
         pipe(
-            prompt_embeds=cond.context,
-            prompt_attention_mask=cond.context_mask,
+            prompt_embeds=cond.positive.embeds,
+            prompt_attention_mask=cond.positive.mask,
             negative_prompt=None,
-            negative_prompt_embeds=cond.negative_context,
-            negative_prompt_attention_mask=cond.negative_mask,
+            negative_prompt_embeds=cond.negative.embeds,
+            negative_prompt_attention_mask=cond.negative.mask,
             num_inference_steps=steps,
             guidance_scale=4.5,
             height=h,

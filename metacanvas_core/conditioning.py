@@ -1,9 +1,14 @@
-"""Projection: a plan + a MetaCanvas checkpoint + a backbone → what the sampler consumes.
+"""Projection: what the MLLM wrote → what a DiT takes. One code path for inference and training.
 
-The canvas is aligned once here (it does not depend on the noise or the timestep); the fuse half of
-the canvas connector runs inside every denoising step. Context comes from the backbone's own text
-encoder ("native") or from the MLLM through the context connector ("mllm"). Editing backbones
-also get their own inputs made from the plan's input images (`Backbone.prepare_references`).
+The canvas states are aligned to the DiT width once (`align_canvas`; they do not depend on the noise
+or the timestep), then interpolated to the token grid of the latents being denoised
+(`CanvasInjection.on_tokens`); the fuse half of the canvas connector runs inside every model call.
+The text slot is filled by the backbone's own text encoder ("native") or from the MLLM's prompt
+states through the context connector (`mllm_context`). Backbones that take images or video
+themselves get their own inputs from the request's (`Backbone.prepare_references`).
+
+`project` makes one sample's `Conditioning` for the sampler; the trainer calls the same functions on
+its batches with gradients on.
 """
 
 from __future__ import annotations
@@ -12,77 +17,74 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from einops import rearrange
 
-from .backbones import Backbone
+from .backbones import Backbone, TextContext
 from .canvas import CanvasGrid
-from .checkpoint import MetaCanvas
-from .connectors import CanvasConnector
+from .connectors import CanvasConnector, ContextConnector
 from .errors import MetaCanvasInputError
+from .inputs import ContextSource
+from .metacanvas import MetaCanvas
 from .planner import Plan
 
 
 @dataclass
 class Conditioning:
-    """Positive and negative context in the backbone's text slot, and the aligned canvas."""
+    """Both text slots, the aligned canvas and the backbone's own inputs: what the sampler consumes."""
 
-    context: torch.Tensor  # (1, L, text_dim)
-    context_mask: torch.Tensor  # (1, L)
-    negative_context: torch.Tensor
-    negative_mask: torch.Tensor
-    canvas: torch.Tensor  # (1, K, Hc, Wc, dit_width)
-    grid: CanvasGrid
+    positive: TextContext
+    negative: TextContext
+    canvas: torch.Tensor  # (1, K, Hc, Wc, dit_width), aligned
     connector: CanvasConnector
     backbone_kind: str
-    references: dict[str, Any] | None = None  # backbone inputs from the input images (FLUX-Kontext: reference tokens)
+    references: Any = None  # the backbone's own inputs from the input images/video (FLUX-Kontext, Wan)
     guidance: float | None = None  # embedded guidance (FLUX); None = the backbone's default
     image_cfg: float = 1.0  # image guidance scale; 1 = off
-    pooled: torch.Tensor | None = None  # native global text vector (FLUX: CLIP pooled); None = backbone default
-    negative_pooled: torch.Tensor | None = None
 
     def with_negative(self, other: Conditioning) -> Conditioning:
-        """This conditioning with another one's positive context as the unconditional branch."""
-        return replace(
-            self, negative_context=other.context, negative_mask=other.context_mask, negative_pooled=other.pooled
-        )
+        """This conditioning with another one's positive text as the unconditional branch."""
+        return replace(self, negative=other.positive)
+
+
+def align_canvas(connector: CanvasConnector, states: torch.Tensor, grid: CanvasGrid) -> torch.Tensor:
+    """Canvas states (B, K·Hc·Wc, mllm_dim) → the aligned canvas (B, K, Hc, Wc, dit_width)."""
+    dtype = next(connector.parameters()).dtype
+    aligned = connector.align(states.to(dtype))
+    return rearrange(aligned, "b (k h w) d -> b k h w d", k=grid.frames, h=grid.height, w=grid.width)
+
+
+def mllm_context(connector: ContextConnector, states: list[torch.Tensor], pooled: torch.Tensor | None) -> TextContext:
+    """The MLLM's prompt states (one (1, L, mllm_dim) per sample) through the context connector, padded into a
+    batch; `pooled`: the backbone's pooled vector for a text slot filled from the MLLM (FLUX), or None."""
+    dtype = next(connector.parameters()).dtype
+    parts = []
+    for s in states:
+        embeds = connector(s.to(dtype))
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        parts.append(TextContext(embeds, mask, None if pooled is None else pooled.to(embeds.device)))
+    return TextContext.cat(parts)
 
 
 @torch.no_grad()
 def project(plan: Plan, mc: MetaCanvas, backbone: Backbone) -> Conditioning:
-    if mc.info.backbone != backbone.kind:
+    """One plan as the sampler takes it, for the backbone that will sample."""
+    if mc.config.backbone != backbone.kind:
         raise MetaCanvasInputError(
-            f"MetaCanvas checkpoint '{mc.name}' is for {mc.info.backbone}, the backbone is {backbone.kind}."
+            f"MetaCanvas checkpoint '{mc.name}' is for {mc.config.backbone}, the backbone is {backbone.kind}."
         )
     device = backbone.device
-    pooled = negative_pooled = None
-    if mc.info.context_source == "native":
-        context, mask = backbone.encode_prompt([plan.prompt])
-        negative, negative_mask = backbone.encode_negative([plan.negative_prompt])
-        pooled, negative_pooled = backbone.encode_pooled([plan.prompt]), backbone.encode_pooled([plan.negative_prompt])
+    if mc.config.context_source == ContextSource.NATIVE:
+        positive = backbone.encode_prompt([plan.prompt])
+        negative = backbone.encode_negative([plan.negative_prompt])
     else:
         if plan.negative_context is None:
             raise MetaCanvasInputError("this plan has no negative context; re-run the Plan node with this checkpoint.")
-        connector = mc.context_connector
-        dtype = next(connector.parameters()).dtype
-        context = connector(plan.context.to(device, dtype))
-        negative = connector(plan.negative_context.to(device, dtype))
-        mask, negative_mask = plan.context_mask.to(device), plan.negative_mask.to(device)
-    connector = mc.canvas_connector
-    states = plan.canvas.to(device, next(connector.parameters()).dtype)
-    g = plan.grid
-    canvas = connector.align(states).reshape(1, g.frames, g.height, g.width, -1)
+        pooled = backbone.default_pooled()
+        positive = mllm_context(mc.context_connector, [plan.context.to(device)], pooled)
+        negative = mllm_context(mc.context_connector, [plan.negative_context.to(device)], pooled)
+    canvas = align_canvas(mc.canvas_connector, plan.canvas.to(device), plan.grid)
     # The output size the plan was made for (its canvas grid × canvas factor × pixel stride).
-    scale = mc.info.canvas_factor * mc.info.pixel_stride
-    references = backbone.prepare_references(plan, mc, g.height * scale, g.width * scale)
-    return Conditioning(
-        context,
-        mask,
-        negative,
-        negative_mask,
-        canvas,
-        g,
-        connector,
-        backbone.kind,
-        references,
-        pooled=pooled,
-        negative_pooled=negative_pooled,
-    )
+    scale = mc.config.canvas_factor * mc.config.pixel_stride
+    size = (plan.grid.height * scale, plan.grid.width * scale)
+    references = backbone.prepare_references(plan.inputs, *size, mc.condition_embedding)
+    return Conditioning(positive, negative, canvas, mc.canvas_connector, backbone.kind, references)

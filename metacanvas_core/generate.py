@@ -27,8 +27,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .backbones import SCHEDULERS, load_backbone  # noqa: E402
-from .checkpoint import load_metacanvas, new_metacanvas  # noqa: E402
+from .checkpoint import load_metacanvas  # noqa: E402
 from .conditioning import project  # noqa: E402
+from .inputs import VisualInputs  # noqa: E402
+from .metacanvas import default_context_source, new_metacanvas  # noqa: E402
 from .planner import Planner  # noqa: E402
 from .sampling import sample  # noqa: E402
 
@@ -70,23 +72,16 @@ def main() -> None:
     t0 = time.perf_counter()
     planner = Planner.from_folder(args.mllm, dtype, device)
     backbone = load_backbone(args.backbone, dtype, device)
-    mc = load_metacanvas(args.checkpoint, device) if args.checkpoint else new_metacanvas(planner, backbone)
-    mc.check_compatible(planner, backbone)
+    if args.checkpoint:
+        mc = load_metacanvas(args.checkpoint, device)
+    else:
+        source = default_context_source(backbone.has_text_encoder)
+        mc = new_metacanvas(planner.hidden_size, backbone.spec, source).to(device)
+    mc.check_compatible(planner.hidden_size, planner.folder, backbone.spec, backbone.folder, backbone.has_text_encoder)
     height, width = args.height or backbone.default_size[0], args.width or backbone.default_size[1]
     t1 = time.perf_counter()
-    grid = mc.canvas_grid(height, width)
-    with torch.no_grad():
-        canvas = mc.canvas(grid)
-    images = [Image.open(args.image).convert("RGB")] if args.image else []
-    plan = planner.plan(
-        args.prompt,
-        canvas,
-        grid,
-        images,
-        negative_prompt=args.negative_prompt,
-        with_negative_context=mc.info.context_source == "mllm",
-        lora=mc.lora,
-    )
+    images = (Image.open(args.image).convert("RGB"),) if args.image else ()
+    plan = mc.plan(planner, args.prompt, height, width, VisualInputs(images), args.negative_prompt)
     cond = project(plan, mc, backbone)
     latents = sample(
         backbone,
@@ -105,7 +100,7 @@ def main() -> None:
     t2 = time.perf_counter()
     Image.fromarray((image.cpu().numpy() * 255).round().astype(np.uint8)).save(args.out)
     print(
-        f"{args.out}: {width}×{height}, checkpoint {mc.name}, canvas {'off' if args.no_canvas else grid.as_thw()}; "
+        f"{args.out}: {width}×{height}, checkpoint {mc.name}, canvas {'off' if args.no_canvas else plan.grid.as_thw()}; "
         f"load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s on {device}"
     )
 

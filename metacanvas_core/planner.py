@@ -19,6 +19,7 @@ from PIL import Image
 
 from .canvas import CanvasGrid
 from .errors import MetaCanvasInputError
+from .inputs import NO_INPUTS, VisualInputs
 
 QWEN25_VL_MODEL_TYPE = "qwen2_5_vl"
 VIDEO_FRAMES = 8  # [D] frames of a video shown to the MLLM
@@ -64,10 +65,8 @@ class Plan:
     grid: CanvasGrid
     negative_context: torch.Tensor | None = None  # (1, L', D), only for MLLM-context backbones
     negative_mask: torch.Tensor | None = None
-    # The input images the MLLM saw; editing backbones (FLUX-Kontext) also feed them to the DiT.
-    images: list[Image.Image] = field(default_factory=list)
-    video: list[Image.Image] = field(default_factory=list)  # a source video's frames (video editing)
-    image_role: str = "references"  # video backbones: "references" or "first frame" (image-to-video)
+    # What the MLLM saw besides the prompt; backbones that take images or video themselves get it too.
+    inputs: VisualInputs = field(default_factory=VisualInputs)
 
     def to(self, device: torch.device | str) -> Plan:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
@@ -156,25 +155,27 @@ class Planner:
         inputs["input_ids"] = self.tokenizer(text, return_tensors="pt").input_ids
         return inputs
 
+    def seen(self, inputs: VisualInputs) -> list[Image.Image]:
+        """The pictures the MLLM reads for `inputs`: the images, then up to VIDEO_FRAMES frames of the video."""
+        return list(inputs.images) + video_frames_for_mllm(list(inputs.video))
+
     @torch.no_grad()
     def plan(
         self,
         prompt: str,
         canvas_embeddings: torch.Tensor,
         grid: CanvasGrid,
-        images: list[Image.Image] | None = None,
+        inputs: VisualInputs = NO_INPUTS,
         negative_prompt: str = "",
         with_negative_context: bool = False,
         lora: CanvasLora | None = None,
-        video: list[Image.Image] | None = None,
-        image_role: str = "references",
     ) -> Plan:
         """Run the planner. `canvas_embeddings` is `CanvasEmbedding(grid)`: start marker, then the canvas.
 
-        A `video` reaches the MLLM as up to VIDEO_FRAMES evenly spaced frames of about
+        A video reaches the MLLM as up to VIDEO_FRAMES evenly spaced frames of about
         VIDEO_FRAME_TOKENS tokens each, after the images.
         """
-        seen = list(images or []) + video_frames_for_mllm(video or [])
+        seen = self.seen(inputs)
         hidden, n_prompt = self.forward(prompt, seen, canvas_embeddings, grid, lora)
         plan = Plan(
             prompt=prompt,
@@ -183,9 +184,7 @@ class Planner:
             context_mask=torch.ones(1, n_prompt, dtype=torch.long, device=hidden.device),
             canvas=hidden[:, n_prompt + 1 :],
             grid=grid,
-            images=list(images or []),
-            video=list(video or []),
-            image_role=image_role,
+            inputs=inputs,
         )
         if with_negative_context:
             neg, n_neg = self.forward(negative_prompt, seen, None, grid, None)
@@ -248,6 +247,30 @@ class Planner:
             )
         return out.hidden_states[-1], n_prompt
 
+    def add_canvas_lora(self, lora: CanvasLora) -> torch.nn.Module:
+        """Wrap the model with `lora` as a peft Activated LoRA invoked by the canvas start marker.
+
+        Returns the peft model (whose LoRA weights a trainer may train); `forward(..., lora)` then runs with it.
+        """
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+        config = LoraConfig(**lora.config, alora_invocation_tokens=[self.canvas_start_id], task_type="CAUSAL_LM")
+        if self._peft is None:
+            self._peft = get_peft_model(self.model, config, adapter_name=lora.name)
+        else:
+            self._peft.add_adapter(lora.name, config)
+        if lora.state_dict:
+            result = set_peft_model_state_dict(self._peft, lora.state_dict, adapter_name=lora.name)
+            if result.unexpected_keys:
+                raise MetaCanvasInputError(f"canvas LoRA '{lora.name}' does not fit MLLM '{self.folder}'.")
+        return self._peft
+
+    def canvas_lora_state(self, name: str, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The LoRA weights of adapter `name` under peft's key names (from `state`, a full state dict, if given)."""
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self._peft, state_dict=state, adapter_name=name)
+
     @contextmanager
     def _lm(self, lora: CanvasLora | None) -> Iterator[torch.nn.Module]:
         """The module to call: the plain model, or the peft wrapper with `lora` active (or disabled)."""
@@ -258,17 +281,7 @@ class Planner:
             with self._peft.disable_adapter():
                 yield self._peft
             return
-        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-
         if self._peft is None or lora.name not in self._peft.peft_config:
-            config = LoraConfig(**lora.config, alora_invocation_tokens=[self.canvas_start_id], task_type="CAUSAL_LM")
-            if self._peft is None:
-                self._peft = get_peft_model(self.model, config, adapter_name=lora.name)
-            else:
-                self._peft.add_adapter(lora.name, config)
-            result = set_peft_model_state_dict(self._peft, lora.state_dict, adapter_name=lora.name)
-            if result.unexpected_keys:
-                raise MetaCanvasInputError(f"canvas LoRA '{lora.name}' does not fit MLLM '{self.folder}'.")
-            self._peft.requires_grad_(False)
+            self.add_canvas_lora(lora).requires_grad_(False)
         self._peft.set_adapter(lora.name)
         yield self._peft

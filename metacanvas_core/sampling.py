@@ -7,27 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .backbones import Backbone, CanvasInjection
-from .canvas import interpolate_canvas
+from .backbones import Backbone, Branch, CanvasInjection, TextContext
 from .conditioning import Conditioning
 from .errors import MetaCanvasInputError
-
-
-def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad the sequence dimension (dim 1) of embeddings (B, L, D) or masks (B, L)."""
-    return F.pad(x, [0, 0] * (x.ndim - 2) + [0, length - x.shape[1]])
-
-
-def batched_context(cond: Conditioning, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[negative, positive] context and mask stacked on the batch (padded to one length), or positive only."""
-    if not guided:
-        return cond.context, cond.context_mask
-    length = max(cond.context.shape[1], cond.negative_context.shape[1])
-    context = torch.cat([_pad_to(cond.negative_context, length), _pad_to(cond.context, length)])
-    mask = torch.cat([_pad_to(cond.negative_mask, length), _pad_to(cond.context_mask, length)])
-    return context, mask
 
 
 @torch.no_grad()
@@ -73,29 +56,30 @@ def sample(
     text_guided = cfg > 1.0
     null_text = text_guided or image_guided  # v_i is needed
     batched = text_guided and backbone.batch_guidance
-    positive = cond.context.to(device), cond.context_mask.to(device)
-    negative = cond.negative_context.to(device), cond.negative_mask.to(device)
-    both = tuple(x.to(device) for x in batched_context(cond, True))
-    pooled, negative_pooled = cond.pooled, cond.negative_pooled  # per-branch global text vectors (FLUX)
-    both_pooled = None if pooled is None else torch.cat([negative_pooled, pooled])
+    positive, negative = cond.positive.to(device), cond.negative.to(device)
     canvas = None
     if use_canvas:
-        tokens = interpolate_canvas(cond.canvas, backbone.token_grid(height, width, frames)).to(device)
-        canvas = CanvasInjection(cond.connector, tokens, rows=slice(1, 2) if batched else slice(0, 1))
-    kw = dict(guidance=guidance)
+        token_grid = backbone.token_grid(height, width, frames)
+        rows = slice(1, 2) if batched else slice(0, 1)
+        canvas = CanvasInjection.on_tokens(cond.connector, cond.canvas.to(device), token_grid, rows)
+    if batched:  # [negative, positive] in one call
+        both = Branch(TextContext.cat([negative, positive]), canvas, refs, guidance)
+    else:
+        conditional = Branch(positive, canvas, refs, guidance)
+        text_null = Branch(negative, None, refs, guidance)
+    image_null = Branch(negative, None, None, guidance)
     for i, t in enumerate(sched.timesteps):
         if batched:
-            x = torch.cat([latents] * 2)
-            v_i, v_c = backbone.predict(x, t, *both, canvas, refs, **kw, pooled=both_pooled).float().chunk(2)
+            v_i, v_c = backbone.predict(torch.cat([latents] * 2), t, both).float().chunk(2)
         else:
-            v_c = backbone.predict(latents, t, *positive, canvas, refs, **kw, pooled=pooled).float()
+            v_c = backbone.predict(latents, t, conditional).float()
             if null_text:
-                v_i = backbone.predict(latents, t, *negative, None, refs, **kw, pooled=negative_pooled).float()
+                v_i = backbone.predict(latents, t, text_null).float()
         v = v_c
         if null_text:
             v = v_i + (cfg if text_guided else 1.0) * (v_c - v_i)
         if image_guided:
-            v_u = backbone.predict(latents, t, *negative, None, None, **kw, pooled=negative_pooled).float()
+            v_u = backbone.predict(latents, t, image_null).float()
             v = v + (image_cfg - 1.0) * (v_i - v_u)
         latents = sched.step(v, t, latents, return_dict=False)[0]
         if on_step is not None:

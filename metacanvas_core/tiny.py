@@ -357,11 +357,12 @@ def write_tiny_metacanvas(path: Path, mllm_folder: Path, backbone_folder: Path, 
     """A MetaCanvas checkpoint for the tiny pair with small random (not zero) projections, so the
     canvas visibly changes the output: a stand-in for a trained checkpoint in tests and demos."""
     from .backbones import load_backbone
-    from .checkpoint import new_metacanvas, save_metacanvas
+    from .checkpoint import save_metacanvas
+    from .metacanvas import new_metacanvas
     from .planner import Planner
 
     backbone = load_backbone(backbone_folder)  # with the paper's context source (SANA: Gemma-2; others: MLLM)
-    mc = new_metacanvas(Planner.from_folder(mllm_folder), backbone, backbone.context_source)
+    mc = new_metacanvas(Planner.from_folder(mllm_folder).hidden_size, backbone.spec, backbone.context_source)
     torch.manual_seed(seed)
     for layer in (mc.canvas_connector.align_out, mc.canvas_connector.out_proj):
         torch.nn.init.normal_(layer.weight, std=0.2)

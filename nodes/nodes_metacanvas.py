@@ -13,17 +13,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metacanvas_core.backbones import BACKBONES, SCHEDULERS, load_backbone
+from metacanvas_core.backbones import SCHEDULERS, load_backbone
 from metacanvas_core.backbones.flux import REFERENCE_RULE
-from metacanvas_core.backbones.wan import FIRST_FRAME, MAX_REFERENCES, REFERENCES
-from metacanvas_core.checkpoint import CONTEXT_SOURCES, load_metacanvas, new_metacanvas
+from metacanvas_core.backbones.wan import MAX_REFERENCES
+from metacanvas_core.checkpoint import load_metacanvas
 from metacanvas_core.conditioning import project
 from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.inputs import ContextSource, ImageRole, VisualInputs
+from metacanvas_core.metacanvas import UNTRAINED, default_context_source, new_metacanvas
 from metacanvas_core.planner import Planner
 from metacanvas_core.sampling import sample
 
 from .runtime import (
-    UNTRAINED,
     Managed,
     find_model,
     intermediate_device,
@@ -210,7 +211,7 @@ class MetaCanvasConnectorLoader:
                     },
                 ),
                 "context": (
-                    ["auto", *CONTEXT_SOURCES],
+                    ["auto", *ContextSource.values()],
                     {
                         "default": "auto",
                         "tooltip": "Where the prompt reaches the backbone's text slot from. native = the backbone's own text encoder (with 'new (untrained)': exactly the plain backbone); mllm = the MLLM through the context connector (the paper's path for Wan2.2 and FLUX-Kontext; noise until trained). auto = the checkpoint's own; for 'new (untrained)', native when the backbone's text encoder is loaded.",
@@ -230,14 +231,16 @@ class MetaCanvasConnectorLoader:
         return True
 
     def load(self, mllm: Loaded, backbone: Loaded, checkpoint: str, context: str = "auto"):
+        planner, bb = mllm.model, backbone.model
         wanted = None if context == "auto" else context
         if checkpoint == UNTRAINED:
-            mc = new_metacanvas(mllm.model, backbone.model, wanted).to(offload_device())
+            source = wanted or default_context_source(bb.has_text_encoder)
+            mc = new_metacanvas(planner.hidden_size, bb.spec, source).to(offload_device())
         else:
             mc = load_metacanvas(find_model(("metacanvas",), checkpoint, "MetaCanvas checkpoint"), offload_device())
             if wanted is not None:
                 mc.check_context_source(wanted)
-        mc.check_compatible(mllm.model, backbone.model)
+        mc.check_compatible(planner.hidden_size, planner.folder, bb.spec, bb.folder, bb.has_text_encoder)
         return (Loaded(mc, Managed({"metacanvas": mc})),)
 
 
@@ -296,9 +299,9 @@ class MetaCanvasPlan:
                     },
                 ),
                 "image_role": (
-                    [REFERENCES, FIRST_FRAME],
+                    ImageRole.values(),
                     {
-                        "default": REFERENCES,
+                        "default": ImageRole.REFERENCES.value,
                         "tooltip": f"Video backbones (Wan2.2): 'first frame' = image-to-video (one image, kept exactly as the first frame); 'references' = reference-images-to-video (1 to {MAX_REFERENCES} images). Images are resized (stretched) to width × height for the DiT. Ignored by image backbones.",
                     },
                 ),
@@ -328,34 +331,13 @@ class MetaCanvasPlan:
         height: int,
         images: torch.Tensor | None = None,
         video: torch.Tensor | None = None,
-        image_role: str = REFERENCES,
+        image_role: str = ImageRole.REFERENCES.value,
         keyframes: int = 0,
     ):
-        pil = _images_to_pil(images)
-        frames = _images_to_pil(video, "video")
-        backbone_cls = BACKBONES.get(metacanvas.model.info.backbone)
-        if backbone_cls is not None and backbone_cls.needs_input_image and not pil:
-            raise MetaCanvasInputError(
-                f"images: this MetaCanvas checkpoint is for {backbone_cls.kind} image editing, which needs the image "
-                "to edit. Connect it (e.g. a core Load Image) to the 'images' input of MetaCanvas Plan."
-            )
+        inputs = VisualInputs(_images_to_pil(images), _images_to_pil(video, "video"), image_role)
         mc = metacanvas.ready()
         planner = mllm.ready()
-        grid = mc.canvas_grid(height, width, keyframes or None)
-        with torch.no_grad():
-            canvas = mc.canvas(grid)
-        result = planner.plan(
-            prompt,
-            canvas,
-            grid,
-            pil,
-            negative_prompt=negative_prompt,
-            with_negative_context=mc.info.context_source == "mllm",
-            lora=mc.lora,
-            video=frames,
-            image_role=image_role,
-        )
-        return (result,)
+        return (mc.plan(planner, prompt, height, width, inputs, negative_prompt, keyframes or None),)
 
 
 class MetaCanvasProject:

@@ -25,7 +25,6 @@ MODEL_KINDS = {
     "diffusers": "model_index.json",
     "metacanvas": ".safetensors",
 }
-UNTRAINED = "new (untrained)"
 
 
 def _comfy(module: str):

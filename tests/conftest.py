@@ -19,6 +19,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(min(2, torch.get_num_threads()))
+if str(ROOT) not in sys.path:  # the research scripts in experiments/ (outside the installed package)
+    sys.path.append(str(ROOT))
 
 
 @pytest.fixture(scope="session")

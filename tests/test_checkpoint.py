@@ -8,38 +8,45 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from metacanvas_core.checkpoint import MetaCanvas, load_metacanvas, new_metacanvas, save_metacanvas
+from metacanvas_core.checkpoint import load_metacanvas, save_metacanvas
 from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.metacanvas import MetaCanvas, new_metacanvas
 from metacanvas_core.planner import CanvasLora
 
 
+def check(mc, planner, backbone):
+    mc.check_compatible(planner.hidden_size, planner.folder, backbone.spec, backbone.folder, backbone.has_text_encoder)
+
+
 def test_round_trip(planner, sana, tmp_path):
-    mc = new_metacanvas(planner, sana)
+    mc = new_metacanvas(planner.hidden_size, sana.spec, "native")
     torch.nn.init.normal_(mc.canvas_connector.out_proj.weight)
     path = tmp_path / "mc.safetensors"
     save_metacanvas(mc, path)
     back = load_metacanvas(path)
-    assert back.info == mc.info and back.name == "mc.safetensors"
+    assert back.config == mc.config and back.name == "mc.safetensors"
     for (k, a), (k2, b) in zip(mc.state_dict().items(), back.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
-    back.check_compatible(planner, sana)
-    assert mc.info.backbone == "sana" and mc.info.canvas_grid == (1, 16, 16) and mc.info.context_source == "native"
+    check(back, planner, sana)
+    assert (
+        mc.config.backbone == "sana" and mc.config.canvas_grid == (1, 16, 16) and mc.config.context_source == "native"
+    )
 
 
 def test_mismatch_is_refused_naming_both(planner, sana, tmp_path):
-    mc = new_metacanvas(planner, sana)
+    mc = new_metacanvas(planner.hidden_size, sana.spec, "native")
     wide = MetaCanvas(
         dataclasses.replace(
-            mc.info, mllm_hidden_size=3584, canvas_connector={**mc.info.canvas_connector, "mllm_dim": 3584}
+            mc.config, mllm_hidden_size=3584, canvas_connector={**mc.config.canvas_connector, "mllm_dim": 3584}
         )
     )
     wide.name = "qwen7b.safetensors"
     with pytest.raises(MetaCanvasInputError, match=r"hidden size 3584.*'.*tiny-qwen2_5-vl' has hidden size 64"):
-        wide.check_compatible(planner, sana)
-    other = MetaCanvas(dataclasses.replace(mc.info, backbone="wan", dit_width=3072, pixel_stride=16))
+        check(wide, planner, sana)
+    other = MetaCanvas(dataclasses.replace(mc.config, backbone="wan", dit_width=3072, pixel_stride=16))
     other.name = "wan.safetensors"
     with pytest.raises(MetaCanvasInputError, match=r"made for a wan backbone of width 3072.*is sana of width 16"):
-        other.check_compatible(planner, sana)
+        check(other, planner, sana)
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -77,20 +84,18 @@ def _random_lora(planner) -> CanvasLora:
 
 
 def test_canvas_lora_changes_only_canvas_states(planner, sana, tmp_path):
-    mc = new_metacanvas(planner, sana)
-    grid = mc.canvas_grid(64, 64)
-    base = planner.plan("a cat left of a dog", mc.canvas(grid), grid)
+    mc = new_metacanvas(planner.hidden_size, sana.spec, "native")
+    prompt = "a cat left of a dog"
+    base = mc.plan(planner, prompt, 64, 64)
     lora = _random_lora(planner)
-    with_lora = planner.plan("a cat left of a dog", mc.canvas(grid), grid, lora=lora)
+    with_lora = mc.with_lora(lora).plan(planner, prompt, 64, 64)
     assert torch.equal(with_lora.context, base.context)
     assert not torch.allclose(with_lora.canvas, base.canvas)
-    again = planner.plan("a cat left of a dog", mc.canvas(grid), grid)  # adapter off again
+    again = mc.with_lora(None).plan(planner, prompt, 64, 64)  # adapter off again
     assert torch.equal(again.canvas, base.canvas)
 
-    mc.lora = lora
-    mc.info = dataclasses.replace(mc.info, lora=lora.config)
-    save_metacanvas(mc, tmp_path / "with_lora.safetensors")
+    save_metacanvas(mc.with_lora(lora), tmp_path / "with_lora.safetensors")
+    assert mc.config.lora == lora.config
     loaded = load_metacanvas(tmp_path / "with_lora.safetensors")
     assert loaded.lora is not None and loaded.lora.state_dict.keys() == lora.state_dict.keys()
-    from_file = planner.plan("a cat left of a dog", loaded.canvas(grid), grid, lora=loaded.lora)
-    assert torch.equal(from_file.canvas, with_lora.canvas)
+    assert torch.equal(loaded.plan(planner, prompt, 64, 64).canvas, with_lora.canvas)

@@ -4,33 +4,30 @@ from __future__ import annotations
 
 import torch
 
-from metacanvas_core.backbones import CanvasInjection
-from metacanvas_core.checkpoint import new_metacanvas
-from metacanvas_core.conditioning import project
+from metacanvas_core.backbones import Branch, CanvasInjection, TextContext
+from metacanvas_core.conditioning import align_canvas, project
+from metacanvas_core.metacanvas import new_metacanvas
 
 
 def _plan(planner, mc, prompt="a red circle at the top left"):
-    grid = mc.canvas_grid(64, 64)
-    return planner.plan(prompt, mc.canvas(grid), grid, negative_prompt="blurry")
+    return mc.plan(planner, prompt, 64, 64, negative_prompt="blurry")
 
 
 def _predict(sana, cond, canvas_on: bool, rows=slice(1, 2)):
     latents = sana.initial_noise(0, 2, 64, 64)
     t = torch.tensor(700.0)
-    context = torch.cat([cond.negative_context, cond.context])
-    mask = torch.cat([cond.negative_mask, cond.context_mask])
     canvas = CanvasInjection(cond.connector, cond.canvas, rows) if canvas_on else None
-    return sana.predict(latents, t, context, mask, canvas)
+    return sana.predict(latents, t, Branch(TextContext.cat([cond.negative, cond.positive]), canvas))
 
 
 def test_fresh_connector_is_exactly_the_plain_backbone(planner, sana):
-    mc = new_metacanvas(planner, sana)
+    mc = new_metacanvas(planner.hidden_size, sana.spec, "native")
     cond = project(_plan(planner, mc), mc, sana)
     assert torch.equal(_predict(sana, cond, True), _predict(sana, cond, False))
 
 
 def test_canvas_changes_only_the_conditional_rows(planner, sana):
-    mc = new_metacanvas(planner, sana)
+    mc = new_metacanvas(planner.hidden_size, sana.spec, "native")
     for layer in (mc.canvas_connector.align_out, mc.canvas_connector.out_proj):
         torch.nn.init.normal_(layer.weight, std=0.3)
     cond = project(_plan(planner, mc), mc, sana)
@@ -40,16 +37,16 @@ def test_canvas_changes_only_the_conditional_rows(planner, sana):
 
 
 def test_gradients_reach_canvas_and_connector(planner, sana):
-    mc = new_metacanvas(planner, sana)
+    mc = new_metacanvas(planner.hidden_size, sana.spec, "native")
     sana.transformer.requires_grad_(False)
 
     def loss():
         grid = mc.canvas_grid(64, 64)
         hidden, n = planner.forward("two dogs", [], mc.canvas(grid), grid)
-        canvas = mc.canvas_connector.align(hidden[:, n + 1 :]).reshape(1, 1, 16, 16, -1)
-        context, mask = sana.encode_prompt(["two dogs"])
+        canvas = align_canvas(mc.canvas_connector, hidden[:, n + 1 :], grid)
         inj = CanvasInjection(mc.canvas_connector, canvas, slice(0, 1))
-        v = sana.predict(sana.initial_noise(0, 1, 64, 64), torch.tensor(500.0), context, mask, inj)
+        branch = Branch(sana.encode_prompt(["two dogs"]), inj)
+        v = sana.predict(sana.initial_noise(0, 1, 64, 64), torch.tensor(500.0), branch)
         return v.pow(2).mean()
 
     loss().backward()

@@ -10,10 +10,13 @@ from diffusers import FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from PIL import Image
 
+from metacanvas_core.backbones import Branch, CanvasInjection
 from metacanvas_core.backbones.flux import FluxKontextBackbone, pack, reference_size, unpack
-from metacanvas_core.checkpoint import load_metacanvas, new_metacanvas
+from metacanvas_core.checkpoint import load_metacanvas
 from metacanvas_core.conditioning import project
 from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.inputs import VisualInputs
+from metacanvas_core.metacanvas import new_metacanvas
 from metacanvas_core.sampling import sample
 
 PROMPT, NEGATIVE = "make the sky purple and add a yellow sun", "low quality"
@@ -37,29 +40,31 @@ def trained(models_dir):
 
 
 def make_cond(planner, flux, mc, image=None, size=(64, 64), negative=NEGATIVE):
-    grid = mc.canvas_grid(*size)
-    images = [photo() if image is None else image]
-    plan = planner.plan(PROMPT, mc.canvas(grid), grid, images, negative_prompt=negative, with_negative_context=True)
-    return project(plan, mc, flux)
+    inputs = VisualInputs([photo() if image is None else image])
+    return project(mc.plan(planner, PROMPT, *size, inputs, negative), mc, flux)
+
+
+def check(mc, planner, backbone):
+    mc.check_compatible(planner.hidden_size, planner.folder, backbone.spec, backbone.folder, backbone.has_text_encoder)
 
 
 def test_backbone_geometry(flux, trained, planner):
     assert isinstance(flux, FluxKontextBackbone) and flux.kind == "flux_kontext"
-    assert flux.pixel_stride == 16 and flux.vae_scale == 8  # f8 VAE + 2×2 packing, as FLUX
-    assert flux.default_size == (512, 512) and trained.info.canvas_grid == (1, 32, 32)  # paper: 32×32 at 512²
+    assert flux.pixel_stride == 16 and flux.vae_stride == 8  # f8 VAE + 2×2 packing, as FLUX
+    assert flux.default_size == (512, 512) and trained.config.canvas_grid == (1, 32, 32)  # paper: 32×32 at 512²
     assert trained.canvas_grid(1024, 512).as_thw() == [1, 64, 32]  # canvas grid = token grid
     connector = trained.context_connector.net  # Linear(MLLM → 3·text) → SiLU → Linear(→ text)
     assert (connector[0].in_features, connector[0].out_features) == (planner.hidden_size, 3 * flux.text_dim)
     assert connector[-1].out_features == flux.text_dim == flux.transformer.config.joint_attention_dim
     assert flux.pooled.shape == (1, flux.transformer.config.pooled_projection_dim) and flux.pooled.abs().sum() > 0
-    trained.check_compatible(planner, flux)
+    check(trained, planner, flux)
 
 
 def test_packing_round_trip(flux):
     latents = torch.randn(2, 16, 6, 10)
     tokens = pack(latents)
     assert tokens.shape == (2, 3 * 5, 64)
-    assert torch.equal(unpack(tokens, 6, 10, flux.vae_scale), latents)
+    assert torch.equal(unpack(tokens, 6, 10, flux.vae_stride), latents)
     assert flux.latent_shape(1, 96, 160) == (1, 16, 12, 20)
 
 
@@ -77,12 +82,12 @@ def test_reference_size_rule():
 def test_reference_tokens_follow_kontext(planner, flux, trained):
     cond = make_cond(planner, flux, trained, image=photo(96, 48))
     refs = cond.references
-    rh, rw = refs["size"]
+    rh, rw = refs.size
     assert (rh, rw) == (32, 80)  # 2:1 input → Kontext's 1456×720 bucket, scaled to the 64² output area
     n = (rh // 16) * (rw // 16)
-    assert refs["tokens"].shape == (1, n, 64) and refs["ids"].shape == (n, 3)
-    assert torch.all(refs["ids"][:, 0] == 1)  # first id channel 1, as FluxKontextPipeline
-    assert refs["ids"][:, 1].max() == rh // 16 - 1 and refs["ids"][:, 2].max() == rw // 16 - 1
+    assert refs.tokens.shape == (1, n, 64) and refs.ids.shape == (n, 3)
+    assert torch.all(refs.ids[:, 0] == 1)  # first id channel 1, as FluxKontextPipeline
+    assert refs.ids[:, 1].max() == rh // 16 - 1 and refs.ids[:, 2].max() == rw // 16 - 1
 
 
 def capture_block_inputs(flux):
@@ -96,24 +101,20 @@ def capture_block_inputs(flux):
 
 
 def test_canvas_changes_only_target_tokens(planner, flux, trained):
-    from metacanvas_core.backbones import CanvasInjection
-    from metacanvas_core.canvas import interpolate_canvas
-
     cond = make_cond(planner, flux, trained)
     latents = flux.initial_noise(0, 1, 64, 64)
     t = torch.tensor(700.0)
-    tokens = interpolate_canvas(cond.canvas, flux.token_grid(64, 64))
-    canvas = CanvasInjection(cond.connector, tokens, rows=slice(0, 1))
+    canvas = CanvasInjection.on_tokens(cond.connector, cond.canvas, flux.token_grid(64, 64), slice(0, 1))
     seen, handle = capture_block_inputs(flux)
     try:
         with torch.no_grad():
-            on = flux.predict(latents, t, cond.context, cond.context_mask, canvas, cond.references, 2.5)
-            off = flux.predict(latents, t, cond.context, cond.context_mask, None, cond.references, 2.5)
+            on = flux.predict(latents, t, Branch(cond.positive, canvas, cond.references, 2.5))
+            off = flux.predict(latents, t, Branch(cond.positive, None, cond.references, 2.5))
     finally:
         handle.remove()
     (img_on, txt_on), (img_off, txt_off) = seen
     n_target = 4 * 4
-    assert img_on.shape[1] == n_target + cond.references["tokens"].shape[1]
+    assert img_on.shape[1] == n_target + cond.references.tokens.shape[1]
     assert not torch.equal(img_on[:, :n_target], img_off[:, :n_target])  # target tokens get the canvas
     assert torch.equal(img_on[:, n_target:], img_off[:, n_target:])  # reference tokens untouched
     assert torch.equal(txt_on, txt_off)  # text stream untouched
@@ -121,7 +122,7 @@ def test_canvas_changes_only_target_tokens(planner, flux, trained):
 
 
 def test_untrained_connector_is_exact_identity(planner, flux):
-    mc = new_metacanvas(planner, flux)
+    mc = new_metacanvas(planner.hidden_size, flux.spec, "mllm")
     cond = make_cond(planner, flux, mc)
     kw = dict(seed=3, steps=2, cfg=3.0, height=64, width=64, scheduler="flow_euler", guidance=2.5, image_cfg=1.5)
     assert torch.equal(sample(flux, cond, use_canvas=True, **kw), sample(flux, cond, use_canvas=False, **kw))
@@ -143,7 +144,7 @@ def test_canvas_off_equals_flux_kontext_pipeline(planner, flux, trained):
         guidance=2.5,
         use_canvas=False,
     )
-    rh, rw = cond.references["size"]
+    rh, rw = cond.references.size
     pipe = FluxKontextPipeline(
         scheduler=flux.make_scheduler("flow_euler"),
         vae=flux.vae,
@@ -156,7 +157,7 @@ def test_canvas_off_equals_flux_kontext_pipeline(planner, flux, trained):
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(
         image=pipe.image_processor.resize(image, rh, rw),  # our reference-size rule; the pipeline then keeps it
-        prompt_embeds=cond.context,
+        prompt_embeds=cond.positive.embeds,
         pooled_prompt_embeds=flux.pooled,
         height=64,
         width=64,
@@ -195,11 +196,13 @@ def test_output_depends_on_the_input_image(planner, flux, trained):
 
 
 def test_bad_input(planner, flux, trained, tiny):
+    with pytest.raises(MetaCanvasInputError, match="images: this MetaCanvas checkpoint is for flux_kontext"):
+        trained.plan(planner, PROMPT, 64, 64)
     grid = trained.canvas_grid(64, 64)
-    plan = planner.plan(PROMPT, trained.canvas(grid), grid, [], with_negative_context=True)
+    plan = planner.plan(PROMPT, trained.canvas(grid), grid, with_negative_context=True)
     with pytest.raises(MetaCanvasInputError, match="images: the FLUX.1-Kontext backbone edits an input image"):
         project(plan, trained, flux)
-    plan = planner.plan(PROMPT, trained.canvas(grid), grid, [photo(), photo()], with_negative_context=True)
+    plan = trained.plan(planner, PROMPT, 64, 64, VisualInputs([photo(), photo()]))
     with pytest.raises(MetaCanvasInputError, match="edits one input image, the plan has 2"):
         project(plan, trained, flux)
     cond = make_cond(planner, flux, trained)
@@ -208,7 +211,7 @@ def test_bad_input(planner, flux, trained, tiny):
     with pytest.raises(MetaCanvasInputError, match="is for sana, the backbone is flux_kontext"):
         project(plan, load_metacanvas(tiny["sana_metacanvas"]), flux)
     with pytest.raises(MetaCanvasInputError, match="made for a sana backbone"):
-        load_metacanvas(tiny["sana_metacanvas"]).check_compatible(planner, flux)
+        check(load_metacanvas(tiny["sana_metacanvas"]), planner, flux)
 
 
 # --- the node chain, called directly as ComfyUI would --------------------------------------------

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from experiments import layout
 from metacanvas_core.connectors import CanvasConnector
-from metacanvas_core.experiments import layout
 
 
 def test_data_is_deterministic_and_held_out():
@@ -79,12 +79,19 @@ def test_connector_ablations_start_at_zero(options):
 
 def test_default_connector_config_unchanged(tiny):
     from metacanvas_core.backbones import load_backbone
-    from metacanvas_core.checkpoint import new_metacanvas
+    from metacanvas_core.metacanvas import new_metacanvas
     from metacanvas_core.planner import Planner
 
-    mc = new_metacanvas(Planner.from_folder(tiny["mllm"]), load_backbone(tiny["sana"]), "mllm")
-    assert set(mc.info.canvas_connector) == {"mllm_dim", "dit_dim", "num_heads", "head_dim"}
+    hidden, spec = Planner.from_folder(tiny["mllm"]).hidden_size, load_backbone(tiny["sana"]).spec
+    mc = new_metacanvas(hidden, spec, "mllm")
+    assert set(mc.config.canvas_connector) == {"mllm_dim", "dit_dim", "num_heads", "head_dim"}
     assert set(dict(mc.canvas_connector.state_dict())) >= {"time_embed.linear.weight", "out_proj.weight"}
+    # An ablation arm shares the paper's canvas tokens and context connector; only its connector differs.
+    arm = new_metacanvas(hidden, spec, "mllm", {"fuse": "none"})
+    assert arm.config.canvas_connector["fuse"] == "none" and not hasattr(arm.canvas_connector, "fuse_block")
+    for part in ("canvas", "context_connector"):
+        for a, b in zip(getattr(mc, part).parameters(), getattr(arm, part).parameters(), strict=True):
+            assert torch.equal(a, b), part
 
 
 def test_every_arm_trains_and_evaluates(tmp_path):

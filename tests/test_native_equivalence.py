@@ -17,8 +17,9 @@ from diffusers import FluxKontextPipeline, WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 
 from metacanvas_core.backbones import load_backbone
-from metacanvas_core.checkpoint import new_metacanvas
 from metacanvas_core.conditioning import project
+from metacanvas_core.inputs import VisualInputs
+from metacanvas_core.metacanvas import default_context_source, new_metacanvas
 from metacanvas_core.sampling import sample
 
 PROMPT, NEGATIVE = "a red fox sits left of a blue lamp", "blurry, low quality"
@@ -28,12 +29,10 @@ def _image(width, height, seed=0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def _ours(planner, backbone, height, width, **plan_kw):
-    mc = new_metacanvas(planner, backbone)
-    assert mc.info.context_source == "native"
-    grid = mc.canvas_grid(height, width)
-    plan = planner.plan(PROMPT, mc.canvas(grid), grid, negative_prompt=NEGATIVE, **plan_kw)
-    return project(plan, mc, backbone)
+def _ours(planner, backbone, height, width, **inputs):
+    mc = new_metacanvas(planner.hidden_size, backbone.spec, default_context_source(backbone.has_text_encoder))
+    assert mc.config.context_source == "native"
+    return project(mc.plan(planner, PROMPT, height, width, VisualInputs(**inputs), NEGATIVE), mc, backbone)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def flux(tiny):
 @pytest.mark.parametrize("task", ["t2v", "i2v"])
 def test_wan(planner, wan, task):
     image = _image(64, 64, seed=3)
-    plan_kw = {"images": [image], "image_role": "first frame"} if task == "i2v" else {}
+    plan_kw = {"images": [image], "role": "first frame"} if task == "i2v" else {}
     cond = _ours(planner, wan, 64, 64, **plan_kw)
     ours = sample(wan, cond, seed=11, steps=3, cfg=5.0, height=64, width=64, scheduler="unipc_flow", frames=9)
     parts = dict(
@@ -117,16 +116,16 @@ def test_flux_kontext(planner, flux):
 def flux_unpack(packed, flux):
     from metacanvas_core.backbones.flux import unpack
 
-    return unpack(packed, 64 // flux.vae_scale, 64 // flux.vae_scale, flux.vae_scale)
+    return unpack(packed, 64 // flux.vae_stride, 64 // flux.vae_stride, flux.vae_stride)
 
 
 def test_no_text_encoder_means_mllm_context_and_native_is_refused(planner, tiny):
     from metacanvas_core.errors import MetaCanvasInputError
 
     bare = load_backbone(tiny["wan"], text_encoder=False)
-    assert not bare.has_text_encoder and new_metacanvas(planner, bare).info.context_source == "mllm"
-    native = new_metacanvas(planner, load_backbone(tiny["wan"]))
+    assert not bare.has_text_encoder and default_context_source(bare.has_text_encoder) == "mllm"
+    native = new_metacanvas(planner.hidden_size, bare.spec, default_context_source(True))
     with pytest.raises(MetaCanvasInputError, match="loaded without it: turn load_text_encoder on"):
-        native.check_compatible(planner, bare)
+        native.check_compatible(planner.hidden_size, planner.folder, bare.spec, bare.folder, bare.has_text_encoder)
     with pytest.raises(MetaCanvasInputError, match="trained with 'native' context, not 'mllm'"):
         native.check_context_source("mllm")

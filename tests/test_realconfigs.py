@@ -11,6 +11,7 @@ from metacanvas_core.backbones.flux import FluxKontextBackbone
 from metacanvas_core.backbones.sana import SanaBackbone
 from metacanvas_core.canvas import CanvasGrid, canvas_grid_for
 from metacanvas_core.connectors import CanvasConnector, ContextConnector
+from metacanvas_core.metacanvas import new_metacanvas
 
 
 def test_qwen_widths():
@@ -44,9 +45,9 @@ def test_flux_kontext_geometry_and_connectors():
     assert (flux.width, flux.pixel_stride, flux.default_size, flux.text_dim) == (3072, 16, (512, 512), 4096)
     assert canvas_grid_for(flux.token_grid(512, 512), flux.canvas_factor) == CanvasGrid(1, 32, 32)  # [P] 32×32
     assert flux.token_grid(1024, 1024) == (1, 64, 64)  # [P] 64×64 tokens at 1024²
-    assert flux.context_hidden_dim(3584) == 3 * 4096  # [P] UniWorld-V1: Linear(3584 → 3·4096) → SiLU → Linear(→ 4096)
+    assert flux.spec.context_hidden_dim == 3 * 4096  # [P] UniWorld-V1: Linear(3584 → 3·4096) → SiLU → Linear(→ 4096)
     with torch.device("meta"):
-        context = ContextConnector(3584, flux.context_hidden_dim(3584), flux.text_dim)
+        context = ContextConnector(3584, flux.spec.context_hidden_dim, flux.text_dim)
         canvas = CanvasConnector(3584, flux.width, *flux.attention_heads)
     dit = sum(p.numel() for p in transformer.parameters())
     assert 11.5e9 < dit < 12.5e9  # the 12B FLUX transformer
@@ -67,11 +68,12 @@ def test_wan2_2_ti2v_5b_geometry_and_connectors():
     assert (wan.width, wan.pixel_stride, wan.text_dim, wan.attention_heads) == (3072, 32, 4096, (96, 32))  # Alg. 1
     assert wan.token_grid(704, 1280, 121) == (31, 22, 40)  # [P] 31×22×40
     assert canvas_grid_for(wan.token_grid(704, 1280, 121), wan.canvas_factor, wan.keyframes) == CanvasGrid(3, 11, 20)
-    assert wan.condition_channels == 48 + 2 and wan.patch_size == (1, 2, 2)
+    assert wan.spec.condition == {"in_channels": 48 + 2, "width": 3072, "patch_size": (1, 2, 2)}
     assert wan.make_scheduler("unipc_flow").config.flow_shift == 5.0
     dit = sum(p.numel() for p in transformer.parameters())
     assert 4.9e9 < dit < 5.1e9  # the 5B transformer
     with torch.device("meta"):
-        context = ContextConnector(3584, wan.context_hidden_dim(3584), wan.text_dim)  # 3584 → 4× → 4096 [P]
+        mc = new_metacanvas(3584, wan.spec, "mllm")  # context MLP 3584 → 4× → 4096 [P]
+    context = mc.context_connector
     assert context.net[0].out_features == 4 * 3584 and context.net[-1].out_features == 4096
-    assert wan.context_dropout == 0.1
+    assert mc.config.context_connector["dropout"] == 0.1 and mc.config.canvas_grid == (3, 11, 20)

@@ -6,9 +6,10 @@ import pytest
 import torch
 from diffusers import SanaPipeline
 
-from metacanvas_core.checkpoint import load_metacanvas, new_metacanvas
+from metacanvas_core.checkpoint import load_metacanvas
 from metacanvas_core.conditioning import project
 from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.metacanvas import new_metacanvas
 from metacanvas_core.sampling import sample
 
 PROMPT, NEGATIVE = "a red circle at the top left and a blue square", "low quality"
@@ -16,9 +17,8 @@ PROMPT, NEGATIVE = "a red circle at the top left and a blue square", "low qualit
 
 @pytest.fixture(scope="module")
 def fresh_cond(planner, sana):
-    mc = new_metacanvas(planner, sana)
-    grid = mc.canvas_grid(64, 64)
-    return project(planner.plan(PROMPT, mc.canvas(grid), grid, negative_prompt=NEGATIVE), mc, sana)
+    mc = new_metacanvas(planner.hidden_size, sana.spec, "native")
+    return project(mc.plan(planner, PROMPT, 64, 64, negative_prompt=NEGATIVE), mc, sana)
 
 
 @pytest.mark.parametrize("scheduler", ["dpm_solver_flow", "flow_euler"])
@@ -51,8 +51,7 @@ def test_untrained_equals_sana_pipeline(sana, fresh_cond, scheduler):
 
 def test_same_seed_same_image(sana, tiny, planner):
     mc = load_metacanvas(tiny["sana_metacanvas"])
-    grid = mc.canvas_grid(64, 96)
-    cond = project(planner.plan(PROMPT, mc.canvas(grid), grid), mc, sana)
+    cond = project(mc.plan(planner, PROMPT, 64, 96), mc, sana)
     kw = dict(steps=2, cfg=3.0, height=64, width=96, scheduler="flow_euler")
     a, b = sample(sana, cond, seed=1, **kw), sample(sana, cond, seed=1, **kw)
     assert a.shape == (1, 4, 16, 24) and torch.equal(a, b)
@@ -64,8 +63,7 @@ def test_same_seed_same_image(sana, tiny, planner):
 
 def test_canvas_resized_to_another_output_size(sana, tiny, planner):
     mc = load_metacanvas(tiny["sana_metacanvas"])
-    grid = mc.canvas_grid(64, 64)
-    cond = project(planner.plan(PROMPT, mc.canvas(grid), grid), mc, sana)
+    cond = project(mc.plan(planner, PROMPT, 64, 64), mc, sana)
     out = sample(sana, cond, seed=0, steps=1, cfg=1.0, height=128, width=64, scheduler="flow_euler")
     assert out.shape == (1, 4, 32, 16)
 
@@ -93,8 +91,7 @@ def test_bf16_backbone_with_fp32_checkpoint(tiny, planner):
 
     sana16 = load_backbone(tiny["sana"], dtype=torch.bfloat16)
     mc = load_metacanvas(tiny["sana_metacanvas"])
-    grid = mc.canvas_grid(64, 64)
-    cond = project(planner.plan(PROMPT, mc.canvas(grid), grid), mc, sana16)
+    cond = project(mc.plan(planner, PROMPT, 64, 64), mc, sana16)
     kw = dict(seed=0, steps=2, cfg=4.5, height=64, width=64, scheduler="flow_euler")
     on, off = sample(sana16, cond, **kw), sample(sana16, cond, use_canvas=False, **kw)
     assert on.dtype == torch.float32 and torch.isfinite(on).all() and not torch.equal(on, off)
@@ -102,10 +99,9 @@ def test_bf16_backbone_with_fp32_checkpoint(tiny, planner):
 
 
 def test_negative_from_another_conditioning(sana, fresh_cond, planner):
-    mc = new_metacanvas(planner, sana)
-    grid = mc.canvas_grid(64, 64)
-    other = project(planner.plan("a green tree", mc.canvas(grid), grid), mc, sana)
+    mc = new_metacanvas(planner.hidden_size, sana.spec, "native")
+    other = project(mc.plan(planner, "a green tree", 64, 64), mc, sana)
     swapped = fresh_cond.with_negative(other)
-    assert torch.equal(swapped.negative_context, other.context) and torch.equal(swapped.context, fresh_cond.context)
+    assert swapped.negative is other.positive and swapped.positive is fresh_cond.positive
     kw = dict(seed=0, steps=2, cfg=4.5, height=64, width=64, scheduler="flow_euler")
     assert not torch.equal(sample(sana, swapped, **kw), sample(sana, fresh_cond, **kw))

@@ -7,8 +7,8 @@ import json
 
 import torch
 
-from metacanvas_core.experiments import layout
-from metacanvas_core.experiments.toy_mllm import answer_of, grounding_accuracy, write_language_mllm
+from experiments import layout
+from experiments.toy_mllm import answer_of, grounding_accuracy, write_language_mllm
 
 
 def test_answer_lists_the_scene_in_reading_order():

@@ -191,10 +191,11 @@ def test_tiny_recipes_of_the_other_backbones(tiny, tmp_path, recipe, backbone, p
     trainer = Trainer(config, tmp_path, progress=False)
     assert all(math.isfinite(x) for x in trainer.train())
     mc = load_metacanvas(tmp_path / f"{config.name}.safetensors")
-    mc.check_compatible(Planner.from_folder(tiny["mllm"]), load_backbone(tmp_path / "backbone"))
+    exported = load_backbone(tmp_path / "backbone")
+    mc.check_compatible(Planner.from_folder(tiny["mllm"]).hidden_size, "mllm", exported.spec, "backbone", True)
     assert (mc.lora is not None) == ("lora" in parts)
     assert (mc.context_connector is not None) == ("context" in parts)
-    assert mc.info.lora == (config.mllm_lora if "lora" in parts else None)
+    assert mc.config.lora == (config.mllm_lora if "lora" in parts else None)
 
 
 def test_every_task_kind_trains_on_wan(tiny, tmp_path):
@@ -213,8 +214,7 @@ def test_every_task_kind_trains_on_wan(tiny, tmp_path):
     trainer = Trainer(config, tmp_path, progress=False)
     conv = trainer.mc.condition_embedding
     for source, kind in zip(trainer.mix.sources, kinds, strict=True):
-        trainer._current = trainer._batch(source, [0])
-        loss = trainer._loss(0)
+        loss = trainer.objective(trainer.batches.make(source, [0]), 0)
         assert math.isfinite(loss.item()), kind
         conv.zero_grad()
         loss.backward()
@@ -228,7 +228,7 @@ def test_exported_checkpoint_loads_in_the_node_and_changes_the_output(trained, p
 
     m = pack.NODE_CLASS_MAPPINGS
     shutil.copy(trained / "test-run.safetensors", models_dir / "metacanvas" / "trained-tiny.safetensors")
-    assert load_metacanvas(models_dir / "metacanvas" / "trained-tiny.safetensors").info.backbone == "sana"
+    assert load_metacanvas(models_dir / "metacanvas" / "trained-tiny.safetensors").config.backbone == "sana"
     (mllm,) = run(m["MetaCanvasMLLMLoader"], mllm_folder="tiny-qwen2_5-vl", dtype="fp32")
     (backbone,) = run(m["MetaCanvasBackboneLoader"], backbone_folder="tiny-sana", dtype="fp32")
     loaded = (m, mllm, backbone)

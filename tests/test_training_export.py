@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from metacanvas_core.backbones import load_backbone
+from metacanvas_core.backbones import Branch, TextContext, load_backbone
 from metacanvas_core.training.config import TrainConfig
 from metacanvas_core.training.trainer import Trainer
 
@@ -32,7 +32,7 @@ def test_dit_lora_is_merged_on_export(tiny, tmp_path):
     assert exported.transformer.state_dict().keys() == original.transformer.state_dict().keys()
     g = torch.Generator().manual_seed(0)
     x, context = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 5, 32, generator=g)
-    args = (torch.tensor(500.0), context, torch.ones(1, 5, dtype=torch.long), None)
+    args = (torch.tensor(500.0), Branch(TextContext(context, torch.ones(1, 5, dtype=torch.long))))
     trainer.backbone.transformer.eval()
     with torch.no_grad():
         with_lora = trainer.backbone.predict(x, *args)

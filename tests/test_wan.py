@@ -8,11 +8,12 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 
-from metacanvas_core.backbones import CanvasInjection, load_backbone
-from metacanvas_core.canvas import interpolate_canvas
-from metacanvas_core.checkpoint import load_metacanvas, new_metacanvas
+from metacanvas_core.backbones import Branch, CanvasInjection, load_backbone
+from metacanvas_core.checkpoint import load_metacanvas
 from metacanvas_core.conditioning import project
 from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.inputs import VisualInputs
+from metacanvas_core.metacanvas import new_metacanvas
 from metacanvas_core.sampling import sample
 
 H = W = 64  # tiny Wan: pixel stride 32, canvas factor 2 → a 1×1 canvas per keyframe; 128 → 2×2
@@ -26,7 +27,7 @@ def wan(tiny):
 
 @pytest.fixture(scope="module")
 def fresh(planner, wan):
-    return new_metacanvas(planner, wan)
+    return new_metacanvas(planner.hidden_size, wan.spec, "native")
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +39,16 @@ def _image(color=(220, 30, 30), size=(H, W)):
     return Image.new("RGB", size[::-1], color)
 
 
-def _cond(planner, wan, mc, h=H, w=W, keyframes=None, **plan_kw):
-    grid = mc.canvas_grid(h, w, keyframes)
-    plan = planner.plan(PROMPT, mc.canvas(grid), grid, negative_prompt="blurry", with_negative_context=True, **plan_kw)
-    return project(plan, mc, wan)
+def _cond(planner, wan, mc, h=H, w=W, keyframes=None, **inputs):
+    return project(mc.plan(planner, PROMPT, h, w, VisualInputs(**inputs), "blurry", keyframes), mc, wan)
+
+
+def _injection(cond, wan, h, w, frames):
+    return CanvasInjection.on_tokens(cond.connector, cond.canvas, wan.token_grid(h, w, frames), slice(0, 1))
 
 
 def test_keyframe_canvas_shapes(planner, wan, trained):
-    assert trained.info.canvas_grid == (3, 11, 20)  # 3 × 11×20 at 704×1280 [P]
+    assert trained.config.canvas_grid == (3, 11, 20)  # 3 × 11×20 at 704×1280 [P]
     assert trained.canvas_grid(128, 128).as_thw() == [3, 2, 2]
     assert trained.canvas_grid(128, 128, keyframes=1).as_thw() == [1, 2, 2]
     for k in (1, 3):
@@ -56,14 +59,15 @@ def test_keyframe_canvas_shapes(planner, wan, trained):
 def test_zero_init_is_the_plain_backbone(planner, wan, fresh):
     source = [_image()] * 9
     cond = _cond(planner, wan, fresh, video=source)
-    assert set(cond.references) == {"source_frames", "size", "condition_embedding"}  # encoded once the length is known
-    refs = wan.fit_references(cond.references, 9)
-    assert set(refs) == {"source", "condition_embedding"} and refs["source"].shape[2] == 3
+    refs = cond.references  # the source is encoded once the length is known
+    assert len(refs.source_frames) == 9 and refs.source is None and refs.condition is fresh.condition_embedding
+    refs = wan.fit_references(refs, 9)
+    assert not refs.source_frames and refs.source.shape[2] == 3
     latents = wan.initial_noise(0, 1, H, W, 9)
-    inj = CanvasInjection(cond.connector, interpolate_canvas(cond.canvas, wan.token_grid(H, W, 9)), slice(0, 1))
+    inj = _injection(cond, wan, H, W, 9)
     t = torch.tensor(700.0)
-    with_all = wan.predict(latents, t, cond.context, cond.context_mask, inj, refs)
-    plain = wan.predict(latents, t, cond.context, cond.context_mask, None, None)
+    with_all = wan.predict(latents, t, Branch(cond.positive, inj, refs))
+    plain = wan.predict(latents, t, Branch(cond.positive))
     assert torch.equal(with_all, plain)
 
 
@@ -72,12 +76,12 @@ def test_untrained_equals_diffusers_wan_pipelines(planner, wan, fresh, task):
     """Canvas on, fresh checkpoint: the same latents as WanPipeline / WanImageToVideoPipeline (expand_timesteps)
     given the same prompt embeddings (here the context connector's), seed, steps, guidance and scheduler."""
     image = _image((30, 200, 90))
-    cond = _cond(planner, wan, fresh, **({"images": [image], "image_role": "first frame"} if task == "i2v" else {}))
+    cond = _cond(planner, wan, fresh, **({"images": [image], "role": "first frame"} if task == "i2v" else {}))
     ours = sample(wan, cond, seed=5, steps=3, cfg=5.0, height=H, width=W, scheduler="unipc_flow", frames=9)
     parts = dict(vae=wan.vae, transformer=wan.transformer, scheduler=wan.make_scheduler("unipc_flow"))
     call = dict(
-        prompt_embeds=cond.context,
-        negative_prompt_embeds=cond.negative_context,
+        prompt_embeds=cond.positive.embeds,
+        negative_prompt_embeds=cond.negative.embeds,
         height=H,
         width=W,
         num_frames=9,
@@ -98,9 +102,9 @@ def test_untrained_equals_diffusers_wan_pipelines(planner, wan, fresh, task):
 
 
 def test_image_to_video_keeps_the_first_frame(planner, wan, trained):
-    cond = _cond(planner, wan, trained, images=[_image()], image_role="first frame")
+    cond = _cond(planner, wan, trained, images=[_image()], role="first frame")
     latents = sample(wan, cond, seed=0, steps=2, cfg=4.0, height=H, width=W, scheduler="unipc_flow", frames=9)
-    assert torch.equal(latents[:, :, :1], cond.references["first_frame"])
+    assert torch.equal(latents[:, :, :1], cond.references.first_frame)
     frames = wan.decode(latents)
     assert frames.shape == (9, H, W, 3)
 
@@ -118,14 +122,12 @@ def _first_block_input(wan, fn):
 @pytest.mark.parametrize("kind", ["references", "first frame"])
 def test_canvas_never_reaches_clean_tokens(planner, wan, trained, kind):
     images = [_image(), _image((10, 10, 240))] if kind == "references" else [_image()]
-    cond = _cond(planner, wan, trained, 128, 128, images=images, image_role=kind)
+    cond = _cond(planner, wan, trained, 128, 128, images=images, role=kind)
     latents = wan.initial_noise(1, 1, 128, 128, 9)
-    inj = CanvasInjection(cond.connector, interpolate_canvas(cond.canvas, wan.token_grid(128, 128, 9)), slice(0, 1))
+    inj = _injection(cond, wan, 128, 128, 9)
     t = torch.tensor(500.0)
-    on = _first_block_input(wan, lambda: wan.predict(latents, t, cond.context, cond.context_mask, inj, cond.references))
-    off = _first_block_input(
-        wan, lambda: wan.predict(latents, t, cond.context, cond.context_mask, None, cond.references)
-    )
+    on = _first_block_input(wan, lambda: wan.predict(latents, t, Branch(cond.positive, inj, cond.references)))
+    off = _first_block_input(wan, lambda: wan.predict(latents, t, Branch(cond.positive, None, cond.references)))
     clean_frames = 2 if kind == "references" else 1
     per_frame = (128 // 32) ** 2
     n = clean_frames * per_frame
@@ -152,7 +154,7 @@ def test_bad_video_input(planner, wan, trained, tiny, sana):
     with pytest.raises(MetaCanvasInputError, match="4 reference images; MetaCanvas video takes 1 to 3"):
         _cond(planner, wan, trained, images=[_image()] * 4)
     with pytest.raises(MetaCanvasInputError, match="made for a sana backbone"):
-        load_metacanvas(tiny["sana_metacanvas"]).check_compatible(planner, wan)
+        load_metacanvas(tiny["sana_metacanvas"]).check_compatible(planner.hidden_size, "", wan.spec, "")
     with pytest.raises(MetaCanvasInputError, match="length 5: the sana backbone .* makes images"):
         sana.check_size(64, 64, 5)
 

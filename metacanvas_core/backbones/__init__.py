@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MetaCanvasInputError
-from .base import SCHEDULERS, Backbone, CanvasInjection
+from .base import SCHEDULERS, Backbone, BackboneSpec, Branch, CanvasInjection, TextContext
 from .flux import FluxKontextBackbone
 from .sana import SanaBackbone
 from .wan import WanBackbone
@@ -44,4 +44,14 @@ def load_backbone(
     return backbone_class_for(folder).from_folder(Path(folder), dtype, device, text_encoder)
 
 
-__all__ = ["BACKBONES", "SCHEDULERS", "Backbone", "CanvasInjection", "backbone_class_for", "load_backbone"]
+__all__ = [
+    "BACKBONES",
+    "SCHEDULERS",
+    "Backbone",
+    "BackboneSpec",
+    "Branch",
+    "CanvasInjection",
+    "TextContext",
+    "backbone_class_for",
+    "load_backbone",
+]

@@ -3,6 +3,7 @@
 A backbone adapter wraps a diffusers transformer + VAE (+ native text encoder) loaded from a
 diffusers-format folder. The canvas residual is added to the transformer's patch embeddings by a
 forward hook on its patch-embed module: after patchify, before the first block (paper §2.3).
+ComfyUI's native models get the same residual from the same `CanvasInjection` (`native.py`).
 Per-backbone files only say how their patch tokens are laid out and how they call their model.
 """
 
@@ -14,29 +15,99 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from einops import rearrange
 from torch import nn
 
-from ..connectors import CanvasConnector
+from ..canvas import CanvasGrid, canvas_grid_for, interpolate_canvas
+from ..connectors import CanvasConnector, ConditionEmbedding
 from ..errors import MetaCanvasInputError
-
-if TYPE_CHECKING:
-    from ..checkpoint import MetaCanvas
-    from ..planner import Plan
+from ..inputs import VisualInputs
 
 SCHEDULERS = ("dpm_solver_flow", "flow_euler", "unipc_flow")
 
 
+@dataclass(frozen=True)
+class BackboneSpec:
+    """The dimensions a MetaCanvas checkpoint is built and checked against, for one backbone.
+
+    Made by a pack adapter from its diffusers transformer (`Backbone.spec`) or from a ComfyUI native
+    model (`native.py`), with the adapter class's own rules (`Backbone.spec_from`), so both agree.
+    """
+
+    kind: str
+    width: int  # DiT hidden width (the canvas connector's output)
+    pixel_stride: int  # pixels per DiT token along height and width (VAE stride × patch size)
+    text_dim: int  # width of the DiT's text slot (a context connector's output)
+    attention_heads: tuple[int, int]  # (heads, head_dim) of the connector's blocks
+    default_size: tuple[int, int]  # (height, width) the backbone was trained at: where the canvas grid is stored
+    canvas_factor: int  # canvas grid = token grid / factor [D, §2.2]
+    keyframes: int  # canvas keyframes K of a new checkpoint (video: sparse 3D canvas)
+    context_dropout: float  # dropout inside a new context connector
+    context_hidden_dim: int | None  # hidden width of a new context connector; None: 4 × the MLLM's width
+    condition: dict | None = None  # ConditionEmbedding config (Wan: source video + masks), or None
+
+    def canvas_grid(self, keyframes: int | None = None) -> CanvasGrid:
+        """The canvas grid at the default size."""
+        h, w = self.default_size
+        s = self.pixel_stride
+        return canvas_grid_for((1, h // s, w // s), self.canvas_factor, keyframes or self.keyframes)
+
+
+@dataclass
+class TextContext:
+    """What fills a DiT's text slot for a batch: embeddings, their mask and (FLUX) a pooled vector."""
+
+    embeds: torch.Tensor  # (B, L, text_dim)
+    mask: torch.Tensor  # (B, L)
+    pooled: torch.Tensor | None = None  # (B, pooled_dim); None: the backbone's default
+
+    @classmethod
+    def cat(cls, parts: list[TextContext]) -> TextContext:
+        """The parts stacked on the batch, embeddings and masks zero-padded to the longest."""
+        length = max(p.embeds.shape[1] for p in parts)
+        embeds = torch.cat([F.pad(p.embeds, (0, 0, 0, length - p.embeds.shape[1])) for p in parts])
+        mask = torch.cat([F.pad(p.mask, (0, length - p.mask.shape[1])) for p in parts])
+        pooled = None if any(p.pooled is None for p in parts) else torch.cat([p.pooled for p in parts])
+        return cls(embeds, mask, pooled)
+
+    def sample(self, i: int) -> TextContext:
+        """Row i alone, without its padding."""
+        keep = self.mask[i].bool()
+        pooled = None if self.pooled is None else self.pooled[i : i + 1]
+        return TextContext(self.embeds[i : i + 1, keep], self.mask[i : i + 1, keep], pooled)
+
+    def to(self, device: torch.device | str) -> TextContext:
+        pooled = None if self.pooled is None else self.pooled.to(device)
+        return TextContext(self.embeds.to(device), self.mask.to(device), pooled)
+
+
 @dataclass
 class CanvasInjection:
-    """The aligned canvas on the DiT token grid, for the batch rows of the conditional branch."""
+    """The aligned canvas on the DiT token grid, for the batch rows that get it.
+
+    `rows` picks those rows of a model call's batch (the conditional branch); every other row, and every
+    token a caller leaves out (reference tokens, clean frames), keeps its patch embedding bit for bit.
+    """
 
     connector: CanvasConnector
     canvas: torch.Tensor  # (b, T, H, W, D) for the rows in `rows`
-    rows: slice
+    rows: slice | list[int]
+
+    @classmethod
+    def on_tokens(
+        cls, connector: CanvasConnector, aligned: torch.Tensor, token_grid: tuple[int, int, int], rows
+    ) -> CanvasInjection:
+        """The aligned canvas (b, K, Hc, Wc, D) interpolated to a token grid (T, H, W)."""
+        return cls(connector, interpolate_canvas(aligned, token_grid), rows)
+
+    def frames(self, start: int, stop: int | None = None) -> CanvasInjection:
+        """The same injection for the latent frames start:stop (video: without clean frames)."""
+        return CanvasInjection(self.connector, self.canvas[:, start:stop], self.rows)
 
     @property
     def in_latents(self) -> bool:
@@ -45,17 +116,15 @@ class CanvasInjection:
 
     def add_to_latents(self, latents: torch.Tensor, patch_size: int) -> torch.Tensor:
         """Latents (B, C, h, w) plus the canvas (b, 1, h/p, w/p, C·p²) unpatchified, on `rows`."""
-        b, _, hh, ww, _ = self.canvas.shape
-        c, p = latents.shape[1], patch_size
-        x = self.canvas[:, 0].reshape(b, hh, ww, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, hh * p, ww * p)
+        x = rearrange(self.canvas[:, 0], "b h w (c p q) -> b c (h p) (w q)", p=patch_size, q=patch_size)
         residual = torch.zeros_like(latents)
         residual[self.rows] = x.to(latents.dtype)
         return latents + residual
 
-    def add_to(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (B, T, H, W, D) plus the fuse block's residual on `rows`; other rows untouched.
+    def residual(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The fuse block's residual (b, T, H, W, D) for the patch tokens (B, T, H, W, D) of `rows`.
 
-        The fuse block runs frame by frame, `(b t) (h w) d`, which bounds its memory on video.
+        `timestep` (B,) is the connector's clock, σ·1000. The fuse block runs frame by frame, `(b t) (h w) d`.
         """
         if self.in_latents:
             raise MetaCanvasInputError(
@@ -64,17 +133,31 @@ class CanvasInjection:
             )
         dtype = next(self.connector.parameters()).dtype  # the connector keeps its own precision
         x = tokens[self.rows].to(dtype)
-        b, t, h, w, d = x.shape
+        b, t, h, w, _ = x.shape
         r = self.connector.fuse(
-            x.reshape(b * t, h * w, d),
-            self.canvas.to(dtype).reshape(b * t, h * w, d),
+            rearrange(x, "b t h w d -> (b t) (h w) d"),
+            rearrange(self.canvas.to(dtype), "b t h w d -> (b t) (h w) d"),
             timestep[self.rows].repeat_interleave(t).to(dtype),
             h,
             w,
         )
+        return rearrange(r, "(b t) (h w) d -> b t h w d", b=b, t=t, h=h).to(tokens.dtype)
+
+    def add_to(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, T, H, W, D) plus the residual on `rows`; other rows untouched."""
         residual = torch.zeros_like(tokens)
-        residual[self.rows] = r.reshape(b, t, h, w, d).to(tokens.dtype)
+        residual[self.rows] = self.residual(tokens, timestep)
         return tokens + residual
+
+
+@dataclass
+class Branch:
+    """What one model call sees besides the latents and the timestep: one branch of guidance."""
+
+    text: TextContext
+    canvas: CanvasInjection | None = None
+    references: Any = None  # the backbone's own inputs from images/video (`prepare_references`); None: without
+    guidance: float | None = None  # embedded guidance of guidance-distilled models (FLUX); None: the default
 
 
 @contextmanager
@@ -105,7 +188,6 @@ class Backbone(ABC):
     is_video: ClassVar[bool] = False
     keyframes: ClassVar[int] = 1  # canvas keyframes K of a new checkpoint (video: sparse 3D canvas)
     context_dropout: ClassVar[float] = 0.0  # dropout inside a new context connector
-    condition_channels: ClassVar[int] = 0  # input channels of a condition embedding (Wan: source video + masks)
 
     def __init__(self, folder: str, transformer: nn.Module, vae: nn.Module, scheduler_config: dict) -> None:
         self.folder = folder
@@ -130,6 +212,21 @@ class Backbone(ABC):
 
     def token_grid(self, height: int, width: int, frames: int = 1) -> tuple[int, int, int]:
         return self.latent_frames(frames), height // self.pixel_stride, width // self.pixel_stride
+
+    def pixel_frames(self, latents: torch.Tensor) -> int:
+        """The length in frames of a latent batch (B, C, [F,] h, w): 1 for images."""
+        return 1
+
+    def latent_token_grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
+        """The token grid of a latent batch (B, C, [F,] h, w)."""
+        p = self.pixel_stride // self.vae_stride
+        frames = latents.shape[2] if latents.ndim == 5 else 1
+        return frames, latents.shape[-2] // p, latents.shape[-1] // p
+
+    @property
+    @abstractmethod
+    def vae_stride(self) -> int:
+        """Pixels per latent position along height and width."""
 
     def check_size(self, height: int, width: int, frames: int = 1) -> None:
         if frames != 1 and not self.is_video:
@@ -162,6 +259,30 @@ class Backbone(ABC):
     def text_dim(self) -> int:
         """Width of the DiT's text slot (what a context connector must produce)."""
 
+    def context_hidden_dim(self) -> int | None:
+        """Hidden width of a new context connector; None: 4 × the MLLM's width (the paper's Wan MLP)."""
+        return None
+
+    def condition_config(self) -> dict | None:
+        """ConditionEmbedding config of a new checkpoint (Wan: source video + masks); None: no condition inputs."""
+        return None
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return BackboneSpec(
+            kind=self.kind,
+            width=self.width,
+            pixel_stride=self.pixel_stride,
+            text_dim=self.text_dim,
+            attention_heads=self.attention_heads,
+            default_size=self.default_size,
+            canvas_factor=self.canvas_factor,
+            keyframes=self.keyframes,
+            context_dropout=self.context_dropout,
+            context_hidden_dim=self.context_hidden_dim(),
+            condition=self.condition_config(),
+        )
+
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
@@ -170,20 +291,16 @@ class Backbone(ABC):
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
-    def context_hidden_dim(self, mllm_dim: int) -> int:
-        """Hidden width of a new context connector (MLLM → hidden → text slot)."""
-        return 4 * mllm_dim
-
     def modules(self) -> list[nn.Module]:
         """Every module holding weights, for device moves and memory accounting."""
         return [self.transformer, self.vae]
 
     # --- the model ------------------------------------------------------------------------
     @abstractmethod
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Native text encoder: (embeds (B, L, text_dim), mask (B, L))."""
+    def encode_prompt(self, prompts: list[str]) -> TextContext:
+        """Native text encoder: the text slot for `prompts`."""
 
-    def encode_negative(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_negative(self, prompts: list[str]) -> TextContext:
         """Native encoding of the unconditional branch (some pipelines encode it differently)."""
         return self.encode_prompt(prompts)
 
@@ -200,50 +317,41 @@ class Backbone(ABC):
                 "turn load_text_encoder on, or use a MetaCanvas checkpoint with MLLM context."
             )
 
-    def encode_pooled(self, prompts: list[str]) -> torch.Tensor | None:
-        """Native global text vector for backbones that have a slot for one (FLUX: CLIP pooled)."""
+    def default_pooled(self) -> torch.Tensor | None:
+        """The pooled vector of a text slot filled from the MLLM (FLUX: CLIP-L of the empty prompt); None: no slot."""
         return None
 
-    def prepare_references(self, plan: Plan, metacanvas: MetaCanvas, height: int, width: int) -> dict[str, Any] | None:
-        """Backbone inputs made from the plan's input images/video for an output of height × width.
+    def prepare_references(
+        self, inputs: VisualInputs, height: int, width: int, condition: ConditionEmbedding | None = None
+    ) -> Any:
+        """Backbone inputs made from a request's images/video for an output of height × width.
 
-        Passed unchanged to every `predict` call as `references`. None: the backbone takes no image
-        input of its own (the images reach only the MLLM), which is the default.
+        Passed unchanged to every `predict` call in `Branch.references`. `condition`: the checkpoint's
+        condition embedding, for backbones that take condition latents (Wan). None: the backbone takes no
+        image input of its own (the images reach only the MLLM), which is the default.
         """
         return None
 
-    def fit_references(self, references: dict[str, Any] | None, frames: int) -> dict[str, Any] | None:
+    def fit_references(self, references: Any, frames: int) -> Any:
         """The references for a sample of `frames` frames, made once before the loop (Wan: the source-video
-        latents, encoded for just the frames needed). Returns a new dict; the conditioning is not changed."""
+        latents, encoded for just the frames needed). Returns new references; the given ones are not changed."""
         return references
 
-    def finalize(self, latents: torch.Tensor, references: dict[str, Any] | None) -> torch.Tensor:
+    def finalize(self, latents: torch.Tensor, references: Any) -> torch.Tensor:
         """The sampled latents as the decoder should see them (Wan I2V: the clean first frame put back)."""
         return latents
+
+    def loss_frames(self, references: Any) -> slice:
+        """The latent frames a training loss counts (Wan I2V: not the given first frame)."""
+        return slice(None)
 
     @abstractmethod
     def latent_shape(self, batch: int, height: int, width: int, frames: int = 1) -> tuple[int, ...]:
         """Shape of the noisy latent for `batch` samples of height × width pixels (× frames for video)."""
 
     @abstractmethod
-    def predict(
-        self,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        context: torch.Tensor,
-        context_mask: torch.Tensor,
-        canvas: CanvasInjection | None,
-        references: dict[str, Any] | None = None,
-        guidance: float | None = None,
-        pooled: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Velocity for `latents` at scheduler timestep `t`, with the canvas added when given.
-
-        `references`: from `prepare_references` (None = without the input images, e.g. the null
-        branch of image guidance). `guidance`: an embedded-guidance value for guidance-distilled
-        models (FLUX); backbones without a guidance embedding ignore it. `pooled`: the branch's global
-        text vector from `encode_pooled` (None: the backbone's default; backbones without the slot ignore it).
-        """
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, branch: Branch) -> torch.Tensor:
+        """Velocity for `latents` at scheduler timestep `t` (a scalar or one per sample), for one branch."""
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

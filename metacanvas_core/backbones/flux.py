@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,12 +36,10 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontex
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS, calculate_shift
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+from ..connectors import ConditionEmbedding
 from ..errors import MetaCanvasInputError
-from .base import Backbone, CanvasInjection, patch_embedding_hook, read_json
-
-if TYPE_CHECKING:
-    from ..checkpoint import MetaCanvas
-    from ..planner import Plan
+from ..inputs import VisualInputs
+from .base import Backbone, Branch, TextContext, patch_embedding_hook, read_json
 
 _CALL_DEFAULTS = inspect.signature(FluxKontextPipeline.__call__).parameters
 DEFAULT_GUIDANCE: float = _CALL_DEFAULTS["guidance_scale"].default
@@ -65,15 +63,26 @@ def reference_size(image_width: int, image_height: int, height: int, width: int,
     return (max(multiple, int(h * scale) // multiple * multiple), max(multiple, int(w * scale) // multiple * multiple))
 
 
+@dataclass(frozen=True)
+class FluxReferences:
+    """The input image as Kontext reference tokens: packed latents, their position ids and the pixel size."""
+
+    tokens: torch.Tensor  # (1, n, 4C)
+    ids: torch.Tensor  # (n, 3), first channel 1
+    size: tuple[int, int]  # (height, width) the image was resized to
+
+
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) VAE latents → (B, h/2·w/2, 4C) FLUX tokens, with the pipeline's own helper."""
     b, c, h, w = latents.shape
     return FluxKontextPipeline._pack_latents(latents, b, c, h, w)
 
 
-def unpack(tokens: torch.Tensor, latent_height: int, latent_width: int, vae_scale: int) -> torch.Tensor:
+def unpack(tokens: torch.Tensor, latent_height: int, latent_width: int, vae_stride: int) -> torch.Tensor:
     """Inverse of `pack` for a latent of latent_height × latent_width."""
-    return FluxKontextPipeline._unpack_latents(tokens, latent_height * vae_scale, latent_width * vae_scale, vae_scale)
+    return FluxKontextPipeline._unpack_latents(
+        tokens, latent_height * vae_stride, latent_width * vae_stride, vae_stride
+    )
 
 
 class FluxKontextBackbone(Backbone):
@@ -124,12 +133,12 @@ class FluxKontextBackbone(Backbone):
 
     # --- geometry ----------------------------------------------------------------------------
     @property
-    def vae_scale(self) -> int:
+    def vae_stride(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def pixel_stride(self) -> int:
-        return self.vae_scale * 2  # 2×2 packing
+        return self.vae_stride * 2  # 2×2 packing
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -140,7 +149,7 @@ class FluxKontextBackbone(Backbone):
     def text_dim(self) -> int:
         return self.transformer.config.joint_attention_dim
 
-    def context_hidden_dim(self, mllm_dim: int) -> int:
+    def context_hidden_dim(self) -> int:
         return 3 * self.text_dim  # UniWorld-V1's connector: MLLM → 3·4096 → 4096 (paper §2.4)
 
     # --- the model ---------------------------------------------------------------------------
@@ -153,16 +162,20 @@ class FluxKontextBackbone(Backbone):
         return self.pipeline.text_encoder_2 is not None
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]):
-        """T5-XXL states as FluxKontextPipeline makes them (FLUX has no text mask: all ones)."""
+    def encode_prompt(self, prompts: list[str]) -> TextContext:
+        """T5-XXL states and the CLIP-L pooled vector as FluxKontextPipeline makes them (no text mask: all ones)."""
         self.require_text_encoder()
-        embeds, _, _ = self.pipeline.encode_prompt(
+        embeds, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,
             device=self.pipeline.text_encoder_2.device,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
-        return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return TextContext(embeds, mask, pooled.to(self.dtype))
+
+    def default_pooled(self) -> torch.Tensor:
+        return self.pooled
 
     @torch.no_grad()
     def encode_pooled(self, prompts: list[str]) -> torch.Tensor:
@@ -171,13 +184,15 @@ class FluxKontextBackbone(Backbone):
         return self.pipeline._get_clip_prompt_embeds(prompts, device=clip.device).to(self.dtype)
 
     def latent_shape(self, batch: int, height: int, width: int, frames: int = 1) -> tuple[int, ...]:
-        s = self.vae_scale
+        s = self.vae_stride
         return batch, self.transformer.config.in_channels // 4, height // s, width // s
 
     @torch.no_grad()
-    def prepare_references(self, plan: Plan, metacanvas: MetaCanvas, height: int, width: int) -> dict:
+    def prepare_references(
+        self, inputs: VisualInputs, height: int, width: int, condition: ConditionEmbedding | None = None
+    ) -> FluxReferences:
         """The input image as Kontext reference tokens: resized by REFERENCE_RULE, VAE-encoded, packed."""
-        images = plan.images
+        images = inputs.images
         if not images:
             raise MetaCanvasInputError(
                 "images: the FLUX.1-Kontext backbone edits an input image and this plan has none. Connect the "
@@ -196,7 +211,7 @@ class FluxKontextBackbone(Backbone):
         lh, lw = latents.shape[-2:]
         ids = FluxKontextPipeline._prepare_latent_image_ids(1, lh // 2, lw // 2, self.device, self.dtype)
         ids[..., 0] = 1  # Kontext: reference ids are the target's with the first channel set to 1
-        return {"tokens": pack(latents), "ids": ids, "size": (rh, rw)}
+        return FluxReferences(pack(latents), ids, (rh, rw))
 
     def set_timesteps(self, scheduler, steps: int, height: int, width: int) -> None:
         """FluxKontextPipeline's spacing: sigmas 1 → 1/steps, shifted by the target's token count."""
@@ -216,44 +231,38 @@ class FluxKontextBackbone(Backbone):
         else:
             scheduler.set_timesteps(steps, device=self.device, mu=mu)
 
-    def predict(
-        self,
-        latents,
-        t,
-        context,
-        context_mask,
-        canvas: CanvasInjection | None,
-        references=None,
-        guidance=None,
-        pooled=None,
-    ):
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, branch: Branch) -> torch.Tensor:
         model = self.transformer
         dtype, device = model.dtype, latents.device
         b, _, lh, lw = latents.shape
         x = pack(latents.to(dtype))
         n_target = x.shape[1]
         ids = FluxKontextPipeline._prepare_latent_image_ids(b, lh // 2, lw // 2, device, dtype)
-        if references is not None:
-            x = torch.cat([x, references["tokens"].to(device, dtype).expand(b, -1, -1)], 1)
-            ids = torch.cat([ids, references["ids"].to(device, dtype)], 0)
-        if b == 1 and not bool(context_mask.all()):  # FLUX has no text mask: drop padding instead
-            context = context[:, context_mask[0].bool()]
+        refs: FluxReferences | None = branch.references
+        if refs is not None:
+            x = torch.cat([x, refs.tokens.to(device, dtype).expand(b, -1, -1)], 1)
+            ids = torch.cat([ids, refs.ids.to(device, dtype)], 0)
+        context, mask = branch.text.embeds, branch.text.mask
+        if b == 1 and not bool(mask.all()):  # FLUX has no text mask: drop padding instead
+            context = context[:, mask[0].bool()]
         t_model = t.expand(b).to(dtype)  # as FluxKontextPipeline: the model divides by 1000, then scales back
+        canvas = branch.canvas
+        clock = t.expand(b).float()  # the connector's clock: the scheduler's σ·1000, in float32
 
         def add_canvas(tokens: torch.Tensor) -> torch.Tensor:  # (B, target + reference rows, D)
             target = tokens[:, :n_target].unflatten(1, (1, lh // 2, lw // 2))
-            # The connector's clock is the scheduler's 0..1000 timestep, kept in float32 (not rounded to bf16).
-            target = canvas.add_to(target, t.expand(b).float()).flatten(1, 3)
+            target = canvas.add_to(target, clock).flatten(1, 3)
             return torch.cat([target, tokens[:, n_target:]], 1)
 
         g = None
         if model.config.guidance_embeds:
-            value = DEFAULT_GUIDANCE if guidance is None else guidance
+            value = DEFAULT_GUIDANCE if branch.guidance is None else branch.guidance
             g = torch.full([1], value, device=device, dtype=torch.float32).expand(b)
+        pooled = self.pooled if branch.text.pooled is None else branch.text.pooled
         call = dict(
             timestep=t_model / 1000,
             guidance=g,
-            pooled_projections=(self.pooled if pooled is None else pooled).to(device, dtype).expand(b, -1),
+            pooled_projections=pooled.to(device, dtype).expand(b, -1),
             encoder_hidden_states=context.to(dtype),
             txt_ids=torch.zeros(context.shape[1], 3, device=device, dtype=dtype),
             img_ids=ids,
@@ -264,7 +273,7 @@ class FluxKontextBackbone(Backbone):
         else:
             with patch_embedding_hook(model.x_embedder, add_canvas):
                 v = model(hidden_states=x, **call)[0]
-        return unpack(v[:, :n_target], lh, lw, self.vae_scale)
+        return unpack(v[:, :n_target], lh, lw, self.vae_stride)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderDC, SanaPipeline, SanaTransformer2DModel
 from transformers import AutoModel, AutoTokenizer
 
-from .base import Backbone, CanvasInjection, patch_embedding_hook, read_json
+from .base import Backbone, Branch, TextContext, patch_embedding_hook, read_json
 
 _CALL_DEFAULTS = inspect.signature(SanaPipeline.__call__).parameters
 COMPLEX_HUMAN_INSTRUCTION: list[str] = _CALL_DEFAULTS["complex_human_instruction"].default
@@ -77,7 +77,7 @@ class SanaBackbone(Backbone):
         return self.text_encoder is not None
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], complex_human_instruction: list[str] | None = None):
+    def encode_prompt(self, prompts: list[str], complex_human_instruction: list[str] | None = None) -> TextContext:
         """Gemma-2 states as SanaPipeline makes them (its complex human instruction included by default)."""
         self.require_text_encoder()
         chi = COMPLEX_HUMAN_INSTRUCTION if complex_human_instruction is None else complex_human_instruction
@@ -88,10 +88,10 @@ class SanaBackbone(Backbone):
             complex_human_instruction=chi,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
-        return embeds, mask
+        return TextContext(embeds, mask)
 
     @torch.no_grad()
-    def encode_negative(self, prompts: list[str]):
+    def encode_negative(self, prompts: list[str]) -> TextContext:
         """The unconditional branch's states: SanaPipeline encodes negatives without the instruction."""
         return self.encode_prompt(prompts, complex_human_instruction=[])
 
@@ -99,29 +99,22 @@ class SanaBackbone(Backbone):
         s = self.vae_stride
         return batch, self.transformer.config.in_channels, height // s, width // s
 
-    def predict(
-        self,
-        latents,
-        t,
-        context,
-        context_mask,
-        canvas: CanvasInjection | None,
-        references=None,
-        guidance=None,
-        pooled=None,
-    ):
-        """SANA has no reference input and no guidance embedding: `references`/`guidance` are unused."""
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, branch: Branch) -> torch.Tensor:
+        """SANA has no reference input and no guidance embedding: the branch's text and canvas only."""
         model = self.transformer
         timestep = t.expand(latents.shape[0]) * model.config.timestep_scale
         p = model.config.patch_size
         h, w = latents.shape[-2] // p, latents.shape[-1] // p
+        canvas = branch.canvas
+        clock = t.expand(latents.shape[0]).float()  # the connector's clock: the scheduler's σ·1000, in float32
 
         def add_canvas(tokens: torch.Tensor) -> torch.Tensor:  # (B, H·W, D)
             grid = tokens.unflatten(1, (1, h, w))
-            return canvas.add_to(grid, timestep.to(tokens.dtype)).flatten(1, 3)
+            return canvas.add_to(grid, clock).flatten(1, 3)
 
         dtype = model.dtype
-        call = dict(encoder_hidden_states=context.to(dtype), encoder_attention_mask=context_mask, timestep=timestep)
+        text = branch.text
+        call = dict(encoder_hidden_states=text.embeds.to(dtype), encoder_attention_mask=text.mask, timestep=timestep)
         if canvas is not None and canvas.in_latents:  # ablation: the canvas added before patchify
             latents, canvas = canvas.add_to_latents(latents.to(dtype), p), None
         if canvas is None:

@@ -27,8 +27,8 @@ channels of the target frames.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
@@ -37,16 +37,34 @@ from diffusers.video_processor import VideoProcessor
 from PIL import Image
 from transformers import AutoTokenizer, UMT5EncoderModel
 
+from ..connectors import ConditionEmbedding
 from ..errors import MetaCanvasInputError
-from .base import Backbone, CanvasInjection, patch_embedding_hook, read_json
-
-if TYPE_CHECKING:
-    from ..checkpoint import MetaCanvas
-    from ..planner import Plan
+from ..inputs import ImageRole, VisualInputs
+from .base import Backbone, Branch, TextContext, patch_embedding_hook, read_json
 
 MAX_SEQUENCE_LENGTH: int = inspect.signature(WanPipeline.__call__).parameters["max_sequence_length"].default
 MAX_REFERENCES = 3  # OmniContext-Video style in-context generation takes 1–3 reference images [P]
-FIRST_FRAME, REFERENCES = "first frame", "references"
+
+
+@dataclass(frozen=True)
+class WanReferences:
+    """Wan's own inputs from a request's images and video, as normalised latents (1, z, frames, h, w)."""
+
+    first_frame: torch.Tensor | None = None  # image-to-video: the clean first frame
+    reference: torch.Tensor | None = None  # reference images: clean frames before the video
+    source_frames: tuple = ()  # a source video's frames (PIL), encoded by `fit_references` into `source`
+    size: tuple[int, int] | None = None  # (height, width) the source frames are encoded at
+    source: torch.Tensor | None = None  # the source video's latents (video editing)
+    condition: ConditionEmbedding | None = None  # the checkpoint's condition embedding (references, source)
+
+    @property
+    def n_reference(self) -> int:
+        return 0 if self.reference is None else self.reference.shape[2]
+
+    @property
+    def n_clean(self) -> int:
+        """Clean latent frames before the noisy ones: the references, then an image-to-video first frame."""
+        return self.n_reference + (self.first_frame is not None)
 
 
 class WanBackbone(Backbone):
@@ -112,6 +130,9 @@ class WanBackbone(Backbone):
     def latent_frames(self, frames: int) -> int:
         return (frames - 1) // self.temporal_stride + 1
 
+    def pixel_frames(self, latents: torch.Tensor) -> int:
+        return (latents.shape[2] - 1) * self.temporal_stride + 1
+
     def check_size(self, height: int, width: int, frames: int = 1) -> None:
         super().check_size(height, width)
         k = self.temporal_stride
@@ -133,13 +154,10 @@ class WanBackbone(Backbone):
     def text_dim(self) -> int:
         return self.transformer.config.text_dim
 
-    @property
-    def condition_channels(self) -> int:
-        return self.transformer.config.in_channels + 2
-
-    @property
-    def patch_size(self) -> tuple[int, int, int]:
-        return tuple(self.transformer.config.patch_size)
+    def condition_config(self) -> dict:
+        """[source latent (z) | is-reference | has-source] per latent frame → the DiT width, patch by patch."""
+        c = self.transformer.config
+        return {"in_channels": c.in_channels + 2, "width": self.width, "patch_size": tuple(c.patch_size)}
 
     def modules(self):
         return [m for m in (self.transformer, self.vae, self.text_encoder) if m is not None]
@@ -149,7 +167,7 @@ class WanBackbone(Backbone):
         return self.text_encoder is not None
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]):
+    def encode_prompt(self, prompts: list[str]) -> TextContext:
         """umT5 states as WanPipeline makes them (zero-padded to its max length; Wan has no text mask)."""
         self.require_text_encoder()
         embeds, _ = self.pipeline.encode_prompt(
@@ -159,7 +177,7 @@ class WanBackbone(Backbone):
             device=self.text_encoder.device,
             dtype=self.dtype,
         )
-        return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return TextContext(embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device))
 
     def latent_shape(self, batch: int, height: int, width: int, frames: int = 1) -> tuple[int, ...]:
         s = self.vae_stride
@@ -203,37 +221,42 @@ class WanBackbone(Backbone):
 
     # --- conditions -------------------------------------------------------------------------
     @torch.no_grad()
-    def prepare_references(self, plan: Plan, metacanvas: MetaCanvas, height: int, width: int) -> dict | None:
+    def prepare_references(
+        self, inputs: VisualInputs, height: int, width: int, condition: ConditionEmbedding | None = None
+    ) -> WanReferences | None:
         """Latents of the first frame (image-to-video), reference images or the source video (editing)."""
-        refs: dict = {}
-        images, video = plan.images, plan.video
-        if images and plan.image_role == FIRST_FRAME:
+        images, video = inputs.images, inputs.video
+        refs = WanReferences()
+        if images and inputs.role == ImageRole.FIRST_FRAME:
             if len(images) != 1:
                 raise MetaCanvasInputError(
                     f"images: image-to-video starts from one image, the plan has {len(images)}; pass one image or set "
-                    f"image_role to '{REFERENCES}'."
+                    f"image_role to '{ImageRole.REFERENCES}'."
                 )
-            refs["first_frame"] = self.encode_video(images, height, width)
+            refs = replace(refs, first_frame=self.encode_video(list(images), height, width))
         elif images:
             if len(images) > MAX_REFERENCES:
                 raise MetaCanvasInputError(
                     f"images: {len(images)} reference images; MetaCanvas video takes 1 to {MAX_REFERENCES}."
                 )
-            refs["reference"] = torch.cat([self.encode_video([im], height, width) for im in images], 2)
+            refs = replace(refs, reference=torch.cat([self.encode_video([im], height, width) for im in images], 2))
         if video:  # encoded by `fit_references`, once the sampler's length says how many frames are needed
-            refs["source_frames"], refs["size"] = list(video), (height, width)
-        if "reference" in refs or "source_frames" in refs:
-            if metacanvas.condition_embedding is None:
-                raise MetaCanvasInputError(f"MetaCanvas checkpoint '{metacanvas.name}' has no condition embedding.")
-            refs["condition_embedding"] = metacanvas.condition_embedding
-        return refs or None
+            refs = replace(refs, source_frames=tuple(video), size=(height, width))
+        if refs.reference is not None or refs.source_frames:
+            if condition is None:
+                raise MetaCanvasInputError(
+                    "this MetaCanvas checkpoint has no condition embedding, which Wan reference images and source "
+                    "videos need: use a checkpoint made for the Wan backbone."
+                )
+            refs = replace(refs, condition=condition)
+        return refs if refs != WanReferences() else None
 
     @torch.no_grad()
-    def fit_references(self, references: dict | None, frames: int) -> dict | None:
+    def fit_references(self, references: WanReferences | None, frames: int) -> WanReferences | None:
         """Encode only the source-video frames a `frames`-long sample needs (a long clip never meets the VAE)."""
-        if not references or "source_frames" not in references:
+        if references is None or not references.source_frames:
             return references
-        video, k = references["source_frames"], self.temporal_stride
+        video, k = references.source_frames, self.temporal_stride
         needed = (self.latent_frames(frames) - 1) * k + 1
         if len(video) < needed:
             usable = (len(video) - 1) // k * k + 1
@@ -241,76 +264,71 @@ class WanBackbone(Backbone):
                 f"video: the source video gives {usable} usable frames, fewer than the {needed} asked: lower the "
                 "sampler's length or load more frames."
             )
-        refs = {key: value for key, value in references.items() if key not in ("source_frames", "size")}
-        refs["source"] = self.encode_video(video[:needed], *references["size"])
-        return refs
+        source = self.encode_video(list(video[:needed]), *references.size)
+        return replace(references, source_frames=(), size=None, source=source)
 
-    def _condition(self, refs: dict, frames: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def _condition(self, refs: WanReferences, frames: int, shape: tuple[int, ...]) -> torch.Tensor:
         """[source latent | is-reference | has-source] per latent frame, references first: (1, z+2, R+F, h, w)."""
         _, z, _, h, w = shape
-        n_ref = refs["reference"].shape[2] if "reference" in refs else 0
+        n_ref = refs.n_reference
         c = torch.zeros(1, z + 2, n_ref + frames, h, w, device=self.device)
         c[:, z, :n_ref] = 1
-        if "source" in refs:
-            c[:, :z, n_ref:] = refs["source"]
+        if refs.source is not None:
+            c[:, :z, n_ref:] = refs.source
             c[:, z + 1, n_ref:] = 1
         return c
 
     # --- denoising --------------------------------------------------------------------------
-    def _first_frame_mask(self, latents: torch.Tensor, refs: dict | None) -> torch.Tensor:
+    def _first_frame_mask(self, latents: torch.Tensor, refs: WanReferences | None) -> torch.Tensor:
         """1 where a latent frame is noisy, 0 on the clean image-to-video first frame: (1, 1, F, h, w)."""
         mask = torch.ones(1, 1, *latents.shape[2:], dtype=latents.dtype, device=latents.device)
-        if refs and "first_frame" in refs:
+        if refs is not None and refs.first_frame is not None:
             mask[:, :, 0] = 0
         return mask
 
-    def finalize(self, latents: torch.Tensor, references: dict | None) -> torch.Tensor:
-        if references and "first_frame" in references:
+    def finalize(self, latents: torch.Tensor, references: WanReferences | None) -> torch.Tensor:
+        if references is not None and references.first_frame is not None:
             mask = self._first_frame_mask(latents, references)
-            latents = (1 - mask) * references["first_frame"] + mask * latents
+            latents = (1 - mask) * references.first_frame + mask * latents
         return latents
 
-    def predict(
-        self,
-        latents,
-        t,
-        context,
-        context_mask,
-        canvas: CanvasInjection | None,
-        references=None,
-        guidance=None,
-        pooled=None,
-    ):
+    def loss_frames(self, references: WanReferences | None) -> slice:
+        """Image-to-video's first frame is given, not learned."""
+        return slice(1 if references is not None and references.first_frame is not None else 0, None)
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, branch: Branch) -> torch.Tensor:
+        """Per-token timesteps take one scalar `t` for the whole call (as diffusers' Wan pipelines)."""
         model = self.transformer
-        refs = references or {}
+        refs: WanReferences | None = branch.references
         b, _, frames = latents.shape[:3]
         mask = self._first_frame_mask(latents, refs)
         x = latents
-        if "first_frame" in refs:
-            x = (1 - mask) * refs["first_frame"] + mask * latents
-        n_ref = refs["reference"].shape[2] if "reference" in refs else 0
+        if refs is not None and refs.first_frame is not None:
+            x = (1 - mask) * refs.first_frame + mask * latents
+        n_ref = refs.n_reference if refs is not None else 0
         if n_ref:
-            x = torch.cat([refs["reference"].expand(b, -1, -1, -1, -1).to(x.dtype), x], 2)
+            x = torch.cat([refs.reference.expand(b, -1, -1, -1, -1).to(x.dtype), x], 2)
             mask = torch.cat([torch.zeros_like(mask[:, :, :1]).expand(-1, -1, n_ref, -1, -1), mask], 2)
         _, p_h, p_w = model.config.patch_size
         timestep = (mask[0][0][:, ::p_h, ::p_w] * t).flatten().unsqueeze(0).expand(b, -1)
         condition = None
-        if "condition_embedding" in refs:
-            condition = refs["condition_embedding"](self._condition(refs, frames, latents.shape))
-        n_clean = n_ref + (1 if "first_frame" in refs else 0)
+        if refs is not None and refs.condition is not None:
+            condition = refs.condition(self._condition(refs, frames, latents.shape))
+        n_clean = refs.n_clean if refs is not None else 0
+        canvas = branch.canvas
+        clock = t.expand(b).float()  # the connector's clock: the scheduler's σ·1000, in float32
 
         def add(out: torch.Tensor) -> torch.Tensor:  # (B, D, T, H', W') before Wan flattens it
             if condition is not None:
                 out = out + condition.to(out.dtype)
             if canvas is not None:
                 tokens = out.permute(0, 2, 3, 4, 1)
-                noisy = CanvasInjection(canvas.connector, canvas.canvas[:, n_clean - n_ref :], canvas.rows)
-                target = noisy.add_to(tokens[:, n_clean:], t.expand(b).to(tokens.dtype))
+                target = canvas.frames(n_clean - n_ref).add_to(tokens[:, n_clean:], clock)
                 out = torch.cat([tokens[:, :n_clean], target], 1).permute(0, 4, 1, 2, 3)
             return out
 
         dtype = model.dtype
-        call = dict(timestep=timestep, encoder_hidden_states=context.to(dtype), return_dict=False)
+        call = dict(timestep=timestep, encoder_hidden_states=branch.text.embeds.to(dtype), return_dict=False)
         if condition is None and canvas is None:
             v = model(x.to(dtype), **call)[0]
         else:

@@ -25,7 +25,7 @@ cell's dominant colour is its colour (colour binding), and that its cell holds s
 alone); per image, that the number of occupied cells is the number of objects (count). `object` = position
 and colour both right; `all` = every object right and the count right.
 
-    python -m metacanvas_core.experiments.layout --out runs/layout [--steps N --seeds K --workers W --mllm random]
+    python -m experiments.layout --out runs/layout [--steps N --seeds K --workers W --mllm random]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import shutil
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -271,7 +271,8 @@ def write_models(
     """
     from diffusers import SanaTransformer2DModel
 
-    from ..tiny import write_tiny_qwen, write_tiny_sana
+    from metacanvas_core.tiny import write_tiny_qwen, write_tiny_sana
+
     from .toy_mllm import write_language_mllm
 
     if mllm not in MLLMS:
@@ -316,21 +317,14 @@ def write_models(
 
 def write_init_checkpoint(path: Path, mllm: Path, dit: Path, seed: int, connector: dict) -> Path:
     """A new MetaCanvas with MLLM context; canvas and context connector seeded by `seed`, the same in every arm."""
-    from ..backbones import load_backbone
-    from ..checkpoint import MetaCanvas, new_metacanvas, save_metacanvas
-    from ..planner import Planner
+    from metacanvas_core.backbones import load_backbone
+    from metacanvas_core.checkpoint import save_metacanvas
+    from metacanvas_core.metacanvas import new_metacanvas
+    from metacanvas_core.planner import Planner
 
     planner = Planner.from_folder(mllm)
     backbone = load_backbone(dit, text_encoder=False)
-    info = new_metacanvas(planner, backbone, "mllm").info
-    torch.manual_seed(seed)
-    reference = MetaCanvas(info)
-    info = replace(info, canvas_connector={**info.canvas_connector, **connector})
-    torch.manual_seed(seed)
-    mc = MetaCanvas(info)
-    mc.canvas.load_state_dict(reference.canvas.state_dict())
-    mc.context_connector.load_state_dict(reference.context_connector.state_dict())
-    save_metacanvas(mc, path)
+    save_metacanvas(new_metacanvas(planner.hidden_size, backbone.spec, "mllm", connector, seed=seed), path)
     return path
 
 
@@ -354,20 +348,17 @@ class Settings:
 @torch.no_grad()
 def generate(trainer, scenes: list[list[Obj]], use_canvas: bool, s: Settings) -> list[np.ndarray]:
     """Held-out images from the trainer's current weights through the pack's Plan → Project → sample path."""
-    from ..conditioning import project
-    from ..sampling import sample
+    from metacanvas_core.conditioning import project
+    from metacanvas_core.sampling import sample
 
     mc, planner, backbone = trainer.mc, trainer.planner, trainer.backbone
     modules = [*mc.modules(), *backbone.transformer.modules()]
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
-    grid = mc.canvas_grid(SIZE, SIZE)
-    embeds = mc.canvas(grid)
     out = []
     for i, scene in enumerate(scenes):
-        plan = planner.plan(prompt_of(scene), embeds, grid, with_negative_context=True, lora=trainer.lora)
-        cond = project(plan, mc, backbone)
+        cond = project(mc.plan(planner, prompt_of(scene), SIZE, SIZE), mc, backbone)
         latents = sample(
             backbone,
             cond,
@@ -387,8 +378,8 @@ def generate(trainer, scenes: list[list[Obj]], use_canvas: bool, s: Settings) ->
 
 def run_arm(arm: str, seed: int, manifest: Path, models: dict, out: Path, s: Settings, test: list) -> dict:
     """Train one arm for one seed with evaluations every `eval_every` steps; returns its curve and samples."""
-    from ..training.config import TrainConfig
-    from ..training.trainer import Trainer
+    from metacanvas_core.training.config import TrainConfig
+    from metacanvas_core.training.trainer import Trainer
 
     torch.set_num_threads(s.threads)
     logging_off()
@@ -426,8 +417,7 @@ def run_arm(arm: str, seed: int, manifest: Path, models: dict, out: Path, s: Set
         eval_samples=0,
     )
     config.validate()
-    trainer = Trainer(config, folder, progress=False)
-    trainer.backbone.encode = pixel_encode  # the exact pixel autoencoder (see the module docstring)
+    trainer = Trainer(config, folder, progress=False, encode=pixel_encode)  # the exact pixel autoencoder
     test = test[: s.test_prompts]
     curve, losses = [], []
     points = sorted({*range(0 if s.eval_at_start else s.eval_every, s.steps, s.eval_every), s.steps})
@@ -456,14 +446,16 @@ def run_arm(arm: str, seed: int, manifest: Path, models: dict, out: Path, s: Set
 def prompt_share(trainer, scenes: list[list[Obj]]) -> dict[str, float]:
     """How much the canvas depends on the prompt: the share of its variance (over prompts × positions) that is
     across prompts, for the MLLM's canvas states and for the aligned canvas. Near 0: a per-position embedding."""
+    from metacanvas_core.conditioning import align_canvas
+
     mc, planner = trainer.mc, trainer.planner
     grid = mc.canvas_grid(SIZE, SIZE)
     embeds = mc.canvas(grid)
     states, aligned = [], []
     for scene in scenes:
-        hidden, n = planner.forward(prompt_of(scene), [], embeds, grid, trainer.lora)
+        hidden, n = planner.forward(prompt_of(scene), [], embeds, grid, mc.lora)
         states.append(hidden[0, n + 1 :].float())
-        aligned.append(mc.canvas_connector.align(hidden[:, n + 1 :].float())[0])
+        aligned.append(align_canvas(mc.canvas_connector, hidden[:, n + 1 :], grid)[0].flatten(0, 2))
     out = {}
     for name, x in (("states", torch.stack(states)), ("aligned", torch.stack(aligned))):
         total = x.var(dim=(0, 1)).sum()

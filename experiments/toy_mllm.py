@@ -92,7 +92,7 @@ def write_language_mllm(
     """
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from ..tiny import write_tiny_qwen
+    from metacanvas_core.tiny import write_tiny_qwen
 
     pairs = [(prompt_of(s), answer_of(s, cells)) for s in scenes]
     test = [(prompt_of(s), answer_of(s, cells)) for s in test_scenes]

@@ -1,0 +1,218 @@
+"""The MetaCanvas model: everything MetaCanvas adds to an MLLM + backbone pair, and the one plan call.
+
+`MetaCanvas` holds the canvas tokens, the canvas connector, the context connector (MLLM-context
+backbones), the Wan condition embedding and an optional canvas-only LoRA for the MLLM. Its config
+(`MetaCanvasConfig`) is what a checkpoint file records in its header (`checkpoint.py` saves and loads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from .backbones import BACKBONES, BackboneSpec
+from .canvas import CanvasEmbedding, CanvasGrid, canvas_grid_for
+from .connectors import CanvasConnector, ConditionEmbedding, ContextConnector
+from .errors import MetaCanvasInputError
+from .inputs import NO_INPUTS, ContextSource, VisualInputs
+from .planner import CanvasLora, Plan, Planner
+
+UNTRAINED = "new (untrained)"
+
+
+@dataclass(frozen=True)
+class MetaCanvasConfig:
+    """What a MetaCanvas was made for, and the configs of its modules; compared against loaded models."""
+
+    backbone: str
+    mllm_hidden_size: int
+    dit_width: int
+    pixel_stride: int  # pixels per DiT token of the backbone (sizes the canvas for an output size)
+    text_dim: int
+    canvas_grid: tuple[int, int, int]
+    canvas_factor: int
+    context_source: str  # ContextSource value
+    canvas_connector: dict  # CanvasConnector config
+    context_connector: dict | None  # ContextConnector config
+    lora: dict | None  # LoraConfig kwargs of the canvas LoRA
+    condition_embedding: dict | None = None  # ConditionEmbedding config (Wan: source video + masks)
+
+
+def default_context_source(has_text_encoder: bool) -> ContextSource:
+    """An untrained MetaCanvas's context: the backbone's own text encoder when it is loaded (then the output is
+    exactly the plain backbone's), else the MLLM through a new context connector."""
+    return ContextSource.NATIVE if has_text_encoder else ContextSource.MLLM
+
+
+class MetaCanvas(nn.Module):
+    """Canvas embeddings + connectors (+ canvas LoRA) for one MLLM + backbone pair."""
+
+    def __init__(self, config: MetaCanvasConfig, name: str = UNTRAINED) -> None:
+        super().__init__()
+        self.config = config
+        self.name = name
+        self.canvas = CanvasEmbedding(config.mllm_hidden_size, CanvasGrid(*config.canvas_grid))
+        self.canvas_connector = CanvasConnector(**config.canvas_connector)
+        self.context_connector = ContextConnector(**config.context_connector) if config.context_connector else None
+        self.condition_embedding = (
+            ConditionEmbedding(**config.condition_embedding) if config.condition_embedding else None
+        )
+        self.lora: CanvasLora | None = None
+
+    def canvas_grid(self, height: int, width: int, keyframes: int | None = None) -> CanvasGrid:
+        """The canvas for an output of height × width: the token grid divided by the canvas factor,
+        with `keyframes` (default: the checkpoint's) for video."""
+        s = self.config.pixel_stride
+        for name, value in (("width", width), ("height", height)):
+            if value % s or value <= 0:
+                raise MetaCanvasInputError(
+                    f"{name} {value} is not a positive multiple of {s}, the pixel stride of the "
+                    f"{self.config.backbone} backbone this checkpoint is for: use {max(s, value // s * s)} or "
+                    f"{(value // s + 1) * s}."
+                )
+        return canvas_grid_for(
+            (1, height // s, width // s), self.config.canvas_factor, keyframes or self.config.canvas_grid[0]
+        )
+
+    def plan(
+        self,
+        planner: Planner,
+        prompt: str,
+        height: int,
+        width: int,
+        inputs: VisualInputs = NO_INPUTS,
+        negative_prompt: str = "",
+        keyframes: int | None = None,
+    ) -> Plan:
+        """Make a plan with this checkpoint: its canvas (sized for height × width) and canvas LoRA in the MLLM.
+
+        The negative prompt's states are planned too when the checkpoint takes its context from the MLLM.
+        """
+        backbone = BACKBONES.get(self.config.backbone)
+        if backbone is not None and backbone.needs_input_image and not inputs.images:
+            raise MetaCanvasInputError(
+                f"images: this MetaCanvas checkpoint is for {backbone.kind} image editing, which needs the image "
+                "to edit. Connect it (e.g. a core Load Image) to the 'images' input of MetaCanvas Plan."
+            )
+        grid = self.canvas_grid(height, width, keyframes)
+        with torch.no_grad():
+            canvas = self.canvas(grid)
+        return planner.plan(
+            prompt,
+            canvas,
+            grid,
+            inputs,
+            negative_prompt=negative_prompt,
+            with_negative_context=self.config.context_source == ContextSource.MLLM,
+            lora=self.lora,
+        )
+
+    def check_compatible(
+        self, mllm_hidden_size: int, mllm: str, spec: BackboneSpec, backbone: str, has_text_encoder: bool = True
+    ) -> None:
+        """Refuse an MLLM or backbone this checkpoint was not made for, naming both sides. `has_text_encoder`:
+        whether the backbone's own text encoder is loaded (a native-context checkpoint needs it)."""
+        c = self.config
+        if (c.backbone, c.dit_width, c.pixel_stride) != (spec.kind, spec.width, spec.pixel_stride):
+            raise MetaCanvasInputError(
+                f"MetaCanvas checkpoint '{self.name}' was made for a {c.backbone} backbone of width {c.dit_width} "
+                f"(pixel stride {c.pixel_stride}), but the loaded backbone '{backbone}' is {spec.kind} "
+                f"of width {spec.width} (pixel stride {spec.pixel_stride}). "
+                "Load the checkpoint trained for this backbone, or choose 'new (untrained)'."
+            )
+        if c.mllm_hidden_size != mllm_hidden_size:
+            raise MetaCanvasInputError(
+                f"MetaCanvas checkpoint '{self.name}' was made for an MLLM of hidden size {c.mllm_hidden_size}, "
+                f"but the loaded MLLM '{mllm}' has hidden size {mllm_hidden_size}. Load the MLLM it "
+                "was trained with (3584 = Qwen2.5-VL-7B, 2048 = Qwen2.5-VL-3B), or choose 'new (untrained)'."
+            )
+        if c.text_dim != spec.text_dim:
+            raise MetaCanvasInputError(
+                f"MetaCanvas checkpoint '{self.name}' expects a text slot of width {c.text_dim}, but backbone "
+                f"'{backbone}' has {spec.text_dim}."
+            )
+        if c.context_source == ContextSource.NATIVE and not has_text_encoder:
+            raise MetaCanvasInputError(
+                f"MetaCanvas checkpoint '{self.name}' was made with the backbone's native text encoder as context, "
+                f"but backbone '{backbone}' was loaded without it: turn load_text_encoder on in the Backbone "
+                "Loader (the folder must hold it)."
+            )
+
+    def check_context_source(self, wanted: str) -> None:
+        """Refuse a checkpoint whose context source is not the one asked for, naming both."""
+        if wanted != self.config.context_source:
+            raise MetaCanvasInputError(
+                f"MetaCanvas checkpoint '{self.name}' was trained with '{self.config.context_source}' context, not "
+                f"'{wanted}': set context to 'auto' or '{self.config.context_source}', or load a checkpoint trained "
+                f"with '{wanted}' context."
+            )
+
+    def with_lora(self, lora: CanvasLora | None) -> MetaCanvas:
+        """This MetaCanvas (the same modules) with another canvas LoRA, its config recording it."""
+        self.lora = lora
+        self.config = replace(self.config, lora=dict(lora.config) if lora is not None else None)
+        return self
+
+
+def new_metacanvas(
+    mllm_hidden_size: int,
+    spec: BackboneSpec,
+    context_source: ContextSource | str,
+    connector_options: dict | None = None,
+    seed: int = 0,
+) -> MetaCanvas:
+    """A fresh MetaCanvas, seeded: zero-initialised canvas projections, so until trained the canvas changes nothing.
+
+    `context_source`: "native" (the backbone's own text encoder: with the canvas untrained, exactly the plain
+    backbone) or "mllm" (a context connector, which needs training first). `connector_options`: the canvas
+    connector's Table 3 ablations (`CanvasConnector`); the canvas tokens and the context connector do not depend
+    on them (they are the paper's connector's), so ablation arms of one seed start from the same ones.
+    """
+    try:
+        context_source = ContextSource(context_source)
+    except ValueError:
+        raise MetaCanvasInputError(
+            f"context source '{context_source}' is not one of {ContextSource.values()}."
+        ) from None
+    heads, head_dim = spec.attention_heads
+    grid = spec.canvas_grid()
+    context = None
+    if context_source == ContextSource.MLLM:
+        context = {
+            "mllm_dim": mllm_hidden_size,
+            "hidden_dim": spec.context_hidden_dim or 4 * mllm_hidden_size,
+            "text_dim": spec.text_dim,
+            "dropout": spec.context_dropout,
+        }
+    config = MetaCanvasConfig(
+        backbone=spec.kind,
+        mllm_hidden_size=mllm_hidden_size,
+        dit_width=spec.width,
+        pixel_stride=spec.pixel_stride,
+        text_dim=spec.text_dim,
+        canvas_grid=(grid.frames, grid.height, grid.width),
+        canvas_factor=spec.canvas_factor,
+        context_source=context_source.value,
+        canvas_connector={
+            "mllm_dim": mllm_hidden_size,
+            "dit_dim": spec.width,
+            "num_heads": heads,
+            "head_dim": head_dim,
+        },
+        context_connector=context,
+        lora=None,
+        condition_embedding=dict(spec.condition) if spec.condition else None,
+    )
+    # Seeded, without touching the caller's RNG: 'new (untrained)' is the same checkpoint on every load, so a
+    # graph gives the same image each run (the random parts are the canvas tokens and the context connector).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mc = MetaCanvas(config)
+        if connector_options:  # the ablation's connector, drawn as the paper's would be; the rest stays
+            torch.manual_seed(seed)
+            config = replace(config, canvas_connector={**config.canvas_connector, **connector_options})
+            mc.canvas_connector = MetaCanvas(config).canvas_connector
+            mc.config = config
+    return mc

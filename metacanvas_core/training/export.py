@@ -1,0 +1,59 @@
+"""Export: what a training run hands to users — a MetaCanvas checkpoint, and the trained DiT as a pipeline folder.
+
+Both are written from full (gathered) state dicts, so they are the same whether the run was sharded or not.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import save_metacanvas
+from ..metacanvas import MetaCanvas, MetaCanvasConfig
+from ..planner import CanvasLora
+
+
+def lora_merged_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A peft-wrapped model's state with its LoRA merged into the base weights (plain module names)."""
+    out = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    for key, a in state.items():
+        m = re.match(r"(.*)\.lora_A\.([^.]+)\.weight$", key)
+        if m:
+            b = state[f"{m.group(1)}.lora_B.{m.group(2)}.weight"]
+            w = out[f"{m.group(1)}.weight"]
+            out[f"{m.group(1)}.weight"] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+    return out
+
+
+def export_metacanvas(
+    state: dict[str, torch.Tensor], config: MetaCanvasConfig, lora: CanvasLora | None, path: Path
+) -> None:
+    """The MetaCanvas checkpoint from its module state and the canvas LoRA (trained or as loaded)."""
+    mc = MetaCanvas(config, name=path.name)
+    mc.load_state_dict(state)
+    save_metacanvas(mc.with_lora(lora), path)
+
+
+def export_backbone(
+    state: dict[str, torch.Tensor], transformer: nn.Module, source: Path, folder: Path, lora_scale: float | None
+) -> None:
+    """A diffusers pipeline folder: the trained transformer (its DiT LoRA merged), the other parts linked to `source`."""
+    if lora_scale is not None:
+        state = lora_merged_state(state, lora_scale)
+    fresh = type(transformer).from_config(transformer.config)
+    fresh.load_state_dict(state)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    fresh.save_pretrained(folder / "transformer", safe_serialization=True)
+    for entry in source.iterdir():
+        if entry.name != "transformer":
+            target = folder / entry.name
+            if entry.is_file():
+                shutil.copy2(entry, target)  # model_index.json and other small files
+            else:
+                target.symlink_to(entry.resolve(), target_is_directory=True)

@@ -1,0 +1,170 @@
+"""The training objective: rectified-flow velocity loss through MLLM → connectors → backbone.
+
+Per sample: x_t = (1 − σ)·x0 + σ·noise, target = noise − x0, the backbone called at t = σ·T (T = the
+scheduler's num_train_timesteps, 1000: the timesteps the sampler passes). Condition dropout: a dropped
+sample gets the empty prompt's context and no canvas, exactly the sampler's unconditional branch, so
+classifier-free guidance has a learned null branch (paper §2.6 [D]). Everything random in a step
+(dropout draws, σ, noise) comes from a generator seeded by (seed, step, rank), so a resumed run repeats
+the loss trace of an uninterrupted one.
+
+The projection is the inference path's (`conditioning.align_canvas`, `mllm_context`,
+`CanvasInjection.on_tokens`, `Backbone.prepare_references`), with gradients on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import Backbone, Branch, CanvasInjection, TextContext
+from ..conditioning import align_canvas, mllm_context
+from ..errors import MetaCanvasInputError
+from ..inputs import ContextSource
+from ..metacanvas import MetaCanvas
+from ..planner import Planner
+from .batches import Batch
+from .config import TrainConfig
+from .data import _seed
+
+
+@dataclass
+class Frozen:
+    """The models the objective calls but does not own (never registered as submodules)."""
+
+    planner: Planner
+    backbone: Backbone
+
+
+class FlowMatchingObjective(nn.Module):
+    """The loss of one batch. Submodules are exactly what trains (wrapped once by accelerate: DDP / FSDP).
+
+    `transformer` and `mllm` (the canvas-LoRA-wrapped planner model) are registered only when they train.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        mc: MetaCanvas,
+        frozen: Frozen,
+        rank: int,
+        transformer: nn.Module | None = None,
+        mllm: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.mc = mc
+        if transformer is not None:
+            self.transformer = transformer
+        if mllm is not None:
+            self.mllm = mllm
+        self.frozen = frozen
+        self.config = config
+        self.rank = rank
+        self.canvas_grad = any(p in config.trainable for p in ("canvas", "mllm_lora"))
+        self.num_train_timesteps = int(frozen.backbone.scheduler_config.get("num_train_timesteps", 1000))
+        self._text_cache: dict[tuple[str, bool], TextContext] = {}
+
+    def sigmas(self, n: int, g: torch.Generator) -> torch.Tensor:
+        c = self.config
+        if c.timestep_sampling == "uniform":
+            s = torch.rand(n, generator=g)
+        else:
+            s = torch.sigmoid(torch.randn(n, generator=g) * c.logit_std + c.logit_mean)
+        return c.flow_shift * s / (1 + (c.flow_shift - 1) * s)
+
+    def native_context(self, text: str, negative: bool) -> TextContext:
+        """The frozen text encoder's output for one prompt, from a bounded cache (exact: no grad, no dropout)."""
+        key = (text, negative)
+        hit = self._text_cache.pop(key, None)
+        if hit is None:
+            backbone = self.frozen.backbone
+            hit = (backbone.encode_negative if negative else backbone.encode_prompt)([text])
+        self._text_cache[key] = hit  # most recent last
+        while len(self._text_cache) > self.config.text_cache_size:
+            self._text_cache.pop(next(iter(self._text_cache)))
+        return hit
+
+    def forward(self, batch: Batch, step: int, train: bool = True) -> torch.Tensor:
+        c, mc = self.config, self.mc
+        planner, backbone = self.frozen.planner, self.frozen.backbone
+        dev = backbone.device
+        b = len(batch.texts)
+        g = torch.Generator().manual_seed(_seed(c.seed, 11, step, self.rank if train else 0))
+        drop = (torch.rand(b, generator=g) < c.cond_dropout) if train else torch.zeros(b, dtype=torch.bool)
+        noise = torch.randn(batch.latents.shape, generator=g)
+        sigma = self.sigmas(b, g)
+        order = sorted(range(b), key=lambda i: bool(drop[i]))  # kept samples first: the canvas rows are 0..k
+        kept = [i for i in order if not drop[i]]
+        x0 = batch.latents[order].to(dev)
+        noise, sigma = noise[order].to(dev), sigma[order].to(dev)
+        s = sigma.view(-1, *[1] * (x0.ndim - 1))
+        x_t = (1 - s) * x0 + s * noise
+        target = noise - x0
+        t = sigma * self.num_train_timesteps
+
+        grid = mc.canvas_grid(batch.height, batch.width)
+        use_canvas = c.canvas_on and bool(kept)
+        canvas_states, prompt_states = [], []
+        if use_canvas:
+            embeds = mc.canvas(grid)
+            with torch.set_grad_enabled(self.canvas_grad and train):
+                for i in kept:
+                    seen = planner.seen(batch.inputs[i])
+                    hidden, n = planner.forward(batch.texts[i], seen, embeds, grid, mc.lora)
+                    canvas_states.append(hidden[:, n + 1 :])
+                    prompt_states.append(hidden[:, :n])
+        text = self.text(batch, order, kept, prompt_states, grid)
+
+        canvas = None
+        if use_canvas:
+            aligned = align_canvas(mc.canvas_connector, torch.cat(canvas_states).to(dev), grid)
+            tokens = backbone.latent_token_grid(x0)
+            canvas = CanvasInjection.on_tokens(mc.canvas_connector, aligned, tokens, slice(0, len(kept)))
+        refs = [self.references(batch, i) for i in order]
+        if not backbone.is_video:
+            if any(r is not None for r in refs) and b != 1:
+                raise MetaCanvasInputError(
+                    f"recipe '{c.name}': the {backbone.kind} backbone takes one set of input images per call, "
+                    "so batch_size must be 1 (scale the batch with more processes)."
+                )
+            v = backbone.predict(x_t, t, Branch(text, canvas, refs[0]))
+            return F.mse_loss(v.float(), target.float())
+        # Video backbones take one scalar timestep per call (their per-token timesteps): one call per sample.
+        losses = []
+        for i in range(b):
+            row = None
+            if canvas is not None and i < len(kept):
+                row = CanvasInjection(canvas.connector, canvas.canvas[i : i + 1], slice(0, 1))
+            v = backbone.predict(x_t[i : i + 1], t[i], Branch(text.sample(i), row, refs[i]))
+            frames = backbone.loss_frames(refs[i])
+            losses.append(F.mse_loss(v[:, :, frames].float(), target[i : i + 1, :, frames].float()))
+        return torch.stack(losses).mean()
+
+    def text(self, batch: Batch, order: list[int], kept: list[int], prompt_states: list, grid) -> TextContext:
+        """The text slot of the batch in `order`: the prompt for kept samples, the empty prompt for dropped ones."""
+        mc, planner, backbone = self.mc, self.frozen.planner, self.frozen.backbone
+        if mc.config.context_source == ContextSource.NATIVE:
+            parts = [
+                self.native_context(batch.texts[i], False) if i in kept else self.native_context("", True)
+                for i in order
+            ]  # noqa: E501
+            return TextContext.cat([p.to(backbone.device) for p in parts])
+        states = []
+        with torch.no_grad():
+            for j, i in enumerate(order):
+                if j < len(prompt_states):  # the canvas pass already read this prompt (causal: same states)
+                    states.append(prompt_states[j].detach())
+                else:
+                    prompt = batch.texts[i] if i in kept else ""
+                    states.append(planner.forward(prompt, planner.seen(batch.inputs[i]), None, grid)[0])
+        return mllm_context(mc.context_connector, [s.to(backbone.device) for s in states], backbone.default_pooled())
+
+    def references(self, batch: Batch, i: int):
+        """The backbone's own inputs for sample i (FLUX-Kontext reference tokens, Wan first frame/references/source)."""
+        if not batch.to_backbone[i]:
+            return None
+        backbone = self.frozen.backbone
+        refs = backbone.prepare_references(batch.inputs[i], batch.height, batch.width, self.mc.condition_embedding)
+        return backbone.fit_references(refs, backbone.pixel_frames(batch.latents))
