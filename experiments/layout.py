@@ -449,13 +449,11 @@ def prompt_share(trainer, scenes: list[list[Obj]]) -> dict[str, float]:
     from metacanvas_core.conditioning import align_canvas
 
     mc, planner = trainer.mc, trainer.planner
-    grid = mc.canvas_grid(SIZE, SIZE)
-    embeds = mc.canvas(grid)
     states, aligned = [], []
     for scene in scenes:
-        hidden, n = planner.forward(prompt_of(scene), [], embeds, grid, mc.lora)
-        states.append(hidden[0, n + 1 :].float())
-        aligned.append(align_canvas(mc.canvas_connector, hidden[:, n + 1 :], grid)[0].flatten(0, 2))
+        plan = mc.plan(planner, prompt_of(scene), SIZE, SIZE, negative=False)
+        states.append(plan.canvas[0].float())
+        aligned.append(align_canvas(mc.canvas_connector, plan.canvas, plan.grid)[0].flatten(0, 2))
     out = {}
     for name, x in (("states", torch.stack(states)), ("aligned", torch.stack(aligned))):
         total = x.var(dim=(0, 1)).sum()

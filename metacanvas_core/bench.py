@@ -48,7 +48,8 @@ def sampler_vs_pipeline(mllm: Path, sana_folder: Path, steps: int, repeats: int)
         if name == "canvas on":  # a connector with nonzero projections, so the canvas path really runs
             for layer in (mc.canvas_connector.align_out, mc.canvas_connector.out_proj):
                 torch.nn.init.normal_(layer.weight, std=0.02)
-        conds[name] = project(mc.plan(planner, prompt, h, w), mc, sana)
+        with torch.no_grad():
+            conds[name] = project(mc.plan(planner, prompt, h, w), mc, sana)
     pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=sana.vae, transformer=sana.transformer, scheduler=None)
     pipe.set_progress_bar_config(disable=True)
     cond = conds["canvas off"]

@@ -81,7 +81,8 @@ def main() -> None:
     height, width = args.height or backbone.default_size[0], args.width or backbone.default_size[1]
     t1 = time.perf_counter()
     images = (Image.open(args.image).convert("RGB"),) if args.image else ()
-    plan = mc.plan(planner, args.prompt, height, width, VisualInputs(images), args.negative_prompt)
+    with torch.no_grad():
+        plan = mc.plan(planner, args.prompt, height, width, VisualInputs(images), args.negative_prompt)
     cond = project(plan, mc, backbone)
     latents = sample(
         backbone,

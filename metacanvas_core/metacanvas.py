@@ -85,10 +85,13 @@ class MetaCanvas(nn.Module):
         inputs: VisualInputs = NO_INPUTS,
         negative_prompt: str = "",
         keyframes: int | None = None,
+        negative: bool | None = None,
     ) -> Plan:
         """Make a plan with this checkpoint: its canvas (sized for height × width) and canvas LoRA in the MLLM.
 
-        The negative prompt's states are planned too when the checkpoint takes its context from the MLLM.
+        `negative`: also plan the negative prompt's states (default: when the checkpoint takes its context from
+        the MLLM). Differentiable in the canvas and LoRA under the caller's grad mode (training); inference
+        callers run it under `torch.no_grad()`.
         """
         backbone = BACKBONES.get(self.config.backbone)
         if backbone is not None and backbone.needs_input_image and not inputs.images:
@@ -97,17 +100,9 @@ class MetaCanvas(nn.Module):
                 "to edit. Connect it (e.g. a core Load Image) to the 'images' input of MetaCanvas Plan."
             )
         grid = self.canvas_grid(height, width, keyframes)
-        with torch.no_grad():
-            canvas = self.canvas(grid)
-        return planner.plan(
-            prompt,
-            canvas,
-            grid,
-            inputs,
-            negative_prompt=negative_prompt,
-            with_negative_context=self.config.context_source == ContextSource.MLLM,
-            lora=self.lora,
-        )
+        if negative is None:
+            negative = self.config.context_source == ContextSource.MLLM
+        return planner.plan(prompt, self.canvas(grid), grid, inputs, negative_prompt, negative, self.lora)
 
     def check_compatible(
         self, mllm_hidden_size: int, mllm: str, spec: BackboneSpec, backbone: str, has_text_encoder: bool = True

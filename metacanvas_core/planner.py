@@ -159,7 +159,6 @@ class Planner:
         """The pictures the MLLM reads for `inputs`: the images, then up to VIDEO_FRAMES frames of the video."""
         return list(inputs.images) + video_frames_for_mllm(list(inputs.video))
 
-    @torch.no_grad()
     def plan(
         self,
         prompt: str,
@@ -173,7 +172,8 @@ class Planner:
         """Run the planner. `canvas_embeddings` is `CanvasEmbedding(grid)`: start marker, then the canvas.
 
         A video reaches the MLLM as up to VIDEO_FRAMES evenly spaced frames of about
-        VIDEO_FRAME_TOKENS tokens each, after the images.
+        VIDEO_FRAME_TOKENS tokens each, after the images. Differentiable in `canvas_embeddings` (and the
+        LoRA) under the caller's grad mode: inference callers run it under `torch.no_grad()`.
         """
         seen = self.seen(inputs)
         hidden, n_prompt = self.forward(prompt, seen, canvas_embeddings, grid, lora)
@@ -187,10 +187,14 @@ class Planner:
             inputs=inputs,
         )
         if with_negative_context:
-            neg, n_neg = self.forward(negative_prompt, seen, None, grid, None)
+            neg = self.prompt_states(negative_prompt, inputs)
             plan.negative_context = neg
-            plan.negative_mask = torch.ones(1, n_neg, dtype=torch.long, device=neg.device)
+            plan.negative_mask = torch.ones(1, neg.shape[1], dtype=torch.long, device=neg.device)
         return plan
+
+    def prompt_states(self, prompt: str, inputs: VisualInputs = NO_INPUTS) -> torch.Tensor:
+        """The last hidden states (1, L, D) of a prompt (with its inputs) alone: no canvas, no LoRA."""
+        return self.forward(prompt, self.seen(inputs))[0]
 
     def sequence(self, prompt: str, images: list[Image.Image], grid: CanvasGrid | None) -> dict:
         """The token sequence: ids, mRoPE position ids (3, 1, L), prompt length and vision inputs.
@@ -219,13 +223,13 @@ class Planner:
         self,
         prompt: str,
         images: list[Image.Image],
-        canvas_embeddings: torch.Tensor | None,
-        grid: CanvasGrid,
+        canvas_embeddings: torch.Tensor | None = None,
+        grid: CanvasGrid | None = None,
         lora: CanvasLora | None = None,
     ) -> tuple[torch.Tensor, int]:
-        """Last hidden states (1, L, D) of prompt [+ start marker + canvas], and the prompt length.
+        """Last hidden states (1, L, D) of prompt [+ start marker + canvas of `grid`], and the prompt length.
 
-        Differentiable in `canvas_embeddings` (the trainer calls it with grad enabled).
+        Differentiable in `canvas_embeddings`.
         """
         seq = self.sequence(prompt, images, grid if canvas_embeddings is not None else None)
         ids, n_prompt = seq["ids"], seq["n_prompt"]

@@ -337,7 +337,8 @@ class MetaCanvasPlan:
         inputs = VisualInputs(_images_to_pil(images), _images_to_pil(video, "video"), image_role)
         mc = metacanvas.ready()
         planner = mllm.ready()
-        return (mc.plan(planner, prompt, height, width, inputs, negative_prompt, keyframes or None),)
+        with torch.no_grad():
+            return (mc.plan(planner, prompt, height, width, inputs, negative_prompt, keyframes or None),)
 
 
 class MetaCanvasProject:

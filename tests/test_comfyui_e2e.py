@@ -22,21 +22,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support.comfyui import HARNESS, SKIP_REASON, ComfyServer, cached, ids, load_saved, one
+from support.graph import as_saved, run, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
-HARNESS = os.environ.get("COMFYUI_HARNESS")
 WORKFLOW = ROOT / "workflows" / "text_to_image.json"
 SHIPPED = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
 OLD_STYLE = "old_text_to_image"
@@ -57,66 +54,7 @@ PACK_NODES = [
 ]
 PLANNING = {"MetaCanvasMLLMLoader", "MetaCanvasBackboneLoader", "MetaCanvasConnectorLoader", "MetaCanvasPlan"}
 
-pytestmark = pytest.mark.skipif(
-    not HARNESS,
-    reason="COMFYUI_HARNESS is not set: point it at a prepared ComfyUI harness (HARNESS_ROOT of "
-    "shared/comfyui-harness/setup.sh, this pack linked into custom_nodes) to run the real-ComfyUI tests",
-)
-
-
-def _scripts() -> Path:
-    candidates = [os.environ.get("COMFYUI_HARNESS_SCRIPTS"), ROOT.parent / "shared" / "comfyui-harness"]
-    for c in candidates:
-        if c and (Path(c) / "start.sh").is_file():
-            return Path(c)
-    pytest.fail(
-        f"harness scripts (start.sh, run_prompt.py, browser_check.py) not found in {candidates}: set COMFYUI_HARNESS_SCRIPTS"
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http(method: str, url: str, payload=None, timeout=30):
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        body = e.read()
-        try:
-            return e.code, json.loads(body)
-        except ValueError:
-            return e.code, {"raw": body.decode(errors="replace")}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (already exited, not yet reaped) counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _stop(pid: int) -> None:
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + wait
-        while time.time() < deadline and _alive(pid):
-            time.sleep(0.1)
-        if not _alive(pid):
-            return
+pytestmark = pytest.mark.skipif(not HARNESS, reason=SKIP_REASON)
 
 
 @pytest.fixture(scope="module")
@@ -130,54 +68,15 @@ def artifacts(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(models_dir, tmp_path_factory):
     """A real ComfyUI (start.sh) on a free port, reading the tiny models; killed at the end."""
-    harness = Path(HARNESS)
-    main_py = harness / "ComfyUI" / "main.py"
-    if not main_py.is_file() or not (harness / "venv" / "bin" / "python").exists():
-        pytest.fail(f"COMFYUI_HARNESS={harness} is not a prepared harness (no ComfyUI/main.py or venv): run setup.sh")
-    linked = [p for p in (harness / "ComfyUI" / "custom_nodes").iterdir() if p.resolve() == ROOT]
-    if not linked:
-        pytest.fail(
-            f"this checkout ({ROOT}) is not linked into {harness}/ComfyUI/custom_nodes: run setup.sh with EXTENSION={ROOT}"
-        )
-    for tool in ("chromium", "chromedriver"):
-        if not shutil.which(tool):
-            pytest.fail(f"{tool} is not installed (apt-get install -y chromium chromium-driver)")
-    scripts = _scripts()
-
-    work = tmp_path_factory.mktemp("comfyui")
-    yaml = work / "extra_model_paths.yaml"
-    yaml.write_text(
-        f"metacanvas_e2e:\n  base_path: {models_dir}\n  LLM: LLM\n  diffusers: diffusers\n  metacanvas: metacanvas\n"
-    )
-    dirs = {name: work / name for name in ("output", "input", "temp", "user")}
-    for d in dirs.values():
-        d.mkdir()
-    port = _free_port()
-    log = work / "comfyui.log"
-    args = ["--extra-model-paths-config", str(yaml), "--database-url", "sqlite:///:memory:"]
-    for name, d in dirs.items():
-        args += [f"--{name}-directory", str(d)]
-    t0 = time.time()
-    started = subprocess.run(
-        [str(scripts / "start.sh"), str(log), *args],
-        env={**os.environ, "HARNESS_ROOT": str(harness), "COMFY_PORT": str(port)},
-        capture_output=True,
-        text=True,
-        timeout=360,
-    )
-    if started.returncode != 0:
-        pytest.fail(f"ComfyUI did not start:\n{started.stderr[-4000:]}")
-    pid = int(started.stdout.split()[-1])
-    url = f"http://127.0.0.1:{port}"
-    info = {"url": url, "pid": pid, "log": log, "scripts": scripts, "work": work, "startup_s": time.time() - t0}
+    folders = {kind: models_dir / kind for kind in ("LLM", "diffusers", "metacanvas")}
+    server = ComfyServer.start(tmp_path_factory.mktemp("comfyui"), folders)
     try:
-        _, object_info = _http("GET", f"{url}/object_info")
+        _, object_info = server.http("GET", "/object_info")
         missing = [n for n in PACK_NODES if n not in object_info]
-        assert not missing, f"the pack's nodes {missing} are not registered:\n{log.read_text()[-4000:]}"
-        yield info
+        assert not missing, f"the pack's nodes {missing} are not registered:\n{server.log_tail()}"
+        yield server
     finally:
-        _stop(pid)
-        assert not _alive(pid), f"ComfyUI (pid {pid}) did not stop"
+        server.stop()
 
 
 def old_style(wf: dict) -> dict:
@@ -200,72 +99,19 @@ def old_style(wf: dict) -> dict:
     return wf
 
 
-def _template_pack(server) -> str:
-    """The name ComfyUI's template browser lists this pack's workflows under."""
-    status, templates = _http("GET", f"{server['url']}/api/workflow_templates")
-    assert status == 200, templates
-    packs = [name for name, files in templates.items() if set(SHIPPED) <= set(files)]
-    assert packs, f"no pack lists {SHIPPED}: {templates}"
-    return packs[0]
-
-
-# Runs in the editor page (browser_check.py --js) for each workflow: load it, list node types the editor does not
-# know, export the API-format prompt (app.graphToPrompt) and a picture of the graph canvas, stored through ComfyUI's
-# userdata API into the (temporary) user directory: --js prints only a short result.
-EDITOR_JS = """
-const registered = window.LiteGraph.registered_node_types || {};
-const store = (file, body) => fetch("/api/userdata/" + encodeURIComponent("e2e/" + file), {method: "POST", body});
-const out = {};
-for (const [name, source] of %s) {
-  const wf = typeof source === "string" ? await (await fetch(source)).json() : source;
-  await window.app.loadGraphData(wf);
-  await new Promise(r => setTimeout(r, 300));
-  const nodes = window.app.graph._nodes;
-  const api = (await window.app.graphToPrompt()).output;
-  window.app.canvas.draw(true, true);
-  const png = await new Promise(r => window.app.canvas.canvas.toBlob(r, "image/png"));
-  const saved = [(await store(name + "_api.json", JSON.stringify(api))).status, (await store(name + "_canvas.png", png)).status];
-  out[name] = {nodes: nodes.length, unknown: nodes.filter(n => !registered[n.type]).map(n => n.type), saved};
-}
-return out;
-"""
-
-
 @pytest.fixture(scope="module")
 def editor(server, artifacts) -> dict[str, dict]:
     """Every shipped workflow (and the old-style text_to_image) loaded in the real editor, exported as API format.
 
-    One browser session: browser_check.py loads text_to_image.json from disk (--load, --api-out), then the script
-    above loads each workflow from the template endpoint, the old-style one, and text_to_image last (so the
-    screenshot shows it)."""
-    pack = _template_pack(server)
+    One browser session: text_to_image.json from disk first, then each workflow from the template endpoint, the
+    old-style one, and text_to_image last (so the screenshot shows it)."""
+    pack = server.template_pack(SHIPPED)
     sources = [[name, f"/api/workflow_templates/{pack}/{name}.json"] for name in SHIPPED if name != "text_to_image"]
     sources += [[OLD_STYLE, old_style(json.loads(WORKFLOW.read_text()))]]
     sources += [["text_to_image", f"/api/workflow_templates/{pack}/text_to_image.json"]]
-    api_out = artifacts / "text_to_image_api.json"
-    cmd = [sys.executable, str(server["scripts"] / "browser_check.py"), "--url", server["url"], "--load", str(WORKFLOW)]
-    cmd += ["--api-out", str(api_out), "--out", str(artifacts / "text_to_image_editor.png")]
-    cmd += ["--js", EDITOR_JS % json.dumps(sources)]
-    for node in PACK_NODES + ["MetaCanvasEditGuidance"] + CORE_NODES:
-        cmd += ["--node", node]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    report = res.stdout + res.stderr
-    assert res.returncode == 0, f"browser_check failed (rc {res.returncode}):\n{report}"
-    assert "MISSING" not in report and "unknown to the frontend" not in report, report
-    result = next((line[len("   = ") :] for line in res.stdout.splitlines() if line.startswith("   = ")), None)
-    assert result, f"the editor script returned nothing:\n{report}"
-    summary = json.loads(result)
-    assert set(summary) == {name for name, _ in sources}, report
-    exported = {}
-    stored = server["work"] / "user" / "default" / "e2e"
-    for name, info in summary.items():
-        assert info["unknown"] == [], f"{name}: node types unknown to the editor {info['unknown']}"
-        assert info["saved"] == [200, 200], f"{name}: userdata POST answered {info['saved']}"
-        for suffix in ("_api.json", "_canvas.png"):
-            shutil.copy(stored / f"{name}{suffix}", artifacts / f"{name}{suffix}")
-        exported[name] = json.loads((stored / f"{name}_api.json").read_text())
+    exported = server.load_in_editor(sources, artifacts, PACK_NODES + ["MetaCanvasEditGuidance"] + CORE_NODES, WORKFLOW)
     # The editor exports the same prompt whether the workflow comes from disk or from the template endpoint.
-    assert json.loads(api_out.read_text()) == exported["text_to_image"]
+    assert json.loads((artifacts / "text_to_image_api.json").read_text()) == exported["text_to_image"]
     return exported
 
 
@@ -275,57 +121,18 @@ def api_prompt(editor) -> dict:
     return editor["text_to_image"]
 
 
-def _harness_python(server, code: str, *args) -> str:
-    """Run code in the harness's venv (it has PyAV, ComfyUI's video library); return its stdout."""
-    python = Path(HARNESS) / "venv" / "bin" / "python"
-    res = subprocess.run([str(python), "-c", code, *args], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout
-
-
-WRITE_VIDEO = """
-import sys, av, numpy as np
-path, frames, size, fps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-with av.open(path, "w") as c:
-    s = c.add_stream("libx264", rate=fps)
-    s.width = s.height = size
-    s.pix_fmt = "yuv420p"
-    for i in range(frames):
-        a = np.zeros((size, size, 3), np.uint8)
-        a[..., 0] = 20 * i
-        a[8 * i : 8 * i + 16, :, 1] = 255
-        for packet in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-            c.mux(packet)
-    for packet in s.encode():
-        c.mux(packet)
-"""
-PROBE_VIDEO = """
-import json, sys, av
-with av.open(sys.argv[1]) as c:
-    s = c.streams.video[0]
-    n = sum(1 for _ in c.decode(video=0))
-    print(json.dumps({"frames": n, "fps": float(s.average_rate), "size": [s.width, s.height], "codec": s.codec_context.name}))
-"""
-
-
-def probe_video(server, path: Path) -> dict:
-    return json.loads(_harness_python(server, PROBE_VIDEO, str(path)))
-
-
 @pytest.fixture(scope="module")
 def inputs(server) -> Path:
     """Small input files in ComfyUI's (temporary) input folder: PNGs (two of different sizes, a third of the
     first's size), a 9-frame 16 fps mp4."""
-    import numpy as np
     from PIL import Image
 
-    folder = server["work"] / "input"
+    folder = server.work / "input"
     for k, (name, (w, h)) in enumerate({**INPUT_IMAGES, SAME_SIZE_PAIR[1]: INPUT_IMAGES[SAME_SIZE_PAIR[0]]}.items()):
         pixels = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / name)
-    args = (INPUT_VIDEO_FRAMES, VIDEO_SIZE, INPUT_VIDEO_FPS)
-    _harness_python(server, WRITE_VIDEO, str(folder / INPUT_VIDEO), *map(str, args))
-    video = probe_video(server, folder / INPUT_VIDEO)
+    server.write_video(folder / INPUT_VIDEO, INPUT_VIDEO_FRAMES, VIDEO_SIZE, INPUT_VIDEO_FPS)
+    video = server.probe_video(folder / INPUT_VIDEO)
     assert (video["frames"], video["fps"]) == (INPUT_VIDEO_FRAMES, INPUT_VIDEO_FPS), video
     return folder
 
@@ -366,36 +173,10 @@ def tiny(api: dict, seed: int | None = None, width: int | None = None) -> dict:
     return api
 
 
-def run_prompt(server, api: dict, name: str, download: Path) -> tuple[int, str, dict]:
-    """run_prompt.py --download; returns its exit code, its report and the /history entry."""
-    path = server["work"] / f"{name}.json"
-    path.write_text(json.dumps(api))
-    cmd = [sys.executable, str(server["scripts"] / "run_prompt.py"), str(path), "--server", server["url"]]
-    res = subprocess.run(
-        cmd + ["--download", str(download), "--timeout", "300"], capture_output=True, text=True, timeout=360
-    )
-    report = res.stdout + res.stderr
-    entry = {}
-    for line in res.stdout.splitlines():
-        if line.startswith("prompt_id:"):
-            pid = line.split()[1]
-            _, hist = _http("GET", f"{server['url']}/history/{pid}")
-            entry = hist[pid]
-    return res.returncode, report, entry
-
-
-def _ids(api: dict, kinds) -> set[str]:
-    return {nid for nid, node in api.items() if node["class_type"] in kinds}
-
-
-def _cached(entry: dict) -> set[str]:
-    return {n for kind, data in entry["status"]["messages"] if kind == "execution_cached" for n in data["nodes"]}
-
-
 def test_editor_loads_the_workflow(api_prompt):
     kinds = sorted(node["class_type"] for node in api_prompt.values())
     assert kinds == sorted(PACK_NODES + ["SaveImage"])  # the Note is the editor's own, never sent
-    sampler = api_prompt[next(iter(_ids(api_prompt, {"MetaCanvasSampler"})))]["inputs"]
+    sampler = api_prompt[next(iter(ids(api_prompt, {"MetaCanvasSampler"})))]["inputs"]
     assert (sampler["steps"], sampler["cfg"], sampler["scheduler"], sampler["use_canvas"]) == (
         20,
         4.5,
@@ -408,53 +189,48 @@ def test_workflow_makes_an_image(server, api_prompt, artifacts):
     from PIL import Image
 
     t0 = time.time()
-    rc, report, entry = run_prompt(server, tiny(api_prompt), "first", artifacts / "first")
+    rc, report, entry = server.run_prompt(tiny(api_prompt), "first", artifacts / "first")
     assert rc == 0, report
     pngs = sorted((artifacts / "first").glob("*.png"))
     assert pngs, report
     with Image.open(pngs[0]) as im:
         assert im.format == "PNG" and im.size == (64, 64)
-    print(f"first run {time.time() - t0:.1f}s (server start {server['startup_s']:.1f}s)")
+    print(f"first run {time.time() - t0:.1f}s (server start {server.startup_s:.1f}s)")
 
 
 def test_seed_change_reruns_only_the_sampler(server, api_prompt, artifacts):
     base = tiny(api_prompt, seed=1)
-    rc, report, _ = run_prompt(server, base, "seed1", artifacts / "seed1")
+    rc, report, _ = server.run_prompt(base, "seed1", artifacts / "seed1")
     assert rc == 0, report
-    rc, report, entry = run_prompt(server, tiny(api_prompt, seed=2), "seed2", artifacts / "seed2")
+    rc, report, entry = server.run_prompt(tiny(api_prompt, seed=2), "seed2", artifacts / "seed2")
     assert rc == 0, report
-    cached = _cached(entry)
-    print(f"seed change: cached {sorted(cached, key=int)} of {sorted(base, key=int)}")
-    assert _ids(base, PLANNING | {"MetaCanvasProject"}) <= cached, f"cached: {cached}\n{report}"
-    assert not _ids(base, {"MetaCanvasSampler", "MetaCanvasDecode", "SaveImage"}) & cached, f"cached: {cached}"
-    (one,), (two,) = (list((artifacts / d).glob("*.png")) for d in ("seed1", "seed2"))
-    assert one.read_bytes() != two.read_bytes(), "a new seed gave the same image"
+    from_cache = cached(entry)
+    print(f"seed change: cached {sorted(from_cache, key=int)} of {sorted(base, key=int)}")
+    assert ids(base, PLANNING | {"MetaCanvasProject"}) <= from_cache, f"cached: {from_cache}\n{report}"
+    assert not ids(base, {"MetaCanvasSampler", "MetaCanvasDecode", "SaveImage"}) & from_cache, f"cached: {from_cache}"
+    (first,), (second,) = (list((artifacts / d).glob("*.png")) for d in ("seed1", "seed2"))
+    assert first.read_bytes() != second.read_bytes(), "a new seed gave the same image"
 
 
 def test_bad_width_is_rejected_and_server_survives(server, api_prompt):
-    status, body = _http("POST", f"{server['url']}/prompt", {"prompt": tiny(api_prompt, width=50), "client_id": "e2e"})
+    status, body = server.http("POST", "/prompt", {"prompt": tiny(api_prompt, width=50), "client_id": "e2e"})
     assert status == 400, body
-    sampler = next(iter(_ids(api_prompt, {"MetaCanvasSampler"})))
+    sampler = next(iter(ids(api_prompt, {"MetaCanvasSampler"})))
     assert sampler in body["node_errors"], body
     messages = " ".join(f"{e.get('message')} {e.get('details')}" for e in body["node_errors"][sampler]["errors"])
     assert "width 50" in messages and "multiple of" in messages, messages
     print(f"width 50 rejected: {messages}")
-    status, stats = _http("GET", f"{server['url']}/system_stats")
+    status, stats = server.http("GET", "/system_stats")
     assert status == 200 and stats["system"]["comfyui_version"]
-    status, queue = _http("GET", f"{server['url']}/queue")
+    status, queue = server.http("GET", "/queue")
     assert status == 200 and queue["queue_running"] == [] and queue["queue_pending"] == []
 
 
 def test_workflows_are_listed_as_templates(server):
-    pack = _template_pack(server)
+    pack = server.template_pack(SHIPPED)
     for name in SHIPPED:
-        status, served = _http("GET", f"{server['url']}/api/workflow_templates/{pack}/{name}.json")
+        status, served = server.http("GET", f"/api/workflow_templates/{pack}/{name}.json")
         assert status == 200 and served == json.loads((ROOT / "workflows" / f"{name}.json").read_text()), name
-
-
-def _one(api: dict, kind: str) -> str:
-    (nid,) = _ids(api, {kind})
-    return nid
 
 
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n != "text_to_image"])
@@ -465,7 +241,7 @@ def test_workflow_runs(name, server, editor, inputs, artifacts):
     sent = sorted(n["type"] for n in wf["nodes"] if n["type"] not in ("Note", "MarkdownNote"))
     assert sorted(node["class_type"] for node in api.values()) == sent
     ui = {n["type"]: n["widgets_values"] for n in wf["nodes"]}
-    plan, sampler = (api[_one(api, k)]["inputs"] for k in ("MetaCanvasPlan", "MetaCanvasSampler"))
+    plan, sampler = (api[one(api, k)]["inputs"] for k in ("MetaCanvasPlan", "MetaCanvasSampler"))
     assert [plan[k] for k in ("prompt", "negative_prompt", "width", "height", "image_role", "keyframes")] == ui[
         "MetaCanvasPlan"
     ]
@@ -478,20 +254,20 @@ def test_workflow_runs(name, server, editor, inputs, artifacts):
     frame_rate = INPUT_VIDEO_FPS if "frame_rate" in linked else sampler["frame_rate"]  # video_editing: the source's
 
     t0 = time.time()
-    rc, report, entry = run_prompt(server, tiny(api), name, artifacts / name)
+    rc, report, entry = server.run_prompt(tiny(api), name, artifacts / name)
     assert rc == 0, report
     if _is_video(api):
-        outputs = entry["outputs"][_one(api, "SaveVideo")]
+        outputs = entry["outputs"][one(api, "SaveVideo")]
         (saved,) = outputs["images"]
         assert saved["filename"].endswith(".mp4") and outputs.get("animated") == [True], outputs
-        video = probe_video(server, artifacts / name / saved["filename"])
+        video = server.probe_video(artifacts / name / saved["filename"])
         assert video["frames"] == VIDEO_LENGTH, video
         assert video["size"] == [VIDEO_SIZE, VIDEO_SIZE] and video["fps"] == frame_rate, video
         result = video
     else:
         from PIL import Image
 
-        (saved,) = entry["outputs"][_one(api, "SaveImage")]["images"]
+        (saved,) = entry["outputs"][one(api, "SaveImage")]["images"]
         with Image.open(artifacts / name / saved["filename"]) as im:
             assert im.format == "PNG" and im.size == (IMAGE_SIZE, IMAGE_SIZE)
             result = {"size": im.size}
@@ -505,24 +281,24 @@ def test_old_saved_workflow_loads_and_runs(server, editor, artifacts):
     from PIL import Image
 
     old, new = editor[OLD_STYLE], editor["text_to_image"]
-    plan, sampler = (old[_one(old, k)]["inputs"] for k in ("MetaCanvasPlan", "MetaCanvasSampler"))
+    plan, sampler = (old[one(old, k)]["inputs"] for k in ("MetaCanvasPlan", "MetaCanvasSampler"))
     assert (plan["image_role"], plan["keyframes"], sampler["length"], sampler["frame_rate"]) == ("references", 0, 1, 24)
     backbone, connector = (
-        old[_one(old, k)]["inputs"] for k in ("MetaCanvasBackboneLoader", "MetaCanvasConnectorLoader")
+        old[one(old, k)]["inputs"] for k in ("MetaCanvasBackboneLoader", "MetaCanvasConnectorLoader")
     )
     assert (backbone.get("load_text_encoder", True), connector.get("context", "auto")) == (True, "auto")
     assert old == new
-    rc, report, _ = run_prompt(server, tiny(new), "new_style", artifacts / "new_style")
+    rc, report, _ = server.run_prompt(tiny(new), "new_style", artifacts / "new_style")
     assert rc == 0, report
     # Empty ComfyUI's output cache (the worker does it once idle), so the old-style prompt really runs.
-    status, body = _http("POST", f"{server['url']}/free", {"free_memory": True})
+    status, body = server.http("POST", "/free", {"free_memory": True})
     assert status == 200, body
     time.sleep(1.0)
-    rc, report, entry = run_prompt(server, tiny(old), OLD_STYLE, artifacts / OLD_STYLE)
+    rc, report, entry = server.run_prompt(tiny(old), OLD_STYLE, artifacts / OLD_STYLE)
     assert rc == 0, report
-    assert _cached(entry) == set(), f"the old-style prompt came from the cache:\n{report}"
-    (one,), (two,) = (list((artifacts / d).glob("*.png")) for d in ("new_style", OLD_STYLE))
-    with Image.open(one) as a, Image.open(two) as b:
+    assert cached(entry) == set(), f"the old-style prompt came from the cache:\n{report}"
+    (new_png,), (old_png,) = (list((artifacts / d).glob("*.png")) for d in ("new_style", OLD_STYLE))
+    with Image.open(new_png) as a, Image.open(old_png) as b:
         assert a.size == b.size == (IMAGE_SIZE, IMAGE_SIZE)
         assert np.array_equal(np.asarray(a), np.asarray(b)), "the old-style workflow made a different image"
 
@@ -538,61 +314,6 @@ def test_old_saved_workflow_loads_and_runs(server, editor, artifacts):
 # (the frames) and those PNGs are compared.
 
 
-def _as_saved(frames) -> np.ndarray:
-    """(N, H, W, 3) float images → the uint8 arrays ComfyUI's SaveImage writes (nodes.py, SaveImage.save_images)."""
-    return np.stack([np.clip(255.0 * i.cpu().numpy(), 0, 255).astype(np.uint8) for i in frames])
-
-
-def _load_saved(folder: Path, images: list[dict]) -> np.ndarray:
-    from PIL import Image
-
-    arrays = []
-    for item in images:
-        with Image.open(folder / item["filename"]) as im:
-            assert im.format == "PNG" and im.mode == "RGB", (item, im.mode)
-            arrays.append(np.asarray(im).copy())
-    return np.stack(arrays)
-
-
-def _load_image(path: Path) -> torch.Tensor:
-    """A PNG as core LoadImage makes it: (1, H, W, 3) float32 = uint8 / 255."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        rgb = ImageOps.exif_transpose(im).convert("RGB")
-        return torch.from_numpy(np.array(rgb).astype(np.float32) / 255.0)[None]
-
-
-def run_in_process(pack, api: dict, input_dir: Path, done: dict | None = None) -> dict:
-    """The API prompt's nodes called directly in this process, as ComfyUI calls them: the pack's node functions;
-    core LoadImage and a same-size ImageBatch (a concatenation) done as ComfyUI does them; output nodes skipped.
-    Returns {node id: outputs} (pass `done` to reuse what earlier calls computed)."""
-    done = {} if done is None else done
-    classes = pack.NODE_CLASS_MAPPINGS
-
-    def value(v):
-        return outputs(v[0])[v[1]] if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) else v
-
-    def outputs(nid: str):
-        if nid not in done:
-            kind, raw = api[nid]["class_type"], api[nid]["inputs"]
-            kw = {k: value(v) for k, v in raw.items() if k != "upload"}
-            if kind == "LoadImage":
-                done[nid] = (_load_image(input_dir / kw["image"]),)
-            elif kind == "ImageBatch":
-                assert kw["image1"].shape[1:] == kw["image2"].shape[1:], "in-process ImageBatch: same sizes only"
-                done[nid] = (torch.cat([kw["image1"], kw["image2"]]),)
-            else:
-                cls = classes[kind]
-                done[nid] = getattr(cls(), cls.FUNCTION)(**kw)
-        return done[nid]
-
-    for nid, node in api.items():
-        if node["class_type"] not in ("SaveImage", "SaveVideo"):
-            outputs(nid)
-    return done
-
-
 FRAMES_NODE = "9001"  # the extra SaveImage on Decode's IMAGE output of video workflows
 
 
@@ -602,20 +323,20 @@ def native_prompt(name: str, editor: dict) -> dict:
     two references of one size; SaveImage prefixes of its own (so nothing comes from ComfyUI's cache); video
     workflows also save Decode's frames as PNGs."""
     api = tiny(editor[name])
-    connector = api[_one(api, "MetaCanvasConnectorLoader")]["inputs"]
+    connector = api[one(api, "MetaCanvasConnectorLoader")]["inputs"]
     assert (connector["checkpoint"], connector.get("context", "auto")) == ("new (untrained)", "auto"), connector
-    assert api[_one(api, "MetaCanvasBackboneLoader")]["inputs"].get("load_text_encoder", True) is True
-    for nid in _ids(api, {"MetaCanvasEditGuidance"}):
+    assert api[one(api, "MetaCanvasBackboneLoader")]["inputs"].get("load_text_encoder", True) is True
+    for nid in ids(api, {"MetaCanvasEditGuidance"}):
         api[nid]["inputs"]["image_cfg"] = 1.0
     if name == "in_context_video":
-        for nid, image in zip(sorted(_ids(api, {"LoadImage"}), key=int), SAME_SIZE_PAIR, strict=True):
+        for nid, image in zip(sorted(ids(api, {"LoadImage"}), key=int), SAME_SIZE_PAIR, strict=True):
             api[nid]["inputs"]["image"] = image
-    for nid in _ids(api, {"SaveImage", "SaveVideo"}):
+    for nid in ids(api, {"SaveImage", "SaveVideo"}):
         api[nid]["inputs"]["filename_prefix"] = f"native_{name}"
     if _is_video(api):
         api[FRAMES_NODE] = {
             "class_type": "SaveImage",
-            "inputs": {"images": [_one(api, "MetaCanvasDecode"), 0], "filename_prefix": f"native_{name}_frames"},
+            "inputs": {"images": [one(api, "MetaCanvasDecode"), 0], "filename_prefix": f"native_{name}_frames"},
         }
     return api
 
@@ -640,8 +361,8 @@ def pipeline_frames(api: dict, backbone, input_dir: Path, task: str) -> torch.Te
     from diffusers import FluxKontextPipeline, SanaPipeline, WanImageToVideoPipeline, WanPipeline
     from PIL import Image
 
-    plan = api[_one(api, "MetaCanvasPlan")]["inputs"]
-    s = api[_one(api, "MetaCanvasSampler")]["inputs"]
+    plan = api[one(api, "MetaCanvasPlan")]["inputs"]
+    s = api[one(api, "MetaCanvasSampler")]["inputs"]
     scheduler = backbone.make_scheduler(s["scheduler"])  # the one the workflow's Sampler names
     call = dict(
         prompt=plan["prompt"],
@@ -652,7 +373,7 @@ def pipeline_frames(api: dict, backbone, input_dir: Path, task: str) -> torch.Te
         generator=torch.Generator("cpu").manual_seed(s["seed"]),
         output_type="pt",
     )
-    images = [input_dir / api[nid]["inputs"]["image"] for nid in sorted(_ids(api, {"LoadImage"}), key=int)]
+    images = [input_dir / api[nid]["inputs"]["image"] for nid in sorted(ids(api, {"LoadImage"}), key=int)]
     if task == "t2i":
         pipe = SanaPipeline(
             tokenizer=backbone.pipeline.tokenizer,
@@ -685,7 +406,7 @@ def pipeline_frames(api: dict, backbone, input_dir: Path, task: str) -> torch.Te
     assert task == "edit", task
     from metacanvas_core.backbones.flux import reference_size
 
-    guidance = api[_one(api, "MetaCanvasEditGuidance")]["inputs"]
+    guidance = api[one(api, "MetaCanvasEditGuidance")]["inputs"]
     assert guidance["image_cfg"] == 1.0
     (path,) = images
     image = Image.open(path).convert("RGB")
@@ -738,22 +459,22 @@ def test_untrained_native_is_the_backbone(name, server, editor, inputs, artifact
     assert set(NATIVE_TASKS) == set(SHIPPED)
     api = native_prompt(name, editor)
     t0 = time.time()
-    rc, report, entry = run_prompt(server, api, f"native_{name}", artifacts / f"native_{name}")
+    rc, report, entry = server.run_prompt(api, f"native_{name}", artifacts / f"native_{name}")
     assert rc == 0, report
     comfy_s = time.time() - t0
-    save = FRAMES_NODE if _is_video(api) else _one(api, "SaveImage")
-    saved = _load_saved(artifacts / f"native_{name}", entry["outputs"][save]["images"])
-    s = api[_one(api, "MetaCanvasSampler")]["inputs"]
+    save = FRAMES_NODE if _is_video(api) else one(api, "SaveImage")
+    saved = load_saved(artifacts / f"native_{name}", entry["outputs"][save]["images"])
+    s = api[one(api, "MetaCanvasSampler")]["inputs"]
     assert saved.shape == (s["length"], s["height"], s["width"], 3) and saved.std() > 0, saved.shape
 
-    backbone = native_backbones(api[_one(api, "MetaCanvasBackboneLoader")]["inputs"]["backbone_folder"])
+    backbone = native_backbones(api[one(api, "MetaCanvasBackboneLoader")]["inputs"]["backbone_folder"])
     t0 = time.time()
-    reference = _as_saved(pipeline_frames(api, backbone, inputs, NATIVE_TASKS[name]))
+    reference = as_saved(pipeline_frames(api, backbone, inputs, NATIVE_TASKS[name]))
     pipe_s = time.time() - t0
     assert reference.shape == saved.shape
     if name == "in_context_video":
-        ours = run_in_process(pack, api, inputs)[_one(api, "MetaCanvasDecode")][0]
-        assert np.array_equal(saved, _as_saved(ours)), "ComfyUI and the in-process node chain differ"
+        ours = run_in_process(pack, api, inputs)[one(api, "MetaCanvasDecode")][0]
+        assert np.array_equal(saved, as_saved(ours)), "ComfyUI and the in-process node chain differ"
         assert not np.array_equal(saved, reference), "the reference frames changed nothing"
         print(f"{name}: ComfyUI == in-process nodes ({comfy_s:.1f}s); != plain WanPipeline T2V (references)")
         return
@@ -792,7 +513,7 @@ def test_trained_checkpoint_changes_the_image(server, api_prompt, models_dir, ar
     assert not target.exists()
     shutil.copy(trained, target)
     try:
-        status, info = _http("GET", f"{server['url']}/object_info/MetaCanvasConnectorLoader")
+        status, info = server.http("GET", "/object_info/MetaCanvasConnectorLoader")
         assert status == 200, info
         choices = info["MetaCanvasConnectorLoader"]["input"]["required"]["checkpoint"][0]
         assert TRAINED_NAME in choices and "new (untrained)" in choices, choices
@@ -800,13 +521,13 @@ def test_trained_checkpoint_changes_the_image(server, api_prompt, models_dir, ar
         images = {}
         for label, checkpoint in (("untrained", "new (untrained)"), ("trained", TRAINED_NAME)):
             api = tiny(api_prompt, seed=7)
-            api[_one(api, "MetaCanvasConnectorLoader")]["inputs"]["checkpoint"] = checkpoint
-            assert api[_one(api, "MetaCanvasSampler")]["inputs"]["use_canvas"] is True
-            save = _one(api, "SaveImage")
+            api[one(api, "MetaCanvasConnectorLoader")]["inputs"]["checkpoint"] = checkpoint
+            assert api[one(api, "MetaCanvasSampler")]["inputs"]["use_canvas"] is True
+            save = one(api, "SaveImage")
             api[save]["inputs"]["filename_prefix"] = f"ckpt_{label}"
-            rc, report, entry = run_prompt(server, api, f"ckpt_{label}", artifacts / f"ckpt_{label}")
+            rc, report, entry = server.run_prompt(api, f"ckpt_{label}", artifacts / f"ckpt_{label}")
             assert rc == 0, report
-            images[label] = _load_saved(artifacts / f"ckpt_{label}", entry["outputs"][save]["images"])
+            images[label] = load_saved(artifacts / f"ckpt_{label}", entry["outputs"][save]["images"])
             assert images[label].shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3), images[label].shape
     finally:
         target.unlink()
@@ -824,24 +545,6 @@ def test_trained_checkpoint_changes_the_image(server, api_prompt, models_dir, ar
 TIMING_RUNS = 5
 
 
-def _queue_and_wait(server, api: dict) -> tuple[float, dict]:
-    """POST /prompt, poll /history until the prompt is there: (wall seconds, history entry)."""
-    url = server["url"]
-    t0 = time.perf_counter()
-    status, body = _http("POST", f"{url}/prompt", {"prompt": api, "client_id": "e2e-timing"})
-    assert status == 200, body
-    pid = body["prompt_id"]
-    while time.perf_counter() - t0 < 300:
-        _, hist = _http("GET", f"{url}/history/{pid}")
-        if pid in hist:
-            elapsed = time.perf_counter() - t0
-            entry = hist[pid]
-            assert entry["status"]["status_str"] == "success", entry["status"]
-            return elapsed, entry
-        time.sleep(0.005)
-    pytest.fail(f"prompt {pid} did not finish in 300 s")
-
-
 def test_timing_comfyui_vs_in_process(server, api_prompt, inputs, pack):
     """text_to_image on the tiny models, TIMING_RUNS times with only the seed changing (the plan stays cached,
     as when an artist tries seeds): wall time from POST /prompt to the finished /history entry, against the
@@ -850,26 +553,26 @@ def test_timing_comfyui_vs_in_process(server, api_prompt, inputs, pack):
     the figures (python -m pytest tests/test_comfyui_e2e.py -k timing -s); asserts nothing about speed, only
     that both make the same images."""
     warm = tiny(api_prompt, seed=99)
-    _queue_and_wait(server, warm)  # loaders and plan now cached in the server
+    server.queue_and_wait(warm)  # loaders and plan now cached in the server
     done = run_in_process(pack, warm, inputs)  # and here: loaders, plan, projection (and a warm-up sample)
     nodes = pack.NODE_CLASS_MAPPINGS
-    sampler_id, decode_id = _one(warm, "MetaCanvasSampler"), _one(warm, "MetaCanvasDecode")
+    sampler_id, decode_id = one(warm, "MetaCanvasSampler"), one(warm, "MetaCanvasDecode")
     resolve = {k: (done[v[0]][v[1]] if isinstance(v, list) else v) for k, v in warm[sampler_id]["inputs"].items()}
     backbone = done[warm[decode_id]["inputs"]["backbone"][0]][0]
     comfy, direct = [], []
     for seed in [100 + k for k in range(TIMING_RUNS)]:
         api = tiny(api_prompt, seed=seed)
-        elapsed, entry = _queue_and_wait(server, api)
-        assert _ids(api, PLANNING | {"MetaCanvasProject"}) <= _cached(entry), "the plan was not cached"
+        elapsed, entry = server.queue_and_wait(api)
+        assert ids(api, PLANNING | {"MetaCanvasProject"}) <= cached(entry), "the plan was not cached"
         comfy.append(elapsed)
-        (image,) = entry["outputs"][_one(api, "SaveImage")]["images"]
-        saved = _load_saved(server["work"] / "output" / image.get("subfolder", ""), [image])
+        (image,) = entry["outputs"][one(api, "SaveImage")]["images"]
+        saved = load_saved(server.work / "output" / image.get("subfolder", ""), [image])
 
         t0 = time.perf_counter()
-        (latent,) = nodes["MetaCanvasSampler"]().sample(**{**resolve, "seed": seed})
-        frames, _ = nodes["MetaCanvasDecode"]().decode(backbone, latent)
+        (latent,) = run(nodes["MetaCanvasSampler"], **{**resolve, "seed": seed})
+        frames, _ = run(nodes["MetaCanvasDecode"], backbone=backbone, latent=latent)
         direct.append(time.perf_counter() - t0)
-        assert np.array_equal(_as_saved(frames), saved), f"seed {seed}: ComfyUI and in-process differ"
+        assert np.array_equal(as_saved(frames), saved), f"seed {seed}: ComfyUI and in-process differ"
 
     def med(xs):
         return sorted(xs)[len(xs) // 2]

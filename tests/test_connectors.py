@@ -41,9 +41,8 @@ def test_gradients_reach_canvas_and_connector(planner, sana):
     sana.transformer.requires_grad_(False)
 
     def loss():
-        grid = mc.canvas_grid(64, 64)
-        hidden, n = planner.forward("two dogs", [], mc.canvas(grid), grid)
-        canvas = align_canvas(mc.canvas_connector, hidden[:, n + 1 :], grid)
+        plan = mc.plan(planner, "two dogs", 64, 64)  # grad mode on: differentiable in the canvas
+        canvas = align_canvas(mc.canvas_connector, plan.canvas, plan.grid)
         inj = CanvasInjection(mc.canvas_connector, canvas, slice(0, 1))
         branch = Branch(sana.encode_prompt(["two dogs"]), inj)
         v = sana.predict(sana.initial_noise(0, 1, 64, 64), torch.tensor(500.0), branch)

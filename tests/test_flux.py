@@ -9,6 +9,7 @@ import torch
 from diffusers import FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from PIL import Image
+from support.graph import run
 
 from metacanvas_core.backbones import Branch, CanvasInjection
 from metacanvas_core.backbones.flux import FluxKontextBackbone, pack, reference_size, unpack
@@ -215,10 +216,6 @@ def test_bad_input(planner, flux, trained, tiny):
 
 
 # --- the node chain, called directly as ComfyUI would --------------------------------------------
-
-
-def run(node_cls, **kwargs):
-    return getattr(node_cls(), node_cls.FUNCTION)(**kwargs)
 
 
 @pytest.fixture(scope="module")

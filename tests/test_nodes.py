@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-
-def run(node_cls, **kwargs):
-    node = node_cls()
-    return getattr(node, node_cls.FUNCTION)(**kwargs)
+from support.graph import run
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.graph import run
 
 from metacanvas_core.train import main as train_main
 from metacanvas_core.training.config import TrainConfig, load_config
 from metacanvas_core.training.trainer import Trainer
-
-
-def run(node_cls, **kwargs):
-    node = node_cls()
-    return getattr(node, node_cls.FUNCTION)(**kwargs)
 
 
 def chain(loaded, checkpoint):

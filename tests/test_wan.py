@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
 from PIL import Image
+from support.graph import run
 
 from metacanvas_core.backbones import Branch, CanvasInjection, load_backbone
 from metacanvas_core.checkpoint import load_metacanvas
@@ -170,18 +171,13 @@ TASKS = {
 @pytest.mark.parametrize("task", TASKS)
 def test_each_task_through_the_nodes(pack, task):
     m = pack.NODE_CLASS_MAPPINGS
-
-    def run(name, **kw):
-        cls = m[name]
-        return getattr(cls(), cls.FUNCTION)(**kw)
-
-    (mllm,) = run("MetaCanvasMLLMLoader", mllm_folder="tiny-qwen2_5-vl", dtype="fp32")
-    (backbone,) = run("MetaCanvasBackboneLoader", backbone_folder="tiny-wan2_2-ti2v", dtype="fp32")
+    (mllm,) = run(m["MetaCanvasMLLMLoader"], mllm_folder="tiny-qwen2_5-vl", dtype="fp32")
+    (backbone,) = run(m["MetaCanvasBackboneLoader"], backbone_folder="tiny-wan2_2-ti2v", dtype="fp32")
     (mc,) = run(
-        "MetaCanvasConnectorLoader", mllm=mllm, backbone=backbone, checkpoint="tiny-wan2_2-metacanvas.safetensors"
+        m["MetaCanvasConnectorLoader"], mllm=mllm, backbone=backbone, checkpoint="tiny-wan2_2-metacanvas.safetensors"
     )
     (plan,) = run(
-        "MetaCanvasPlan",
+        m["MetaCanvasPlan"],
         mllm=mllm,
         metacanvas=mc,
         prompt="the ball turns blue",
@@ -190,9 +186,9 @@ def test_each_task_through_the_nodes(pack, task):
         height=H,
         **TASKS[task],
     )
-    (cond,) = run("MetaCanvasProject", plan=plan, metacanvas=mc, backbone=backbone)
+    (cond,) = run(m["MetaCanvasProject"], plan=plan, metacanvas=mc, backbone=backbone)
     (latent,) = run(
-        "MetaCanvasSampler",
+        m["MetaCanvasSampler"],
         backbone=backbone,
         cond=cond,
         seed=0,
@@ -205,7 +201,7 @@ def test_each_task_through_the_nodes(pack, task):
         length=9,
         frame_rate=16.0,
     )
-    frames, video = run("MetaCanvasDecode", backbone=backbone, latent=latent)
+    frames, video = run(m["MetaCanvasDecode"], backbone=backbone, latent=latent)
     assert frames.shape == (9, H, W, 3) and torch.isfinite(frames).all()
     assert torch.equal(video.images, frames) and video.frame_rate == 16
     assert m["MetaCanvasSampler"].VALIDATE_INPUTS(width=W, height=H, length=8).startswith("length 8 must be 1")

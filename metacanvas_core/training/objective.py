@@ -104,22 +104,20 @@ class FlowMatchingObjective(nn.Module):
         target = noise - x0
         t = sigma * self.num_train_timesteps
 
-        grid = mc.canvas_grid(batch.height, batch.width)
         use_canvas = c.canvas_on and bool(kept)
-        canvas_states, prompt_states = [], []
+        plans = []
         if use_canvas:
-            embeds = mc.canvas(grid)
             with torch.set_grad_enabled(self.canvas_grad and train):
                 for i in kept:
-                    seen = planner.seen(batch.inputs[i])
-                    hidden, n = planner.forward(batch.texts[i], seen, embeds, grid, mc.lora)
-                    canvas_states.append(hidden[:, n + 1 :])
-                    prompt_states.append(hidden[:, :n])
-        text = self.text(batch, order, kept, prompt_states, grid)
+                    plans.append(
+                        mc.plan(planner, batch.texts[i], batch.height, batch.width, batch.inputs[i], negative=False)
+                    )
+        text = self.text(batch, order, kept, [p.context for p in plans])
 
         canvas = None
         if use_canvas:
-            aligned = align_canvas(mc.canvas_connector, torch.cat(canvas_states).to(dev), grid)
+            grid = plans[0].grid
+            aligned = align_canvas(mc.canvas_connector, torch.cat([p.canvas for p in plans]).to(dev), grid)
             tokens = backbone.latent_token_grid(x0)
             canvas = CanvasInjection.on_tokens(mc.canvas_connector, aligned, tokens, slice(0, len(kept)))
         refs = [self.references(batch, i) for i in order]
@@ -142,8 +140,11 @@ class FlowMatchingObjective(nn.Module):
             losses.append(F.mse_loss(v[:, :, frames].float(), target[i : i + 1, :, frames].float()))
         return torch.stack(losses).mean()
 
-    def text(self, batch: Batch, order: list[int], kept: list[int], prompt_states: list, grid) -> TextContext:
-        """The text slot of the batch in `order`: the prompt for kept samples, the empty prompt for dropped ones."""
+    def text(self, batch: Batch, order: list[int], kept: list[int], prompt_states: list) -> TextContext:
+        """The text slot of the batch in `order`: the prompt for kept samples, the empty prompt for dropped ones.
+
+        `prompt_states`: the MLLM's prompt states of the first kept samples, from their plans (causal attention:
+        the same as without the canvas)."""
         mc, planner, backbone = self.mc, self.frozen.planner, self.frozen.backbone
         if mc.config.context_source == ContextSource.NATIVE:
             parts = [
@@ -154,11 +155,10 @@ class FlowMatchingObjective(nn.Module):
         states = []
         with torch.no_grad():
             for j, i in enumerate(order):
-                if j < len(prompt_states):  # the canvas pass already read this prompt (causal: same states)
+                if j < len(prompt_states):
                     states.append(prompt_states[j].detach())
                 else:
-                    prompt = batch.texts[i] if i in kept else ""
-                    states.append(planner.forward(prompt, planner.seen(batch.inputs[i]), None, grid)[0])
+                    states.append(planner.prompt_states(batch.texts[i] if i in kept else "", batch.inputs[i]))
         return mllm_context(mc.context_connector, [s.to(backbone.device) for s in states], backbone.default_pooled())
 
     def references(self, batch: Batch, i: int):
