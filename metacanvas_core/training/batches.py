@@ -1,7 +1,8 @@
 """Batch assembly: records of a data source → target latents, prompts and what each sample shows.
 
 Targets are encoded by the backbone's VAE (images) or video VAE (clips), or read from a latent cache
-built once at the start; an experiment may give its own image encoder. Inputs (source images,
+built once at the start (manifest sources); an experiment may give its own image encoder. Samples of
+WebDataset shards (`shards.py`) arrive decoded and cropped to their bucket. Inputs (source images,
 first frames, references, a source clip) become a `VisualInputs` per sample: the MLLM reads them,
 and the backbone takes them too when the record kind says so (`RecordKind.backbone_inputs`).
 """
@@ -19,8 +20,9 @@ from PIL import Image
 
 from ..backbones import Backbone
 from ..errors import MetaCanvasInputError
-from ..inputs import ImageRole, VisualInputs
+from ..inputs import NO_INPUTS, ImageRole, VisualInputs
 from .data import RECORD_KINDS, DataMix, ManifestError, Record, Source, load_frames, load_image, load_input_image
+from .shards import ShardSample, ShardSource
 
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]  # images (B, H, W, 3) in 0..1 → latents (B, C, h, w)
 
@@ -30,7 +32,7 @@ class Batch:
     """One step's samples: target latents of one bucket, prompts, and what each sample shows."""
 
     source: str
-    records: list[Record]
+    records: list[Record | ShardSample]
     latents: torch.Tensor  # (B, C, h, w), or (B, C, F, h, w) on video backbones; float32
     texts: list[str]
     inputs: list[VisualInputs]  # per sample: what the MLLM reads besides the prompt
@@ -70,6 +72,10 @@ class BatchMaker:
                     pixels.append(load_image(r.target, height, width))
             except OSError as e:
                 raise ManifestError(f"{r.where(field_name)}: cannot read '{r.target}' ({e})") from None
+        return self.encode_pixels(pixels, height, width)
+
+    def encode_pixels(self, pixels: list, height: int, width: int) -> torch.Tensor:
+        """Latents of images (H, W, 3) in 0..1, or of clips (lists of frames) on video backbones."""
         if not self.backbone.is_video:
             return self.encode_images(torch.stack(pixels)).float()
         out = []
@@ -92,6 +98,8 @@ class BatchMaker:
             raise MetaCanvasInputError(f"latent cache '{self.cache}' was made with another VAE: use a new folder.")
         meta.write_text(json.dumps(fingerprint))
         for source in mix.sources:
+            if isinstance(source, ShardSource):  # streamed: encoded as they come
+                continue
             for index, (record, b) in enumerate(zip(source.records, source.bucket_of, strict=True)):
                 h, w = source.buckets[b]
                 path = self._cache_path(source, index, h, w)
@@ -100,7 +108,11 @@ class BatchMaker:
                     torch.save(self.encode([record], h, w)[0].cpu(), path)
 
     # --- batches ----------------------------------------------------------------------------
-    def make(self, source: Source, indices: list[int]) -> Batch:
+    def make(self, source: Source | ShardSource, draw: list) -> Batch:
+        """The batch of a source's draw: record indices of a manifest, or decoded shard samples."""
+        if isinstance(source, ShardSource):
+            return self.from_samples(source, draw)
+        indices = draw
         records = [source.records[i] for i in indices]
         h, w = source.buckets[source.bucket_of[indices[0]]]
         if self.cache is not None:
@@ -110,6 +122,29 @@ class BatchMaker:
         inputs = [self.visual_inputs(r, h, w) for r in records]
         to_backbone = [RECORD_KINDS[r.kind].backbone_inputs and bool(i) for r, i in zip(records, inputs, strict=True)]
         return Batch(source.name, records, latents.float(), [r.text for r in records], inputs, to_backbone, h, w)
+
+    def from_samples(self, source: ShardSource, samples: list[ShardSample]) -> Batch:
+        h, w = source.buckets[samples[0].bucket]
+        video = RECORD_KINDS[samples[0].kind].media == "video"
+        if video and not self.backbone.is_video:
+            raise ManifestError(f"{samples[0].where('kind')}: {samples[0].kind} samples need a video backbone")
+        pixels = [_frames(s.target) if video else s.target.float() / 255 for s in samples]
+        latents = self.encode_pixels(pixels, h, w)
+        inputs = [self.sample_inputs(s) for s in samples]
+        to_backbone = [RECORD_KINDS[s.kind].backbone_inputs and bool(i) for s, i in zip(samples, inputs, strict=True)]
+        return Batch(source.name, samples, latents, [s.text for s in samples], inputs, to_backbone, h, w)
+
+    def sample_inputs(self, s: ShardSample) -> VisualInputs:
+        """A shard sample's inputs as a request carries them (as `visual_inputs` does for a record)."""
+        kind = RECORD_KINDS[s.kind]
+        if not s.inputs:
+            return NO_INPUTS
+        if kind.input_media == "video":
+            return VisualInputs(video=_frames(s.inputs[0]))
+        if s.kind == "edit" and self.backbone.is_video:
+            return VisualInputs(video=[_image(s.inputs[0])])
+        role = ImageRole.FIRST_FRAME if s.kind == "i2v" else ImageRole.REFERENCES
+        return VisualInputs(images=[_image(x) for x in s.inputs], role=role)
 
     def visual_inputs(self, r: Record, height: int, width: int) -> VisualInputs:
         """A record's inputs as a request carries them: images (and their role) or a source video."""
@@ -123,3 +158,11 @@ class BatchMaker:
             return VisualInputs(images=[load_input_image(p) for p in r.inputs], role=role)
         except OSError as e:
             raise ManifestError(f"{r.where(kind.inputs[0])}: cannot read its input ({e})") from None
+
+
+def _image(pixels: torch.Tensor) -> Image.Image:
+    return Image.fromarray(pixels.numpy())
+
+
+def _frames(clip: torch.Tensor) -> list[Image.Image]:
+    return [_image(f) for f in clip]

@@ -12,6 +12,8 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import UnionType
+from typing import get_args, get_origin, get_type_hints
 
 from ..errors import MetaCanvasInputError
 
@@ -34,6 +36,8 @@ DIT_PATTERNS = {
     "dit_image_stream": r"^transformer_blocks\.\d+\.(?!.*(context|\.add_|_added_|to_add_out))",
 }
 CANVAS_PARTS = ("canvas", "canvas_connector", "mllm_lora")
+SOURCE_KINDS = ("manifest", "synthetic", "webdataset")
+NON_NEGATIVE = ("eval_samples", "save_every")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class TrainConfig:
     buckets: list[list[int]]  # (height, width) pairs
     data: list[dict]
     init_checkpoint: str | None = None  # a MetaCanvas file to start from (e.g. the previous stage's)
+    init_from: dict | None = None  # module → weights file in another project's layout (`init.py`)
     context_source: str | None = None  # new checkpoints: "native" or "mllm" (default: mllm when the context MLP trains)
     use_canvas: bool | None = None  # default: when a canvas part is trained or an init checkpoint is given
     mllm_lora: dict | None = None  # LoraConfig kwargs: r, lora_alpha, lora_dropout, target_modules
@@ -68,6 +73,8 @@ class TrainConfig:
     save_every: int = 0  # 0: a resumable state only at the end
     keep_checkpoints: int = 2
     mixed_precision: str = "auto"  # "auto" (bf16 on GPU, none on CPU), "bf16", "no"
+    sharding: str = "ddp"  # "ddp" (replicas) or "fsdp" (FSDP2: trained modules sharded over the processes)
+    grad_accum: int = 1  # micro-batches per optimizer step and process (global batch: batch_size × processes × this)
     gradient_checkpointing: bool = False
     frozen_dtype: str = "fp32"  # dtype of models that are not trained at all ("bf16" for the real ones)
     latent_cache: str | None = None  # folder for VAE latents (relative: in the output folder); built at the start
@@ -86,6 +93,13 @@ class TrainConfig:
         def bad(msg: str) -> MetaCanvasInputError:
             return MetaCanvasInputError(f"recipe '{self.name}': {msg}")
 
+        for f in fields(self):
+            value, kinds = getattr(self, f.name), _kinds(HINTS[f.name])
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+                raise bad(f"{f.name} must be {names}, not {value!r}")
+        if any(not isinstance(p, str) for p in self.trainable) or len(self.betas) != 2:
+            raise bad("trainable is a list of part names and betas a pair of numbers")
         for part in self.trainable:
             if part not in PARTS and not part.startswith("dit:"):
                 raise bad(f"unknown trainable part {part!r}; one of {', '.join(PARTS)} or 'dit:<regex>'")
@@ -94,16 +108,23 @@ class TrainConfig:
                 raise bad(f"'{part}' is trained but the recipe has no '{part}' settings (r, lora_alpha, ...)")
         if not self.trainable:
             raise bad("nothing is trainable")
-        if self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise bad("max_steps, batch_size and lr must be positive")
-        if not self.buckets or any(len(b) != 2 or min(b) <= 0 for b in self.buckets):
+        for key in ("max_steps", "batch_size", "grad_accum", "frames", "log_every"):
+            if getattr(self, key) < 1:
+                raise bad(f"{key} must be at least 1")
+        for key in ("eval_samples", "save_every", "warmup_steps", "warmup_start_lr", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise bad(f"{key} must not be negative")
+        if self.lr <= 0:
+            raise bad("lr must be positive")
+        if not self.buckets or not all(_pair(b) for b in self.buckets):
             raise bad("buckets must be a list of [height, width] pairs")
         if not self.data:
             raise bad("no data sources")
         for i, src in enumerate(self.data):
-            if ("manifest" in src) == ("synthetic" in src):
-                raise bad(f"data[{i}] needs exactly one of 'manifest' or 'synthetic'")
-            if float(src.get("weight", 1.0)) <= 0:
+            if not isinstance(src, dict) or sum(k in src for k in SOURCE_KINDS) != 1:
+                raise bad(f"data[{i}] needs exactly one of {', '.join(repr(k) for k in SOURCE_KINDS)}")
+            weight = src.get("weight", 1.0)
+            if not isinstance(weight, int | float) or isinstance(weight, bool) or weight <= 0:
                 raise bad(f"data[{i}]: weight must be positive")
         if self.timestep_sampling not in ("logit_normal", "uniform"):
             raise bad("timestep_sampling is 'logit_normal' or 'uniform'")
@@ -111,6 +132,21 @@ class TrainConfig:
             raise bad("mixed_precision is 'auto', 'bf16' or 'no'")
         if self.frozen_dtype not in ("fp32", "bf16"):
             raise bad("frozen_dtype is 'fp32' or 'bf16'")
+        if self.sharding not in ("ddp", "fsdp"):
+            raise bad("sharding is 'ddp' or 'fsdp'")
+
+
+HINTS = get_type_hints(TrainConfig)
+
+
+def _pair(b) -> bool:
+    return isinstance(b, list) and len(b) == 2 and all(isinstance(x, int) and x > 0 for x in b)
+
+
+def _kinds(hint) -> tuple[type, ...]:
+    """The runtime types a field's annotation allows (a float field takes an int too)."""
+    kinds = tuple(get_origin(h) or h for h in (get_args(hint) if get_origin(hint) is UnionType else (hint,)))
+    return kinds + ((int,) if float in kinds else ())
 
 
 def _coerce(value: str):

@@ -204,11 +204,11 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> int
 def load_image(path: Path, height: int, width: int) -> torch.Tensor:
     """An RGB image resized to cover height × width and centre-cropped: (H, W, 3) float in 0..1."""
     with Image.open(path) as im:
-        im = _cover_crop(im.convert("RGB"), height, width)
+        im = cover_crop(im.convert("RGB"), height, width)
         return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
 
 
-def _cover_crop(im: Image.Image, height: int, width: int) -> Image.Image:
+def cover_crop(im: Image.Image, height: int, width: int) -> Image.Image:
     scale = max(height / im.height, width / im.width)
     rw, rh = max(width, round(im.width * scale)), max(height, round(im.height * scale))
     im = im.resize((rw, rh), Image.BICUBIC)
@@ -224,22 +224,26 @@ def load_frames(path: Path, count: int, height: int, width: int) -> list[Image.I
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)[:count]
         frames = [load_image(p, height, width) for p in files]
-    else:
-        try:
-            import imageio.v3 as iio
-        except ImportError:
-            raise OSError(
-                "reading video files needs imageio (pip install imageio[ffmpeg]); or use a folder of frames"
-            ) from None
-        frames = []
-        for frame in iio.imiter(path):
-            frames.append(_cover_crop(Image.fromarray(frame).convert("RGB"), height, width))
-            if len(frames) == count:
-                break
-        frames = [torch.from_numpy(np.asarray(f, dtype=np.float32) / 255.0) for f in frames]
-    if len(frames) < count:
-        raise OSError(f"{len(frames)} frames, the recipe asks for {count}")
-    return [Image.fromarray((f.numpy() * 255).round().astype(np.uint8)) for f in frames]
+        if len(frames) < count:
+            raise OSError(f"{len(frames)} frames, the recipe asks for {count}")
+        return [Image.fromarray((f.numpy() * 255).round().astype(np.uint8)) for f in frames]
+    return [cover_crop(f, height, width) for f in read_video(path, count)]
+
+
+def read_video(uri: Path | bytes, count: int, extension: str | None = None) -> list[Image.Image]:
+    """The first `count` frames of a video file (or its bytes, with `extension` such as ".mp4"), read with imageio."""
+    try:
+        import imageio.v3 as iio
+    except ImportError:
+        raise OSError(
+            "reading video files needs imageio (pip install imageio[pyav]); or use a folder of frames"
+        ) from None
+    frames = []
+    for frame in iio.imiter(uri, extension=extension):
+        frames.append(Image.fromarray(frame).convert("RGB"))
+        if len(frames) == count:
+            return frames
+    raise OSError(f"{len(frames)} frames, the recipe asks for {count}")
 
 
 def load_input_image(path: Path) -> Image.Image:
@@ -302,30 +306,52 @@ class Source:
             self.cursor += 1
         return out
 
+    def draw(self, world: int, rank: int, accum: int) -> list[tuple[int, list[int]]]:
+        """This process's micro-batches of the step, each with its place in the step's global batch."""
+        batches = self.take(world * accum)
+        return [(d, batches[d]) for d in range(rank * accum, (rank + 1) * accum)]
+
+    def fixed(self, n: int) -> list[list[int]]:
+        """The first `n` records, grouped by bucket and cut into batches (the evaluation set)."""
+        groups: dict[int, list[int]] = {}
+        for i in range(min(n, len(self.records))):
+            groups.setdefault(self.bucket_of[i], []).append(i)
+        return [g[i : i + self.batch_size] for g in groups.values() for i in range(0, len(g), self.batch_size)]
+
     def state(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
+    def resume(self, states: list[dict], rank: int) -> None:
+        """Continue from the states saved by every process (one shared order: any process's, whatever the count)."""
+        self.load_state(states[0])
+
 
 class DataMix:
-    """Sources drawn by weight, one source per step (the same on every process), seeded by the step."""
+    """Sources drawn by weight, one source per step (the same on every process), seeded by the step.
 
-    def __init__(self, sources: list[Source], seed: int) -> None:
+    A source is a manifest's `Source` or a `ShardSource` (WebDataset shards, `shards.py`).
+    """
+
+    def __init__(self, sources: list, seed: int) -> None:
         self.sources = sources
         self.seed = seed
         weights = torch.tensor([s.weight for s in sources], dtype=torch.float64)
         self.weights = weights / weights.sum()
 
-    def next(self, step: int, world: int, rank: int) -> tuple[Source, list[int]]:
+    def next(self, step: int, world: int, rank: int, accum: int = 1) -> tuple[Source, list[tuple[int, list]]]:
+        """The step's source and this process's `accum` micro-batches of it, each with its draw number."""
         g = torch.Generator().manual_seed(_seed(self.seed, 7, step))
         source = self.sources[int(torch.multinomial(self.weights, 1, generator=g))]
-        return source, source.take(world)[rank]
+        return source, source.draw(world, rank, accum)
 
     def state(self) -> dict:
+        """This process's position in every source."""
         return {s.name: s.state() for s in self.sources}
 
-    def load_state(self, state: dict) -> None:
+    def resume(self, states: list[dict], rank: int) -> None:
+        """Continue from the positions saved by every process of a run (`states[r]` = `state()` of rank r)."""
         for s in self.sources:
-            s.load_state(state[s.name])
+            s.resume([state[s.name] for state in states], rank)

@@ -4,8 +4,9 @@ Per sample: x_t = (1 − σ)·x0 + σ·noise, target = noise − x0, the backbon
 scheduler's num_train_timesteps, 1000: the timesteps the sampler passes). Condition dropout: a dropped
 sample gets the empty prompt's context and no canvas, exactly the sampler's unconditional branch, so
 classifier-free guidance has a learned null branch (paper §2.6 [D]). Everything random in a step
-(dropout draws, σ, noise) comes from a generator seeded by (seed, step, rank), so a resumed run repeats
-the loss trace of an uninterrupted one.
+(dropout draws, σ, noise) comes from a generator seeded by (seed, step, draw), `draw` being the micro-batch's
+place in the step's global batch, so a resumed run repeats the loss trace of an uninterrupted one, and a step
+is the same whether its micro-batches run on several processes or one after another on one.
 
 The projection is the inference path's (`conditioning.align_canvas`, `mllm_context`,
 `CanvasInjection.on_tokens`, `Backbone.prepare_references`), with gradients on.
@@ -49,7 +50,6 @@ class FlowMatchingObjective(nn.Module):
         config: TrainConfig,
         mc: MetaCanvas,
         frozen: Frozen,
-        rank: int,
         transformer: nn.Module | None = None,
         mllm: nn.Module | None = None,
     ) -> None:
@@ -61,7 +61,6 @@ class FlowMatchingObjective(nn.Module):
             self.mllm = mllm
         self.frozen = frozen
         self.config = config
-        self.rank = rank
         self.canvas_grad = any(p in config.trainable for p in ("canvas", "mllm_lora"))
         self.num_train_timesteps = int(frozen.backbone.scheduler_config.get("num_train_timesteps", 1000))
         self._text_cache: dict[tuple[str, bool], TextContext] = {}
@@ -86,12 +85,12 @@ class FlowMatchingObjective(nn.Module):
             self._text_cache.pop(next(iter(self._text_cache)))
         return hit
 
-    def forward(self, batch: Batch, step: int, train: bool = True) -> torch.Tensor:
+    def forward(self, batch: Batch, step: int, draw: int = 0, train: bool = True) -> torch.Tensor:
         c, mc = self.config, self.mc
         planner, backbone = self.frozen.planner, self.frozen.backbone
         dev = backbone.device
         b = len(batch.texts)
-        g = torch.Generator().manual_seed(_seed(c.seed, 11, step, self.rank if train else 0))
+        g = torch.Generator().manual_seed(_seed(c.seed, 11, step, draw))
         drop = (torch.rand(b, generator=g) < c.cond_dropout) if train else torch.zeros(b, dtype=torch.bool)
         noise = torch.randn(batch.latents.shape, generator=g)
         sigma = self.sigmas(b, g)

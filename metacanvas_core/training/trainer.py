@@ -1,14 +1,16 @@
 """The MetaCanvas trainer: the loop around `FlowMatchingObjective`, one code path for 1 CPU, 1 GPU and many GPUs.
 
-accelerate runs it: DDP, or FSDP from an accelerate config. The loop loads the models and picks what
-trains, draws batches (`BatchMaker`) from the data mix, steps the optimizer, saves resumable states
-and exports (`export.py`). The data order comes from (seed, epoch); accelerate's `save_state` carries
-model, optimizer, scheduler and the global RNG states, `trainer_state.json` the step and the data
-cursor, so a resumed run repeats the loss trace of an uninterrupted one.
+accelerate runs the processes and DDP; `sharding: fsdp` shards the trained modules with FSDP2 (`sharding.py`)
+instead. The loop loads the models and picks what trains, draws micro-batches (`BatchMaker`) from the data mix,
+steps the optimizer, saves resumable states (`checkpoints.py`) and exports (`export.py`). Every random draw
+of a step is seeded by (seed, step, draw), the data order by (seed, epoch); a state holds the trained weights,
+optimizer and scheduler, `trainer_state.json` the step and every process's data cursor, so a resumed run
+repeats the loss trace of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,11 +29,15 @@ from ..errors import MetaCanvasInputError
 from ..inputs import ContextSource
 from ..metacanvas import default_context_source, new_metacanvas
 from ..planner import CanvasLora, Planner
+from . import checkpoints
 from .batches import BatchMaker, ImageEncoder
 from .config import DIT_PATTERNS, TrainConfig, resolve_path
-from .data import BACKBONE_KINDS, DataMix, Source, read_manifest
+from .data import BACKBONE_KINDS, DataMix, Source, _seed, read_manifest
 from .export import export_backbone, export_metacanvas
+from .init import init_modules
 from .objective import FlowMatchingObjective, Frozen
+from .sharding import no_sync, shard
+from .shards import ShardSource
 from .synthetic import write_synthetic
 
 log = logging.getLogger(__name__)
@@ -61,12 +67,14 @@ class Trainer:
         mp = config.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() else "no"
+        self.mixed_precision = mp
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # also lets several CPU processes (torchrun) form a gloo group
             mixed_precision=mp,
             step_scheduler_with_optimizer=False,  # warm-up counts optimizer steps, whatever the process count
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        self.sharded = config.sharding == "fsdp" and self.accelerator.num_processes > 1
         self.device = self.accelerator.device
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +133,8 @@ class Trainer:
                 else default_context_source(self.backbone.has_text_encoder)
             )
             self.mc = new_metacanvas(self.planner.hidden_size, self.backbone.spec, source, seed=c.seed)
+        if c.init_from:
+            init_modules(self.mc, {k: resolve_path(v) for k, v in c.init_from.items()})
         self.mc.check_compatible(
             self.planner.hidden_size,
             str(self.mllm_folder),
@@ -203,7 +213,6 @@ class Trainer:
             c,
             mc,
             Frozen(planner, self.backbone),
-            self.accelerator.process_index,
             transformer=transformer if self.trains_dit else None,
             mllm=mllm_module,
         )
@@ -215,6 +224,22 @@ class Trainer:
         kinds = BACKBONE_KINDS.get(self.backbone.kind, ("t2i",))
         sources = []
         for i, src in enumerate(c.data):
+            if "webdataset" in src:
+                acc = self.accelerator
+                name = src.get("name") or f"{i}:webdataset"
+                sources.append(
+                    ShardSource.from_spec(
+                        name,
+                        src["webdataset"],
+                        float(src.get("weight", 1.0)),
+                        buckets,
+                        c,
+                        acc.process_index,
+                        acc.num_processes,
+                        kinds,
+                    )
+                )
+                continue
             if "synthetic" in src:
                 spec = dict(src["synthetic"])
                 folder = self.out / "synthetic" / f"{i}_{spec.get('kind', 't2i')}"
@@ -243,9 +268,6 @@ class Trainer:
     # --- optimisation -----------------------------------------------------------------------
     def _build_optimizer(self) -> None:
         c = self.config
-        optimizer = torch.optim.AdamW(
-            list(self.params.values()), lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay
-        )
         start = c.warmup_start_lr / c.lr
 
         def factor(step: int) -> float:  # linear warm-up from about warmup_start_lr, then constant
@@ -253,22 +275,38 @@ class Trainer:
                 return 1.0
             return start + (1 - start) * min(1.0, (step + 1) / c.warmup_steps)
 
+        # FSDP2 replaces the parameters by sharded ones: shard first, then make the optimizer on what trains.
+        module = shard(self.objective, self.mixed_precision) if self.sharded else self.objective
+        optimizer = torch.optim.AdamW(
+            [p for p in module.parameters() if p.requires_grad],
+            lr=c.lr,
+            betas=tuple(c.betas),
+            eps=c.eps,
+            weight_decay=c.weight_decay,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        self.module, self.optimizer, self.scheduler = self.accelerator.prepare(self.objective, optimizer, scheduler)
+        if self.sharded:
+            self.module = module
+            self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
+        else:
+            self.module, self.optimizer, self.scheduler = self.accelerator.prepare(module, optimizer, scheduler)
 
     def _checkpoints(self) -> list[Path]:
         return sorted((self.out / "checkpoints").glob("step_*"))
 
     def save_state(self) -> Path:
+        acc = self.accelerator
         folder = self.out / "checkpoints" / f"step_{self.step:07d}"
-        self.accelerator.save_state(str(folder))
-        if self.accelerator.is_main_process:
-            state = {"step": self.step, "data": self.mix.state(), "recipe": self.config.name}
+        folder.mkdir(parents=True, exist_ok=True)
+        checkpoints.save(folder, self.module, self.optimizer.optimizer, self.scheduler, acc.is_main_process)
+        torch.save(self.mix.state(), folder / f"data_{acc.process_index}.pt")  # cursors (+ waiting shard samples)
+        if acc.is_main_process:
+            state = {"step": self.step, "processes": acc.num_processes, "recipe": self.config.name}
             (folder / "trainer_state.json").write_text(json.dumps(state))
             for old in self._checkpoints()[: -self.config.keep_checkpoints or None]:
                 if old != folder:
                     shutil.rmtree(old)
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
         return folder
 
     def _resume(self, path: Path) -> None:
@@ -278,9 +316,10 @@ class Trainer:
                 raise MetaCanvasInputError(f"--resume '{path}': no saved training state (checkpoints/step_*) there.")
             path = found[-1]
         state = json.loads((path / "trainer_state.json").read_text())
-        self.accelerator.load_state(str(path))
+        checkpoints.load(path, self.module, self.optimizer.optimizer, self.scheduler)
         self.step = int(state["step"])
-        self.mix.load_state(state["data"])
+        data = [torch.load(path / f"data_{r}.pt", weights_only=True) for r in range(state["processes"])]
+        self.mix.resume(data, self.accelerator.process_index)
         log.info("resumed from %s at step %d", path, self.step)
 
     # --- the loop ---------------------------------------------------------------------------
@@ -291,24 +330,34 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Loss over the first `eval_samples` records of the first source with fixed noise and σ, no dropout."""
+        """Loss over the first `eval_samples` samples of the first source with fixed noise and σ, no dropout."""
         source = self.mix.sources[0]
-        n = min(self.config.eval_samples, len(source.records))
-        groups: dict[int, list[int]] = {}
-        for i in range(n):
-            groups.setdefault(source.bucket_of[i], []).append(i)
-        modes = [(m, m.training) for m in self.accelerator.unwrap_model(self.module).modules()]
-        self.accelerator.unwrap_model(self.module).eval()
-        total = 0.0
-        chunks = [
-            g[i : i + self.config.batch_size] for g in groups.values() for i in range(0, len(g), self.config.batch_size)
-        ]
-        for k, indices in enumerate(chunks):
+        chunks = source.fixed(self.config.eval_samples)
+        modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        total, n = 0.0, 0
+        for k, draw in enumerate(chunks):
             with self.accelerator.autocast():
-                total += float(self.module(self.batches.make(source, indices), 10**9 + k, train=False)) * len(indices)
+                total += float(self.module(self.batches.make(source, draw), 10**9 + k, train=False)) * len(draw)
+            n += len(draw)
         for m, mode in modes:
             m.train(mode)
         return total / max(n, 1)
+
+    def _micro_step(self, source, draw: int, items: list, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; gradients are reduced over the processes with the last one."""
+        acc, c = self.accelerator, self.config
+        torch.manual_seed(_seed(c.seed, 13, self.step, draw))  # dropout in LoRAs and connectors
+        batch = self.batches.make(source, items)
+        if last or acc.num_processes == 1:
+            sync = contextlib.nullcontext()
+        else:
+            sync = no_sync(self.module) if self.sharded else acc.no_sync(self.module)
+        with sync:
+            with acc.autocast():
+                loss = self.module(batch, self.step, draw)
+            acc.backward(loss / c.grad_accum)
+        return loss.detach()
 
     def train(self) -> list[float]:
         """Run to `max_steps`; returns this run's losses (one per step)."""
@@ -327,24 +376,24 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not (self.progress and acc.is_main_process))
         saved_at = None
         while self.step < self.max_steps:
-            source, indices = self.mix.next(self.step, acc.num_processes, acc.process_index)
-            batch = self.batches.make(source, indices)
+            source, micro = self.mix.next(self.step, acc.num_processes, acc.process_index, c.grad_accum)
             start = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]
-            with acc.autocast():
-                loss = self.module(batch, self.step)
-            acc.backward(loss)
+            loss = torch.stack(
+                [self._micro_step(source, d, items, i == len(micro) - 1) for i, (d, items) in enumerate(micro)]
+            ).mean()
             if c.grad_clip:
-                acc.clip_grad_norm_(list(self.params.values()), c.grad_clip)
+                acc.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], c.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            value = acc.reduce(loss.detach(), "mean").item()
+            value = acc.reduce(loss, "mean").item()
             if not math.isfinite(value):
                 raise RuntimeError(f"loss is {value} at step {self.step}: lower the learning rate.")
             losses.append(value)
-            speed = len(indices) * acc.num_processes / (time.perf_counter() - start)
+            samples = sum(len(items) for _, items in micro) * acc.num_processes
+            speed = samples / (time.perf_counter() - start)
             if self.step % c.log_every == 0 or self.step == self.max_steps:
                 self._log(
                     {
@@ -372,7 +421,7 @@ class Trainer:
     def export(self) -> dict[str, Path]:
         """Write the MetaCanvas checkpoint (+ the trained backbone as a pipeline folder) into the output folder."""
         acc = self.accelerator
-        state = acc.get_state_dict(self.module)  # full weights on the main process (gathers FSDP shards)
+        state = checkpoints.full_state_dict(self.module)  # full weights on the main process (gathers FSDP shards)
         paths = {"metacanvas": self.out / f"{self.config.name}.safetensors"}
         if self.trains_dit:
             paths["backbone"] = self.out / "backbone"
@@ -397,4 +446,12 @@ class Trainer:
                 paths["backbone"],
                 self.dit_lora_scale,
             )
+        publish(self.out)
         return paths
+
+
+def publish(folder: Path) -> None:
+    """Files readable by everyone (0644, folders 0755), whatever the umask or the library that wrote them."""
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
