@@ -16,17 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
-from . import realconfigs  # noqa: E402
+from . import cli, realconfigs  # noqa: E402
 from .connectors import CanvasConnector  # noqa: E402
+from .errors import MetaCanvasInputError  # noqa: E402
 
 
 def sampler_vs_pipeline(mllm: Path, sana_folder: Path, steps: int, repeats: int) -> None:
@@ -190,25 +190,34 @@ def connector_share(tokens: int, repeats: int) -> None:
         )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mllm", type=Path)
-    p.add_argument("--sana", type=Path)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=256, help="image tokens for the connector-share measurement")
-    args = p.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    p = cli.ArgumentParser(prog="python -m metacanvas_core.bench", description=__doc__)
+    p.add_argument("--mllm", type=Path, help="Qwen2.5-VL folder for [1] (with --sana)")
+    p.add_argument("--sana", type=Path, help="SANA diffusers folder for [1] (with --mllm)")
+    p.add_argument("--steps", type=cli.positive_int, default=10)
+    p.add_argument("--repeats", type=cli.positive_int, default=3)
+    p.add_argument("--tokens", type=cli.positive_int, default=256, help="image tokens for the connector share")
+    args = p.parse_args(argv)
+    return cli.run(lambda: run_all(args), debug=args.debug)
+
+
+def run_all(args: argparse.Namespace) -> None:
+    """[1] on the given models (or tiny random ones when none are given), then [2] and [3]."""
+    real = cli.all_or_none({"--mllm": args.mllm, "--sana": args.sana})
+    if not args.verbose:
+        cli.quiet_libraries()
+    if real and cli.check_model_folders(args.mllm, args.sana) != "sana":
+        raise MetaCanvasInputError(f"--sana '{args.sana}' is not a SANA pipeline folder.")
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
     )
-    if args.sana is None or args.mllm is None:
-        from .tiny import write_all
-
-        tiny = write_all(Path(tempfile.mkdtemp(prefix="metacanvas-bench-")))
-        args.mllm, args.sana = tiny["mllm"], tiny["sana"]
+    if real:
+        sampler_vs_pipeline(args.mllm, args.sana, args.steps, args.repeats)
+    else:
         print("(no --sana/--mllm: [1] runs the tiny random models, so it measures per-step overhead, not model time)")
-    sampler_vs_pipeline(args.mllm, args.sana, args.steps, args.repeats)
+        with cli.tiny_models() as tiny:
+            sampler_vs_pipeline(tiny["mllm"], tiny["sana"], args.steps, args.repeats)
     connector_share(args.tokens, args.repeats)
     if os.environ.get("COMFYUI_HARNESS"):
         print("[3] ComfyUI vs direct: run `python -m pytest tests/test_comfyui_e2e.py -k timing -s`")
@@ -217,4 +226,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

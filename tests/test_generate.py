@@ -1,32 +1,109 @@
-"""The README's command-line generation runs (tiny models when no paths are given)."""
+"""The command lines as an artist meets them: the README's generation runs on tiny models, quietly, leaving no
+temporary folder; partial or missing inputs are refused in one `error:` line before any model loads."""
 
 from __future__ import annotations
 
+import json
+import os
+import stat
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
+from metacanvas_core.backbones import SCHEDULERS
+from metacanvas_core.generate import SCHEDULER_CHOICES
 
-def test_cli_generates_an_image_with_tiny_models(tmp_path):
-    out = tmp_path / "image.png"
-    result = subprocess.run(
-        [sys.executable, "-m", "metacanvas_core.generate", "--steps", "2", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+
+def run(*args: str, module: str = "metacanvas_core.generate", **env: str):
+    """The command as an artist runs it: without the test session's own quieting of the libraries."""
+    clean = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    command = [sys.executable, "-m", module, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**clean, **env})
+
+
+def assert_one_line_error(result, *words: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr[-2000:]
+    for word in words:
+        assert word in result.stderr
+
+
+def test_cli_generates_an_image_with_tiny_models_quietly_and_cleans_up(tmp_path):
+    out, temp = tmp_path / "image.png", tmp_path / "tmp"
+    temp.mkdir()
+    result = run("--steps", "2", "--out", str(out), TMPDIR=str(temp))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == ""  # no loading bars, no torchvision notice
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 2 and "TINY RANDOM models" in lines[0] and lines[1].startswith(f"{out}: 64×64")
+    assert Image.open(out).size == (64, 64)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+    assert not [p.name for p in temp.iterdir() if p.name.startswith("metacanvas")]
+
+
+def test_cli_edits_an_image_with_tiny_flux_kontext_verbosely(tmp_path):
+    photo, out = tmp_path / "photo.png", tmp_path / "edited.png"
+    Image.new("RGB", (80, 48), (200, 30, 30)).save(photo)
+    result = run(
+        *("--image", str(photo), "--prompt", "make it blue", "--steps", "2", "--width", "64", "--height", "64"),
+        *("--scheduler", "flow_euler", "--image-cfg", "1.5", "--verbose", "--out", str(out)),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "TINY RANDOM models" in result.stdout
+    assert "Loading weights" in result.stderr  # --verbose keeps the libraries' bars
     assert Image.open(out).size == (64, 64)
 
 
-def test_cli_edits_an_image_with_tiny_flux_kontext(tmp_path):
-    photo, out = tmp_path / "photo.png", tmp_path / "edited.png"
-    Image.new("RGB", (80, 48), (200, 30, 30)).save(photo)
-    cmd = [sys.executable, "-m", "metacanvas_core.generate", "--image", str(photo), "--prompt", "make it blue"]
-    cmd += ["--steps", "2", "--width", "64", "--height", "64", "--scheduler", "flow_euler", "--image-cfg", "1.5"]
-    result = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "TINY RANDOM models" in result.stdout
-    assert Image.open(out).size == (64, 64)
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--mllm", "models/LLM/Qwen2.5-VL-7B-Instruct"], ["--mllm given without --backbone"]),
+        (["--backbone", "models/diffusers/sana"], ["--backbone given without --mllm"]),
+        (["--checkpoint", "mine.safetensors"], ["--checkpoint needs the --mllm and --backbone"]),
+        (["--image", "no-such-photo.png"], ["--image 'no-such-photo.png'", "No such file"]),
+        (["--steps", "0"], ["--steps", "not a positive integer"]),
+        (["--out", "image.txt"], ["--out 'image.txt'", ".png"]),
+    ],
+)
+def test_cli_refuses_bad_input_in_one_line_before_loading(args, words):
+    result = run(*args)
+    assert_one_line_error(result, *words)
+    assert result.stdout == ""
+
+
+def test_cli_refuses_a_file_that_is_no_image(tmp_path):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    assert_one_line_error(run("--image", str(notes)), "is not an image")
+
+
+def test_cli_debug_shows_the_traceback():
+    result = run("--mllm", "models/LLM/Qwen2.5-VL-7B-Instruct", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr and "MetaCanvasInputError" in result.stderr
+
+
+def test_cli_checks_the_checkpoint_before_loading_any_model(tmp_path):
+    """Model folders without weights: the damaged checkpoint is found before any loader asks for weights."""
+    mllm, backbone, checkpoint = tmp_path / "qwen", tmp_path / "sana", tmp_path / "mine.safetensors"
+    mllm.mkdir()
+    backbone.mkdir()
+    (mllm / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    (backbone / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline"}))
+    checkpoint.write_bytes(b"half a download")
+    result = run("--mllm", str(mllm), "--backbone", str(backbone), "--checkpoint", str(checkpoint))
+    assert_one_line_error(result, "deserializing header")
+
+
+def test_bench_refuses_a_partial_model_pair():
+    result = run("--sana", "models/diffusers/sana", module="metacanvas_core.bench")
+    assert_one_line_error(result, "--sana given without --mllm")
+
+
+def test_help_is_quiet_and_lists_the_schedulers():
+    result = run("--help")
+    assert result.returncode == 0 and result.stderr == ""
+    assert SCHEDULER_CHOICES == SCHEDULERS and all(name in result.stdout for name in SCHEDULERS)
