@@ -1,12 +1,16 @@
-"""Train MetaCanvas weights from a recipe.
+"""Train MetaCanvas weights from a recipe, or print a recipe's memory plan.
 
-    python -m metacanvas_core.train CONFIG --output-dir DIR [--max-steps N] [--resume DIR] [--set key=value ...]
-    accelerate launch -m metacanvas_core.train CONFIG --output-dir DIR          (several GPUs / nodes)
+    python -m metacanvas_core.train RECIPE --output-dir DIR [--max-steps N] [--resume DIR] [--set key=value ...]
+    python -m metacanvas_core.train RECIPE --plan [--gpus N]      parameters and bytes per GPU, DDP and FSDP
+    accelerate launch -m metacanvas_core.train RECIPE --output-dir DIR          (several GPUs / nodes)
 
-CONFIG is a recipe (metacanvas_core/recipes/*.json, or a name there such as `tiny_sana_t2i`).
+RECIPE is a recipe file, or the name of one in metacanvas_core/recipes (such as `tiny_sana_t2i`).
 DIR receives metrics.jsonl, checkpoints/step_*/ (resumable states), `<name>.safetensors` (the
 MetaCanvas checkpoint for models/metacanvas/) and, when DiT weights were trained, backbone/ (a
 diffusers pipeline folder for models/diffusers/). See docs/TRAINING.md.
+
+Quiet by default (--verbose: loading logs and progress bars). A mistake in the input (recipe, data, option)
+is one line on stderr and exit status 2; --debug shows its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,38 +36,85 @@ def recipe_path(value: str) -> Path:
     return named if named.is_file() else path
 
 
-def main(argv: list[str] | None = None) -> int:
+def quiet(verbose: bool) -> None:
+    """Loading logs, library warnings and progress bars only when asked for."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if verbose:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="recipe file, or the name of one in metacanvas_core/recipes")
-    p.add_argument("--output-dir", required=True, type=Path)
+    p.add_argument("--output-dir", type=Path, help="where the run writes (required to train)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the recipe's)")
     p.add_argument("--resume", type=Path, help="an output folder (its latest state) or a checkpoints/step_* folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (JSON value)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p.add_argument("--plan", action="store_true", help="print the recipe's memory plan per GPU instead of training")
+    p.add_argument("--gpus", type=int, default=8, help="GPU count of the memory plan (default 8)")
+    p.add_argument("--verbose", action="store_true", help="loading logs and progress bars")
+    p.add_argument("--debug", action="store_true", help="tracebacks for input errors too")
+    return p
 
+
+def run(args: argparse.Namespace) -> int:
     from .errors import MetaCanvasInputError
     from .training.config import load_config
+
+    config = load_config(recipe_path(args.config), args.set)
+    if args.plan:
+        from .training.memory import plan
+
+        if args.gpus < 1:
+            raise MetaCanvasInputError("--gpus must be at least 1")
+        print(plan(config).table(args.gpus))
+        return 0
+    if args.output_dir is None:
+        raise MetaCanvasInputError("--output-dir is required to train (or give --plan).")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise MetaCanvasInputError("--max-steps must be at least 1")
     from .training.trainer import Trainer
 
     start = time.perf_counter()
-    try:
-        config = load_config(recipe_path(args.config), args.set)
-        trainer = Trainer(
-            config, args.output_dir, max_steps=args.max_steps, resume=args.resume, progress=not args.no_progress
-        )
-        trainer.train()
-    except MetaCanvasInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    trainer = Trainer(config, args.output_dir, max_steps=args.max_steps, resume=args.resume, progress=args.verbose)
+    trainer.train()
     if trainer.accelerator.is_main_process:
         out = args.output_dir
         print(f"trained {trainer.step} steps in {time.perf_counter() - start:.1f} s")
         print(f"MetaCanvas checkpoint: {out / (config.name + '.safetensors')} (copy it to models/metacanvas/)")
         if trainer.trains_dit:
             print(f"trained backbone: {out / 'backbone'} (copy or link it to models/diffusers/<name>)")
+        if trainer.samples is not None:
+            print(
+                f"samples: {trainer.samples} (top row: training images; bottom row: samples for their captions, "
+                "which should show the same coloured shape at the same place)"
+            )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    quiet(args.verbose)
+    from .errors import MetaCanvasInputError
+
+    try:
+        return run(args)
+    except MetaCanvasInputError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

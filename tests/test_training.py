@@ -246,13 +246,16 @@ def test_cli_runs_a_recipe_on_two_processes_and_names_a_bad_record(tiny, tmp_pat
     # Two processes (DDP over gloo on CPU), as accelerate launch / torchrun start them on GPUs.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
     cmd += ["-m", "metacanvas_core.train", "tiny_sana_t2i", "--output-dir", str(tmp_path / "cli")]
-    cmd += ["--max-steps", "2", "--no-progress", "--set", f"mllm={tiny['mllm']}", "--set", f"backbone={tiny['sana']}"]
+    cmd += ["--max-steps", "2", "--set", f"mllm={tiny['mllm']}", "--set", f"backbone={tiny['sana']}"]
     cmd += ["--set", f"data={data}", "--set", "eval_samples=0", "--set", "batch_size=2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "cli" / "tiny-sana-t2i.safetensors").is_file()
     assert (tmp_path / "cli" / "backbone" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert [r["step"] for r in metrics(tmp_path / "cli")] == [1, 2]  # one writer; losses averaged over processes
+    written = [p for p in (tmp_path / "cli").rglob("*") if p.is_file() and not p.is_symlink()]
+    assert written and {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
+    assert done.stdout.count("\n") == 3 and "MetaCanvas checkpoint" in done.stdout  # quiet: the results only
 
     (tmp_path / "bad.jsonl").write_text('{"kind": "t2i", "image": "nowhere.png", "prompt": "x"}\n')
     args = ["tiny_sana_t2i", "--output-dir", str(tmp_path / "bad"), "--set", f"mllm={tiny['mllm']}"]

@@ -82,6 +82,8 @@ class TrainConfig:
     skip_bad_records: bool = False
     frames: int = 1  # frames per video sample (4k+1 for Wan); image samples are one frame
     eval_samples: int = 4  # records of a fixed evaluation loss logged at start and end (0: none)
+    codec: str = "vae"  # "vae" (the backbone's) or "pixels" (an exact pixel codec, for the tiny random models)
+    samples: int = 0  # images sampled at the end beside their targets (samples.png; image backbones)
 
     @property
     def canvas_on(self) -> bool:
@@ -111,7 +113,15 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "grad_accum", "frames", "log_every"):
             if getattr(self, key) < 1:
                 raise bad(f"{key} must be at least 1")
-        for key in ("eval_samples", "save_every", "warmup_steps", "warmup_start_lr", "weight_decay", "grad_clip"):
+        for key in (
+            "eval_samples",
+            "samples",
+            "save_every",
+            "warmup_steps",
+            "warmup_start_lr",
+            "weight_decay",
+            "grad_clip",
+        ):
             if getattr(self, key) < 0:
                 raise bad(f"{key} must not be negative")
         if self.lr <= 0:
@@ -132,6 +142,8 @@ class TrainConfig:
             raise bad("mixed_precision is 'auto', 'bf16' or 'no'")
         if self.frozen_dtype not in ("fp32", "bf16"):
             raise bad("frozen_dtype is 'fp32' or 'bf16'")
+        if self.codec not in ("vae", "pixels"):
+            raise bad("codec is 'vae' or 'pixels'")
         if self.sharding not in ("ddp", "fsdp"):
             raise bad("sharding is 'ddp' or 'fsdp'")
 

@@ -14,14 +14,12 @@ import contextlib
 import json
 import logging
 import math
-import re
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..backbones import Backbone, load_backbone
 from ..checkpoint import load_metacanvas
@@ -31,11 +29,13 @@ from ..metacanvas import default_context_source, new_metacanvas
 from ..planner import CanvasLora, Planner
 from . import checkpoints
 from .batches import BatchMaker, ImageEncoder
-from .config import DIT_PATTERNS, TrainConfig, resolve_path
+from .config import TrainConfig, resolve_path
 from .data import BACKBONE_KINDS, DataMix, Source, _seed, read_manifest
 from .export import export_backbone, export_metacanvas
 from .init import init_modules
 from .objective import FlowMatchingObjective, Frozen
+from .parts import MC_PARTS, add_dit_lora, select_parameters
+from .preview import PixelCodec, write_samples
 from .sharding import no_sync, shard
 from .shards import ShardSource
 from .synthetic import write_synthetic
@@ -43,7 +43,6 @@ from .synthetic import write_synthetic
 log = logging.getLogger(__name__)
 LORA_NAME = "canvas"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MC_PARTS = ("canvas", "canvas_connector", "context_connector", "condition_embedding")
 
 
 class Trainer:
@@ -81,10 +80,15 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self._load_models()
         self._select_trainable()
+        self.codec = None
+        if config.codec == "pixels":
+            self.codec = PixelCodec(self.backbone.vae_stride, self.backbone.vae.config.latent_channels)
+            encode = encode or self.codec.encode
         self.batches = BatchMaker(self.backbone, config.frames, self._cache_root(), encode)
         self.mix = self._load_data()
         self._build_optimizer()
         self.step = 0
+        self.samples: Path | None = None
         if resume is not None:
             self._resume(Path(resume))
 
@@ -149,45 +153,14 @@ class Trainer:
         mc, transformer, planner = self.mc, self.backbone.transformer, self.planner
         for m in (mc, transformer, planner.model, *self.backbone.modules()):
             m.requires_grad_(False)
-        params: dict[str, nn.Parameter] = {}
         self.dit_lora_scale: float | None = None
         mllm_module = None
-        for part in c.trainable:
-            if part in MC_PARTS:
-                module = getattr(mc, part)
-                if module is None:
-                    raise MetaCanvasInputError(
-                        f"recipe '{c.name}': this MetaCanvas for the {self.backbone.kind} backbone has no {part} to "
-                        "train (context_connector: only with context_source mllm; condition_embedding: Wan only)."
-                    )
-                params.update({f"mc.{part}.{n}": p for n, p in module.named_parameters()})
-            elif part == "mllm_lora":
-                # The canvas LoRA, continued from the init checkpoint's when it has one.
-                start = mc.lora.state_dict if mc.lora is not None else {}
-                mllm_module = planner.add_canvas_lora(
-                    mc.with_lora(CanvasLora(LORA_NAME, dict(c.mllm_lora), start)).lora
-                )
-                params.update({f"mllm.{n}": p for n, p in mllm_module.named_parameters() if "lora_" in n})
-            elif part == "dit_lora":
-                from peft import LoraConfig
-
-                settings = dict(c.dit_lora)
-                transformer.add_adapter(LoraConfig(**settings), adapter_name="dit")
-                self.dit_lora_scale = settings.get("lora_alpha", settings["r"]) / settings["r"]
-                params.update({f"transformer.{n}": p for n, p in transformer.named_parameters() if ".lora_" in n})
-            else:
-                pattern = DIT_PATTERNS.get(part) or part[len("dit:") :]
-                found = {
-                    f"transformer.{n}": p
-                    for n, p in transformer.named_parameters()
-                    if re.search(pattern, n) and ".lora_" not in n
-                }
-                if not found:
-                    raise MetaCanvasInputError(
-                        f"recipe '{c.name}': trainable part '{part}' matches no parameter of the "
-                        f"{self.backbone.kind} transformer."
-                    )
-                params.update(found)
+        if "mllm_lora" in c.trainable:  # the canvas LoRA, continued from the init checkpoint's when it has one
+            start = mc.lora.state_dict if mc.lora is not None else {}
+            mllm_module = planner.add_canvas_lora(mc.with_lora(CanvasLora(LORA_NAME, dict(c.mllm_lora), start)).lora)
+        if "dit_lora" in c.trainable:
+            self.dit_lora_scale = add_dit_lora(transformer, dict(c.dit_lora))
+        params = select_parameters(c, mc, transformer, self.backbone.kind, mllm_module)
         for p in params.values():
             p.requires_grad_(True)
         self.params = params
@@ -390,7 +363,7 @@ class Trainer:
             self.step += 1
             value = acc.reduce(loss, "mean").item()
             if not math.isfinite(value):
-                raise RuntimeError(f"loss is {value} at step {self.step}: lower the learning rate.")
+                raise MetaCanvasInputError(f"loss is {value} at step {self.step}: lower the learning rate.")
             losses.append(value)
             samples = sum(len(items) for _, items in micro) * acc.num_processes
             speed = samples / (time.perf_counter() - start)
@@ -415,7 +388,14 @@ class Trainer:
         if c.eval_samples:
             self._log({"step": self.step, "eval_loss": self.evaluate()})
         self.export()
+        if c.samples and acc.is_main_process and self._previewable():
+            self.samples = write_samples(self, self.out / "samples.png", c.samples)
+            publish(self.out)
         return losses
+
+    def _previewable(self) -> bool:
+        """Samples are drawn unsharded, for image backbones, with the targets of a manifest beside them."""
+        return not self.sharded and not self.backbone.is_video and isinstance(self.mix.sources[0], Source)
 
     # --- export -----------------------------------------------------------------------------
     def export(self) -> dict[str, Path]:
