@@ -61,7 +61,7 @@ def run(work: Callable[[], None], debug: bool = False) -> int:
 def user_error(e: BaseException) -> bool:
     """An input error, or a file the OS or safetensors could not read (missing, no permission, truncated by an
     interrupted download)."""
-    safetensors = sys.modules.get("safetensors")  # never imported: the error cannot be one of its
+    safetensors = sys.modules.get("safetensors")  # not imported: then no error can be one of its
     kinds = (MetaCanvasInputError, OSError) + ((safetensors.SafetensorError,) if safetensors else ())
     return isinstance(e, kinds)
 
@@ -79,20 +79,19 @@ def all_or_none(options: dict[str, object]) -> bool:
     return not missing
 
 
-def readable_file(path: Path, what: str) -> Path:
-    """`path` if it is a file this process can read, else an input error naming `what` and the reason."""
+def readable_file(path: Path, what: str) -> None:
+    """Refuse `path` unless it is a file this process can read, naming `what` and the reason."""
     try:
         with open(path, "rb"):
-            return path
+            pass
     except OSError as e:
         raise MetaCanvasInputError(f"{what} '{path}': {e.strerror or e}.") from None
 
 
-def existing_folder(path: Path, what: str) -> Path:
-    """`path` if it is a folder, else an input error naming `what`."""
+def existing_folder(path: Path, what: str) -> None:
+    """Refuse `path` unless it is a folder, naming `what`."""
     if not path.is_dir():
         raise MetaCanvasInputError(f"{what} '{path}' is not a folder{'' if path.exists() else ' (it does not exist)'}.")
-    return path
 
 
 def check_model_folders(mllm: Path, backbone: Path) -> str:

@@ -19,9 +19,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import cli
 from .errors import MetaCanvasInputError
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -75,7 +79,7 @@ def generate(args: argparse.Namespace) -> None:
         render(args, image, tiny["mllm"], tiny[kind], tiny[f"{kind}_metacanvas"])
 
 
-def check_files(args: argparse.Namespace):
+def check_files(args: argparse.Namespace) -> PIL.Image.Image | None:
     """Every input file readable and the output writable-looking before any model loads; the decoded --image."""
     from PIL import Image, UnidentifiedImageError
 
@@ -95,7 +99,9 @@ def check_files(args: argparse.Namespace):
         raise MetaCanvasInputError(f"--image '{args.image}' is not an image this program can read ({e}).") from None
 
 
-def render(args: argparse.Namespace, image, mllm: Path, backbone_folder: Path, checkpoint: Path | None) -> None:
+def render(
+    args: argparse.Namespace, image: PIL.Image.Image | None, mllm: Path, backbone_folder: Path, checkpoint: Path | None
+) -> None:
     """Load the checkpoint (small) first, then the MLLM and the backbone; plan, sample, decode, save."""
     import time
 
