@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .errors import MetaCanvasInputError
+from .files import SafetensorsFile
 from .metacanvas import MetaCanvas, MetaCanvasConfig
 from .planner import CanvasLora
 
@@ -32,8 +32,6 @@ def config_to_metadata(config: MetaCanvasConfig) -> dict[str, str]:
 
 
 def config_from_metadata(meta: dict[str, str], path: str) -> MetaCanvasConfig:
-    if meta.get("format") != FORMAT:
-        raise MetaCanvasInputError(f"'{path}' is not a MetaCanvas checkpoint (no 'format: metacanvas' header).")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise MetaCanvasInputError(
             f"'{path}' has checkpoint format {meta['format_version']}; this MetaCanvas reads up to "
@@ -58,15 +56,17 @@ def save_metacanvas(mc: MetaCanvas, path: str | Path) -> None:
 
 
 def load_metacanvas(path: str | Path, device: str | torch.device = "cpu") -> MetaCanvas:
-    """Load a checkpoint file; shapes are checked against its own header, names in errors."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise MetaCanvasInputError(f"'{path.name}': MetaCanvas loads only .safetensors checkpoints.")
-    if not path.is_file():
-        raise MetaCanvasInputError(f"MetaCanvas checkpoint '{path}' does not exist.")
-    with safe_open(str(path), framework="pt") as f:
-        config = config_from_metadata(f.metadata() or {}, str(path))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    """Load a checkpoint file: checked first (readable, a MetaCanvas checkpoint), shapes against its own header."""
+    header = SafetensorsFile.open(path, "MetaCanvas checkpoint")
+    path = header.path
+    if header.metadata.get("format") != FORMAT:
+        raise MetaCanvasInputError(
+            f"'{path}' is not a MetaCanvas checkpoint: it holds {header.describe()}. The Connector Loader takes the "
+            "files `python -m metacanvas_core.train` writes (models/metacanvas/); the backbone's own files go to "
+            "its loaders."
+        )
+    config = config_from_metadata(header.metadata, str(path))
+    tensors = load_file(str(path))
     mc = MetaCanvas(config, name=path.name)
     lora = {k[len("lora.") :]: v for k, v in tensors.items() if k.startswith("lora.")}
     state = {k: v for k, v in tensors.items() if not k.startswith("lora.")}

@@ -65,6 +65,11 @@ def mllm_context(connector: ContextConnector, states: list[torch.Tensor], pooled
     return TextContext.cat(parts)
 
 
+def text_pooled(mc: MetaCanvas, backbone: Backbone) -> torch.Tensor | None:
+    """The pooled vector of a text slot filled from the MLLM: the checkpoint's, else the backbone's default."""
+    return mc.pooled if mc.pooled is not None else backbone.default_pooled()
+
+
 @torch.no_grad()
 def project(plan: Plan, mc: MetaCanvas, backbone: Backbone) -> Conditioning:
     """One plan as the sampler takes it, for the backbone that will sample."""
@@ -79,12 +84,10 @@ def project(plan: Plan, mc: MetaCanvas, backbone: Backbone) -> Conditioning:
     else:
         if plan.negative_context is None:
             raise MetaCanvasInputError("this plan has no negative context; re-run the Plan node with this checkpoint.")
-        pooled = backbone.default_pooled()
+        pooled = text_pooled(mc, backbone)
         positive = mllm_context(mc.context_connector, [plan.context.to(device)], pooled)
         negative = mllm_context(mc.context_connector, [plan.negative_context.to(device)], pooled)
+    mc.check_plan(plan)
     canvas = align_canvas(mc.canvas_connector, plan.canvas.to(device), plan.grid)
-    # The output size the plan was made for (its canvas grid × canvas factor × pixel stride).
-    scale = mc.config.canvas_factor * mc.config.pixel_stride
-    size = (plan.grid.height * scale, plan.grid.width * scale)
-    references = backbone.prepare_references(plan.inputs, *size, mc.condition_embedding)
+    references = backbone.prepare_references(plan.inputs, *plan.size, mc.condition_embedding)
     return Conditioning(positive, negative, canvas, mc.canvas_connector, backbone.kind, references)

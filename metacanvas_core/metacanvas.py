@@ -38,6 +38,7 @@ class MetaCanvasConfig:
     context_connector: dict | None  # ContextConnector config
     lora: dict | None  # LoraConfig kwargs of the canvas LoRA
     condition_embedding: dict | None = None  # ConditionEmbedding config (Wan: source video + masks)
+    pooled_dim: int | None = None  # MLLM context on FLUX: the pooled vector stored with the checkpoint
 
 
 def default_context_source(has_text_encoder: bool) -> ContextSource:
@@ -59,6 +60,10 @@ class MetaCanvas(nn.Module):
         self.condition_embedding = (
             ConditionEmbedding(**config.condition_embedding) if config.condition_embedding else None
         )
+        # FLUX's pooled text slot (which modulates every block) when the text comes from the MLLM: the pooled vector
+        # the checkpoint was trained with (CLIP-L of the empty prompt, UniWorld-V1's practice), so a native model
+        # needs no CLIP for it.
+        self.register_buffer("pooled", torch.zeros(1, config.pooled_dim) if config.pooled_dim else None)
         self.lora: CanvasLora | None = None
 
     def canvas_grid(self, height: int, width: int, keyframes: int | None = None) -> CanvasGrid:
@@ -102,13 +107,34 @@ class MetaCanvas(nn.Module):
         grid = self.canvas_grid(height, width, keyframes)
         if negative is None:
             negative = self.config.context_source == ContextSource.MLLM
-        return planner.plan(prompt, self.canvas(grid), grid, inputs, negative_prompt, negative, self.lora)
+        plan = planner.plan(prompt, self.canvas(grid), grid, inputs, negative_prompt, negative, self.lora)
+        plan.size, plan.checkpoint = (height, width), self.name
+        return plan
+
+    def check_plan(self, plan: Plan) -> None:
+        """Refuse a plan made with another checkpoint (its canvas states would not fit this connector)."""
+        if plan.checkpoint != self.name or plan.canvas.shape[-1] != self.config.mllm_hidden_size:
+            raise MetaCanvasInputError(
+                f"plan: it was made with MetaCanvas checkpoint '{plan.checkpoint}', this node has '{self.name}': "
+                "give the Plan node and this node the same Connector Loader output."
+            )
 
     def check_compatible(
         self, mllm_hidden_size: int, mllm: str, spec: BackboneSpec, backbone: str, has_text_encoder: bool = True
     ) -> None:
         """Refuse an MLLM or backbone this checkpoint was not made for, naming both sides. `has_text_encoder`:
         whether the backbone's own text encoder is loaded (a native-context checkpoint needs it)."""
+        self.check_backbone(spec, backbone, has_text_encoder)
+        if self.config.mllm_hidden_size != mllm_hidden_size:
+            raise MetaCanvasInputError(
+                f"MetaCanvas checkpoint '{self.name}' was made for an MLLM of hidden size "
+                f"{self.config.mllm_hidden_size}, but the loaded MLLM '{mllm}' has hidden size {mllm_hidden_size}. "
+                "Load the MLLM it was trained with (3584 = Qwen2.5-VL-7B, 2048 = Qwen2.5-VL-3B), or choose "
+                "'new (untrained)'."
+            )
+
+    def check_backbone(self, spec: BackboneSpec, backbone: str, has_text_encoder: bool = True) -> None:
+        """Refuse a backbone this checkpoint was not made for, naming both sides."""
         c = self.config
         if (c.backbone, c.dit_width, c.pixel_stride) != (spec.kind, spec.width, spec.pixel_stride):
             raise MetaCanvasInputError(
@@ -116,12 +142,6 @@ class MetaCanvas(nn.Module):
                 f"(pixel stride {c.pixel_stride}), but the loaded backbone '{backbone}' is {spec.kind} "
                 f"of width {spec.width} (pixel stride {spec.pixel_stride}). "
                 "Load the checkpoint trained for this backbone, or choose 'new (untrained)'."
-            )
-        if c.mllm_hidden_size != mllm_hidden_size:
-            raise MetaCanvasInputError(
-                f"MetaCanvas checkpoint '{self.name}' was made for an MLLM of hidden size {c.mllm_hidden_size}, "
-                f"but the loaded MLLM '{mllm}' has hidden size {mllm_hidden_size}. Load the MLLM it "
-                "was trained with (3584 = Qwen2.5-VL-7B, 2048 = Qwen2.5-VL-3B), or choose 'new (untrained)'."
             )
         if c.text_dim != spec.text_dim:
             raise MetaCanvasInputError(
@@ -157,6 +177,7 @@ def new_metacanvas(
     context_source: ContextSource | str,
     connector_options: dict | None = None,
     seed: int = 0,
+    pooled: torch.Tensor | None = None,
 ) -> MetaCanvas:
     """A fresh MetaCanvas, seeded: zero-initialised canvas projections, so until trained the canvas changes nothing.
 
@@ -164,6 +185,7 @@ def new_metacanvas(
     backbone) or "mllm" (a context connector, which needs training first). `connector_options`: the canvas
     connector's Table 3 ablations (`CanvasConnector`); the canvas tokens and the context connector do not depend
     on them (they are the paper's connector's), so ablation arms of one seed start from the same ones.
+    `pooled`: the backbone's pooled vector of the empty prompt (FLUX with MLLM context; zeros when not given).
     """
     try:
         context_source = ContextSource(context_source)
@@ -199,6 +221,7 @@ def new_metacanvas(
         context_connector=context,
         lora=None,
         condition_embedding=dict(spec.condition) if spec.condition else None,
+        pooled_dim=spec.pooled_dim if context_source == ContextSource.MLLM else None,
     )
     # Seeded, without touching the caller's RNG: 'new (untrained)' is the same checkpoint on every load, so a
     # graph gives the same image each run (the random parts are the canvas tokens and the context connector).
@@ -210,4 +233,6 @@ def new_metacanvas(
             config = replace(config, canvas_connector={**config.canvas_connector, **connector_options})
             mc.canvas_connector = MetaCanvas(config).canvas_connector
             mc.config = config
+    if pooled is not None and mc.pooled is not None:
+        mc.pooled.copy_(pooled.reshape(mc.pooled.shape))
     return mc

@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import realconfigs
 from .canvas import CanvasGrid
 from .errors import MetaCanvasInputError
+from .files import SafetensorsFile
 from .inputs import NO_INPUTS, VisualInputs
+from .qwen_file import is_qwen25_vl, load_qwen25_vl
 
 QWEN25_VL_MODEL_TYPE = "qwen2_5_vl"
 VIDEO_FRAMES = 8  # [D] frames of a video shown to the MLLM
@@ -67,10 +70,34 @@ class Plan:
     negative_mask: torch.Tensor | None = None
     # What the MLLM saw besides the prompt; backbones that take images or video themselves get it too.
     inputs: VisualInputs = field(default_factory=VisualInputs)
+    size: tuple[int, int] | None = None  # (height, width) of the output the canvas was sized for
+    checkpoint: str = ""  # the MetaCanvas checkpoint whose canvas tokens the MLLM read
 
     def to(self, device: torch.device | str) -> Plan:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
         return Plan(**moved)
+
+
+def _single_file_tokenizer(header: SafetensorsFile, folder: str | Path | None):
+    """The tokenizer of a single file: embedded in its metadata (`tokenizer`: file name → text), or `folder`'s."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    if "tokenizer" in header.metadata:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in json.loads(header.metadata["tokenizer"]).items():
+                (Path(tmp) / name).write_text(text)
+            tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+    elif folder is not None and Path(folder).is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    else:
+        raise MetaCanvasInputError(
+            f"'{header.path.name}' holds weights only and no tokenizer folder was given (got {folder!r}): use "
+            "ComfyUI's bundled Qwen2.5 tokenizer (comfy/text_encoders/qwen25_tokenizer)."
+        )
+    tokenizer.chat_template = realconfigs.chat_template()
+    return tokenizer
 
 
 def read_model_config(folder: Path) -> dict:
@@ -89,6 +116,9 @@ class Planner:
         self.image_processor = image_processor
         self.folder = folder
         self._peft = None  # a PeftModel around `model`, made the first time a canvas LoRA is used
+        # Where inputs go and the computation runs. Where the weights are loaded to at first; a memory manager that
+        # streams weights (ComfyUI's partial loading) sets it to the compute device.
+        self.device: torch.device = model.get_input_embeddings().weight.device
         vocab = model.get_input_embeddings().num_embeddings
         if len(tokenizer) + 2 > vocab:
             raise MetaCanvasInputError(
@@ -98,6 +128,20 @@ class Planner:
         # Two rows no tokenizer id reaches: their embeddings are always overwritten with learned ones.
         self.canvas_start_id = vocab - 2
         self.canvas_token_id = vocab - 1
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        tokenizer: str | Path | None = None,
+        weight_dtype: str = "default",
+    ) -> Planner:
+        """Qwen2.5-VL from a Hugging Face folder or a ComfyUI single file (see `from_single_file`)."""
+        if Path(path).is_dir():
+            return cls.from_folder(path, dtype, device)
+        return cls.from_single_file(path, tokenizer, dtype, device, weight_dtype)
 
     @classmethod
     def from_folder(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -113,6 +157,8 @@ class Planner:
                 f"'{folder}' holds a '{model_type}' model; the MLLM Loader needs Qwen2.5-VL "
                 f"(model_type '{QWEN25_VL_MODEL_TYPE}'), e.g. the Qwen2.5-VL-7B-Instruct folder."
             )
+        for shard in sorted(folder.glob("*.safetensors")):
+            SafetensorsFile.open(shard, "MLLM weights")
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             folder, dtype=dtype, use_safetensors=True, local_files_only=True
         )
@@ -123,13 +169,42 @@ class Planner:
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder, local_files_only=True)
         return cls(model, tokenizer, image_processor, str(folder))
 
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | Path,
+        tokenizer: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        weight_dtype: str = "default",
+    ) -> Planner:
+        """Qwen2.5-VL from ComfyUI's single file (bf16, fp16 or scaled fp8; `qwen_file.py`).
+
+        The file holds weights only: the tokenizer comes from `tokenizer` (a folder with vocab.json and
+        merges.txt, e.g. ComfyUI's comfy/text_encoders/qwen25_tokenizer) unless the file's metadata carries one;
+        the chat template and image-processor settings are the shipped Qwen2.5-VL-Instruct ones.
+        `weight_dtype` "fp8_e4m3fn"/"fp8_e5m2" keeps a bf16 file's Linear weights in fp8 (computed in `dtype`).
+        """
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        header = SafetensorsFile.open(path, "MLLM file")
+        if not is_qwen25_vl(header):
+            raise MetaCanvasInputError(
+                f"'{header.path.name}' holds {header.describe()}; the MLLM Loader needs Qwen2.5-VL: ComfyUI's single "
+                "file (text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors or the bf16 one, vision tower included) "
+                "or a Hugging Face Qwen2.5-VL-*-Instruct folder."
+            )
+        tokenizer = _single_file_tokenizer(header, tokenizer)
+        model = load_qwen25_vl(header, dtype, weight_dtype).to(device)
+        processor = json.loads(header.metadata.get("preprocessor_config", "null")) or realconfigs.load(
+            "qwen2_5_vl_preprocessor"
+        )
+        image_processor = Qwen2VLImageProcessorPil(**{k: v for k, v in processor.items() if not k.endswith("_class")})
+        return cls(model, tokenizer, image_processor, str(header.path))
+
     @property
     def hidden_size(self) -> int:
         return self.model.config.text_config.hidden_size
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
 
     @property
     def dtype(self) -> torch.dtype:

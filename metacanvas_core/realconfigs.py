@@ -15,3 +15,8 @@ def load(name: str) -> dict:
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
         raise KeyError(f"no shipped config '{name}'; known: {known}")
     return json.loads(path.read_text())
+
+
+def chat_template() -> str:
+    """Qwen2.5-VL-Instruct's chat template (images as <|vision_start|><|image_pad|><|vision_end|>)."""
+    return (CONFIG_DIR / "qwen2_vl_chat_template.jinja").read_text().rstrip("\n")

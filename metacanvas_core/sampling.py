@@ -29,6 +29,8 @@ def sample(
     guidance: float | None = None,
     image_cfg: float | None = None,
     frames: int = 1,
+    canvas_strength: float = 1.0,
+    canvas_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Latents of one sample. `on_step(i, steps)` is called after each step (progress, interrupt).
 
@@ -38,7 +40,8 @@ def sample(
     (cfg counts as 1); `image_cfg` applies only to backbones with input-image references
     (FLUX-Kontext) and is off at 1. `guidance` is the embedded guidance of distilled models (FLUX).
     Both default to the conditioning's own (`Conditioning.guidance`, `.image_cfg`).
-    `frames`: the video length in frames (video backbones; 1 for images).
+    `frames`: the video length in frames (video backbones; 1 for images). `canvas_strength` scales the canvas
+    residual (0: none, 1: as trained); `canvas_mask` (1, frames or 1, height, width) in 0..1 confines it.
     """
     if cond.backbone_kind != backbone.kind:
         raise MetaCanvasInputError(f"this conditioning was projected for {cond.backbone_kind}, not {backbone.kind}.")
@@ -58,10 +61,12 @@ def sample(
     batched = text_guided and backbone.batch_guidance
     positive, negative = cond.positive.to(device), cond.negative.to(device)
     canvas = None
-    if use_canvas:
+    if use_canvas and canvas_strength != 0 and (canvas_mask is None or bool(canvas_mask.any())):
         token_grid = backbone.token_grid(height, width, frames)
         rows = slice(1, 2) if batched else slice(0, 1)
-        canvas = CanvasInjection.on_tokens(cond.connector, cond.canvas.to(device), token_grid, rows)
+        canvas = CanvasInjection.on_tokens(
+            cond.connector, cond.canvas.to(device), token_grid, rows, canvas_strength, canvas_mask
+        )
     if batched:  # [negative, positive] in one call
         both = Branch(TextContext.cat([negative, positive]), canvas, refs, guidance)
     else:

@@ -4,6 +4,7 @@
 
 writes into ComfyUI's models layout:
     LLM/tiny-qwen2_5-vl/                Qwen2.5-VL (config, safetensors, tokenizer, image processor)
+    text_encoders/tiny-qwen2_5-vl.safetensors             the same as ComfyUI's single file (and *_fp8_scaled)
     diffusers/tiny-sana/                SANA pipeline folder (transformer, DC-AE, Gemma-2, tokenizer, scheduler)
     diffusers/tiny-flux-kontext/        FLUX.1-Kontext pipeline folder (transformer, 16-ch f8 AutoencoderKL, CLIP, T5)
     metacanvas/tiny-sana-metacanvas.safetensors          a MetaCanvas checkpoint for the Qwen + SANA pair
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from . import realconfigs
+
 QWEN_SPECIAL = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -32,22 +35,6 @@ QWEN_SPECIAL = [
 GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 CLIP_SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 T5_SPECIAL = ["<pad>", "</s>", "<unk>"]
-
-# The Qwen2-VL chat template, as shipped with Qwen2.5-VL-*-Instruct.
-QWEN_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 _CORPUS = [
     "a red circle at the top left and a blue square in the center",
@@ -91,7 +78,7 @@ def write_tiny_qwen(folder: Path, seed: int = 0, corpus: list[str] = _CORPUS, vo
         pad_token="<|endoftext|>",
         additional_special_tokens=QWEN_SPECIAL[1:],
     )
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.chat_template = realconfigs.chat_template()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
     config = Qwen2_5_VLConfig(
         text_config=dict(
@@ -133,6 +120,42 @@ def write_tiny_qwen(folder: Path, seed: int = 0, corpus: list[str] = _CORPUS, vo
         min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, temporal_patch_size=2, merge_size=2
     ).save_pretrained(folder)
     return folder
+
+
+def write_qwen_single_file(folder: Path, path: Path, fp8: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """A Qwen2.5-VL folder as ComfyUI's single file (`model.*`, `visual.*`, no lm_head), optionally scaled fp8.
+
+    The metadata carries what a single file lacks and a tiny model cannot borrow from the real one: its
+    transformers config, image-processor settings and tokenizer files. `fp8`: every Linear weight of the
+    decoder and vision blocks in float8_e4m3fn with a per-tensor `scale_weight` (absmax / 448), plus the
+    `scaled_fp8` marker, as in ComfyUI's `*_fp8_scaled` files. `dtype`: the other weights' dtype (default: as saved).
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    # transformers saves Qwen2.5-VL under the original names (`model.layers.*`, `visual.*`): ComfyUI's, plus lm_head.
+    out = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if k != "lm_head.weight"}
+    if dtype is not None:
+        out = {k: v.to(dtype) for k, v in out.items()}
+    if fp8:
+        for key in [
+            k for k in out if k.endswith(".weight") and out[k].ndim == 2 and (".layers." in k or ".blocks." in k)
+        ]:
+            w = out[key].float()
+            scale = w.abs().max().clamp(min=1e-12) / 448.0
+            out[key] = (w / scale).to(torch.float8_e4m3fn)
+            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+    metadata = {
+        "config": (folder / "config.json").read_text(),
+        "preprocessor_config": (folder / "preprocessor_config.json").read_text(),
+        "tokenizer": json.dumps({name: (folder / name).read_text() for name in tokenizer_files}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path), metadata=metadata)
+    return path
 
 
 def write_tiny_sana(folder: Path, seed: int = 0) -> Path:
@@ -362,7 +385,8 @@ def write_tiny_metacanvas(path: Path, mllm_folder: Path, backbone_folder: Path, 
     from .planner import Planner
 
     backbone = load_backbone(backbone_folder)  # with the paper's context source (SANA: Gemma-2; others: MLLM)
-    mc = new_metacanvas(Planner.from_folder(mllm_folder).hidden_size, backbone.spec, backbone.context_source)
+    hidden = Planner.from_folder(mllm_folder).hidden_size
+    mc = new_metacanvas(hidden, backbone.spec, backbone.context_source, pooled=backbone.default_pooled())
     torch.manual_seed(seed)
     for layer in (mc.canvas_connector.align_out, mc.canvas_connector.out_proj):
         torch.nn.init.normal_(layer.weight, std=0.2)
@@ -376,6 +400,10 @@ def write_tiny_metacanvas(path: Path, mllm_folder: Path, backbone_folder: Path, 
 def write_all(models: Path) -> dict[str, Path]:
     """Every tiny model, laid out as in ComfyUI's models folder."""
     qwen = write_tiny_qwen(models / "LLM" / "tiny-qwen2_5-vl")
+    qwen_file = write_qwen_single_file(qwen, models / "text_encoders" / "tiny-qwen2_5-vl.safetensors")
+    qwen_fp8 = write_qwen_single_file(
+        qwen, models / "text_encoders" / "tiny-qwen2_5-vl_fp8_scaled.safetensors", fp8=True
+    )
     sana = write_tiny_sana(models / "diffusers" / "tiny-sana")
     ckpt = write_tiny_metacanvas(models / "metacanvas" / "tiny-sana-metacanvas.safetensors", qwen, sana)
     flux = write_tiny_flux_kontext(models / "diffusers" / "tiny-flux-kontext")
@@ -384,6 +412,8 @@ def write_all(models: Path) -> dict[str, Path]:
     wan_ckpt = write_tiny_metacanvas(models / "metacanvas" / "tiny-wan2_2-metacanvas.safetensors", qwen, wan)
     return {
         "mllm": qwen,
+        "mllm_file": qwen_file,
+        "mllm_fp8": qwen_fp8,
         "sana": sana,
         "sana_metacanvas": ckpt,
         "flux_kontext": flux,
@@ -393,11 +423,126 @@ def write_all(models: Path) -> dict[str, Path]:
     }
 
 
+# --- ComfyUI's own single files (native graphs: core loaders + MetaCanvas Apply) ----------------------------------
+# diffusers' Wan transformer names → the original (ComfyUI's, Comfy-Org's files) names: diffusers' own conversion
+# (`convert_wan_transformer_to_diffusers`) read backwards. norm2/norm3 swap places (cross-attention's norm).
+_WAN_ORIGINAL_NAMES = [
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn2", "cross_attn"),
+    ("attn1", "self_attn"),
+    (".to_out.0.", ".o."),
+    (".to_q.", ".q."),
+    (".to_k.", ".k."),
+    (".to_v.", ".v."),
+    ("ffn.net.0.proj", "ffn.0"),
+    ("ffn.net.2", "ffn.2"),
+    (".norm2.", ".norm__swap."),
+    (".norm3.", ".norm2."),
+    (".norm__swap.", ".norm3."),
+]
+NATIVE_WAN_DIM = 128  # ComfyUI reads Wan's heads as width // 128: the narrowest Wan it loads
+
+
+def wan_original_state(diffusers_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers WanTransformer3DModel's weights under the original names ComfyUI's single files use."""
+    out = {}
+    for key, value in diffusers_state.items():
+        if key == "scale_shift_table":
+            key = "head.modulation"
+        elif key.startswith("proj_out."):
+            key = "head.head." + key[len("proj_out.") :]
+        else:
+            for old, new in _WAN_ORIGINAL_NAMES:
+                key = key.replace(old, new)
+            key = key.replace(".scale_shift_table", ".modulation")
+        out[key] = value
+    return out
+
+
+def tiny_native_wan(seed: int = 0):
+    """A Wan2.2-TI2V-5B-shaped transformer (48 latent channels, text_dim 4096) at ComfyUI's narrowest width."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=[1, 2, 2],
+        num_attention_heads=1,
+        attention_head_dim=NATIVE_WAN_DIM,
+        in_channels=48,
+        out_channels=48,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=256,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    ).eval()
+
+
+def _random_layout(name: str, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Seeded random weights for a shipped layout (key → shape of ComfyUI's own model class): norms 1, biases 0,
+    other weights N(0, 1/fan_in), so activations stay finite through a real-size VAE or DiT."""
+    import json
+
+    layout = json.loads((realconfigs.CONFIG_DIR / "comfyui_layouts" / f"{name}.json").read_text())
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in layout.items():
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in ("gamma", "scale") or (leaf == "weight" and len(shape) == 1):
+            value = torch.ones(shape)
+        elif leaf == "bias" or len(shape) < 2:
+            value = torch.zeros(shape)
+        else:
+            fan_in = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else shape[0]
+            value = torch.randn(shape, generator=g) / fan_in**0.5
+        out[key] = value.to(dtype)
+    return out
+
+
+def write_tiny_native(models: Path, seed: int = 0) -> dict[str, Path]:
+    """The files of the native graphs, in ComfyUI's folders and key layouts, names containing `tiny`.
+
+    ComfyUI fixes some sizes when it reads a file: a Wan DiT's heads are its width / 128 (so 128 wide here), a FLUX
+    DiT is 3072 wide with 24 heads (one double block here, ~400M weights), the Wan2.2 VAE and FLUX's AE have their
+    real widths (705M and 84M weights, random). Text comes from the MLLM in these graphs (MetaCanvas Text
+    Conditioning): no umT5/T5/CLIP file is needed.
+    """
+    from safetensors.torch import save_file
+
+    paths = {
+        "wan": models / "diffusion_models" / "tiny-wan2.2_ti2v_5B.safetensors",
+        "wan_vae": models / "vae" / "tiny-wan2.2_vae.safetensors",
+        "flux": models / "diffusion_models" / "tiny-flux1-dev-kontext.safetensors",
+        "flux_ae": models / "vae" / "tiny-flux-ae.safetensors",
+    }
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    state = wan_original_state(tiny_native_wan(seed).state_dict())
+    save_file({k: v.contiguous() for k, v in state.items()}, str(paths["wan"]))
+    save_file(_random_layout("wan2_2_vae", seed, torch.float16), str(paths["wan_vae"]))
+    save_file(_random_layout("flux_dit_1_block", seed, torch.bfloat16), str(paths["flux"]))
+    save_file(_random_layout("flux_ae", seed, torch.float16), str(paths["flux_ae"]))
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui-models", type=Path, required=True, help="ComfyUI's models folder")
+    parser.add_argument(
+        "--native", action="store_true", help="also ComfyUI's own single files for the native graphs (~2.5 GB)"
+    )
     args = parser.parse_args()
-    for name, path in write_all(args.comfyui_models).items():
+    written = write_all(args.comfyui_models)
+    if args.native:
+        written.update(write_tiny_native(args.comfyui_models))
+    for name, path in written.items():
         print(f"{name}: {path}")
 
 

@@ -1,5 +1,11 @@
-"""ComfyUI node mappings of the MetaCanvas pack."""
+"""ComfyUI node mappings of the MetaCanvas pack: one module per family of nodes."""
 
-from .nodes_metacanvas import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from . import nodes_loaders, nodes_native, nodes_planning, nodes_sampling
+
+_FAMILIES = (nodes_loaders, nodes_planning, nodes_sampling, nodes_native)
+NODE_CLASS_MAPPINGS = {name: cls for family in _FAMILIES for name, cls in family.NODE_CLASS_MAPPINGS.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    name: title for family in _FAMILIES for name, title in family.NODE_DISPLAY_NAME_MAPPINGS.items()
+}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

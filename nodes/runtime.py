@@ -16,15 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from metacanvas_core.casting import make_castable
 from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.files import inside
 
-# ComfyUI model folder kinds this pack reads: kind -> (default subfolder, what marks an entry).
-MODEL_KINDS = {
-    "LLM": "config.json",
-    "text_encoders": "config.json",
-    "diffusers": "model_index.json",
-    "metacanvas": ".safetensors",
-}
+# Model folder kinds the pack reads that stock ComfyUI lacks: registered (and created) under models/ on first use.
+PACK_KINDS = ("LLM", "metacanvas")
 
 
 def _comfy(module: str):
@@ -68,61 +65,127 @@ def resolve_dtype(choice: str) -> torch.dtype:
 def models_dirs(kind: str) -> list[Path]:
     """Search folders for a model kind: ComfyUI's (with extra_model_paths.yaml), else $METACANVAS_MODELS/kind."""
     fp = _comfy("folder_paths")
-    if fp is not None:
-        if kind not in fp.folder_names_and_paths:
-            suffixes = {MODEL_KINDS[kind]} if MODEL_KINDS[kind].startswith(".") else set()
-            fp.folder_names_and_paths[kind] = ([os.path.join(fp.models_dir, kind)], suffixes)
-        return [Path(p) for p in fp.get_folder_paths(kind)]
-    return [Path(os.environ.get("METACANVAS_MODELS", "models")) / kind]
+    if fp is None:
+        return [Path(os.environ.get("METACANVAS_MODELS", "models")) / kind]
+    if kind not in fp.folder_names_and_paths and kind in PACK_KINDS:
+        folder = os.path.join(fp.models_dir, kind)
+        os.makedirs(folder, exist_ok=True)  # so artists see where the files go
+        fp.folder_names_and_paths[kind] = ([folder], {".safetensors"})
+    return [Path(p) for p in fp.get_folder_paths(kind)]
 
 
-def list_models(kind: str) -> list[str]:
-    """Entries of a kind: model folders (holding config.json / model_index.json) or .safetensors files."""
-    marker = MODEL_KINDS[kind]
-    names: set[str] = set()
-    for root in models_dirs(kind):
-        if not root.is_dir():
-            continue
-        if marker.startswith("."):
-            names.update(str(p.relative_to(root)) for p in root.rglob(f"*{marker}"))
-        else:
-            names.update(str(p.parent.relative_to(root)) for p in root.rglob(marker) if p.parent != root)
+def _walk(root: Path):
+    """(folder, file names) under root, following symlinked folders as ComfyUI does."""
+    for folder, _, files in os.walk(root, followlinks=True):
+        yield Path(folder), files
+
+
+def list_files(kinds: tuple[str, ...], suffix: str = ".safetensors") -> list[str]:
+    """Names (relative to their model folder) of the files of these kinds."""
+    names = {
+        str((folder / f).relative_to(root))
+        for kind in kinds
+        for root in models_dirs(kind)
+        for folder, files in _walk(root)
+        for f in files
+        if f.endswith(suffix)
+    }
+    return sorted(names)
+
+
+def list_folders(kinds: tuple[str, ...], marker: str) -> list[str]:
+    """Names (relative to their model folder) of the model folders of these kinds: folders holding `marker`."""
+    names = {
+        str(folder.relative_to(root))
+        for kind in kinds
+        for root in models_dirs(kind)
+        for folder, files in _walk(root)
+        if marker in files and folder != root
+    }
     return sorted(names)
 
 
 def find_model(kinds: tuple[str, ...], name: str, what: str) -> Path:
-    """The full path of `name` in the first folder of `kinds` that has it, or an error saying where to put it."""
-    for kind in kinds:
-        for root in models_dirs(kind):
-            if (root / name).exists():
-                return root / name
-    where = " or ".join(str(d) for kind in kinds for d in models_dirs(kind))
+    """The full path of the model `name` (a name inside one of the kinds' folders), or an error saying where to put
+    it. A name that leaves the model folders (absolute, or climbing out with '..') is refused."""
+    roots = [root for kind in kinds for root in models_dirs(kind)]
+    for root in roots:
+        path = inside(root, name, what)
+        if path.exists():
+            return path
+    where = " or ".join(str(root) for root in roots)
     raise MetaCanvasInputError(f"{what} '{name}' was not found. Put it in {where} and refresh the page.")
 
 
-class Managed:
-    """Modules registered with ComfyUI's memory manager, or moved by hand outside ComfyUI.
+def validate_model(kinds: tuple[str, ...], name: str, what: str) -> bool | str:
+    """VALIDATE_INPUTS for a model name: True, or the message."""
+    try:
+        find_model(kinds, name, what)
+    except MetaCanvasInputError as e:
+        return str(e)
+    return True
 
-    Weights stay on the offload device until a node needs them; `load()` asks ComfyUI to make room
-    (it may move other models, e.g. the MLLM after planning, off the GPU) and loads them fully.
+
+def bundled_qwen_tokenizer() -> Path | None:
+    """ComfyUI's bundled Qwen2.5 tokenizer folder (comfy/text_encoders/qwen25_tokenizer), when inside ComfyUI."""
+    text_encoders = _comfy("comfy.text_encoders")
+    if text_encoders is None:
+        return None
+    folder = Path(text_encoders.__path__[0]) / "qwen25_tokenizer"
+    return folder if folder.is_dir() else None
+
+
+class Managed:
+    """One model registered with ComfyUI's memory manager (a ModelPatcher of its own), or moved by hand outside it.
+
+    Inside ComfyUI its weights become castable (`casting.make_castable`): a model larger than the free VRAM is loaded
+    partially and the rest streamed layer by layer, by ComfyUI's own manager (never a second one). Its buffers (RoPE
+    tables, which partial loading does not move) follow the compute device on every load. Being its own patcher,
+    each part is loaded when a node needs it and can be offloaded while another part runs.
     """
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.container = nn.ModuleDict(modules)
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
         self.patcher = None
         mm = _comfy("comfy.model_management")
         if mm is not None:
             from comfy.model_patcher import ModelPatcher
 
-            self.patcher = ModelPatcher(
-                self.container, load_device=mm.get_torch_device(), offload_device=offload_device()
-            )
+            make_castable(module)
+            # A container: ModelPatcher sets `.device` on its model, which transformers models make read-only.
+            self.patcher = ModelPatcher(nn.ModuleDict({"model": module}), mm.get_torch_device(), offload_device())
+            self.patcher.add_callback(patcher_extension().CallbacksMP.ON_LOAD, _buffers_to)
 
-    def load(self) -> None:
-        if self.patcher is not None:
-            _comfy("comfy.model_management").load_models_gpu([self.patcher], force_full_load=True)
-        else:
-            self.container.to(torch_device())
+
+def patcher_extension():
+    extension = _comfy("comfy.patcher_extension")
+    if extension is None:
+        raise MetaCanvasInputError(
+            "this ComfyUI has no comfy.patcher_extension (ComfyUI 0.3.48 or newer has it): update ComfyUI."
+        )
+    return extension
+
+
+def _buffers_to(patcher, device_to, *_args) -> None:
+    """ON_LOAD: every buffer on the device the model was loaded to (partial loading moves only weights)."""
+    if device_to is None:
+        return
+    for module in patcher.model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device_to)
+
+
+def load(*models: Managed) -> torch.device:
+    """Load these models together, as far as they fit (ComfyUI's partial loading streams the rest); returns the
+    device the computation runs on."""
+    mm = _comfy("comfy.model_management")
+    if mm is None:
+        for m in models:
+            m.module.to(torch_device())
+        return torch_device()
+    mm.load_models_gpu([m.patcher for m in models])
+    return mm.get_torch_device()
 
 
 def step_callback(total: int) -> Callable[[int, int], None]:

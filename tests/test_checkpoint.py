@@ -49,15 +49,37 @@ def test_mismatch_is_refused_naming_both(planner, sana, tmp_path):
         check(other, planner, sana)
 
 
-def test_not_a_checkpoint(tmp_path):
+def test_not_a_checkpoint(tmp_path, tiny):
     path = tmp_path / "random.safetensors"
     save_file({"x": torch.zeros(1)}, str(path))
-    with pytest.raises(MetaCanvasInputError, match="not a MetaCanvas checkpoint"):
+    with pytest.raises(MetaCanvasInputError, match="is not a MetaCanvas checkpoint: it holds 1 tensors of no model"):
         load_metacanvas(path)
     with pytest.raises(MetaCanvasInputError, match="only .safetensors"):
         load_metacanvas(tmp_path / "weights.ckpt")
     with pytest.raises(MetaCanvasInputError, match="does not exist"):
         load_metacanvas(tmp_path / "missing.safetensors")
+    dit = tmp_path / "wan_dit.safetensors"  # a DiT where a MetaCanvas checkpoint belongs
+    save_file({"head.modulation": torch.zeros(1, 6, 8), "patch_embedding.weight": torch.zeros(8, 4, 1, 2, 2)}, str(dit))
+    with pytest.raises(
+        MetaCanvasInputError, match="wan_dit.safetensors' is not a MetaCanvas checkpoint: it holds a Wan DiT"
+    ):
+        load_metacanvas(dit)
+
+
+def test_damaged_files_are_named(tmp_path, tiny):
+    """A truncated checkpoint and a pickle renamed to .safetensors: the message names the file and the fix."""
+    good = tiny["sana_metacanvas"].read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good[: len(good) // 2])
+    pickled = tmp_path / "pickled.safetensors"
+    torch.save({"x": torch.zeros(3)}, pickled)  # a pickle (zip) under a safetensors name
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    for path in (truncated, pickled, empty):
+        with pytest.raises(MetaCanvasInputError) as e:
+            load_metacanvas(path)
+        message = str(e.value)
+        assert str(path) in message and "not a readable .safetensors file" in message and "again" in message, message
 
 
 def _random_lora(planner) -> CanvasLora:

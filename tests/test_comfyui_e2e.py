@@ -68,7 +68,7 @@ def artifacts(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(models_dir, tmp_path_factory):
     """A real ComfyUI (start.sh) on a free port, reading the tiny models; killed at the end."""
-    folders = {kind: models_dir / kind for kind in ("LLM", "diffusers", "metacanvas")}
+    folders = {kind: models_dir / kind for kind in ("LLM", "text_encoders", "diffusers", "metacanvas")}
     server = ComfyServer.start(tmp_path_factory.mktemp("comfyui"), folders)
     try:
         _, object_info = server.http("GET", "/object_info")
@@ -149,8 +149,8 @@ def tiny(api: dict, seed: int | None = None, width: int | None = None) -> dict:
     images = iter(INPUT_IMAGES)
     for nid in sorted(api, key=int):
         inputs, kind = api[nid]["inputs"], api[nid]["class_type"]
-        if kind == "MetaCanvasMLLMLoader":
-            inputs["mllm_folder"] = "tiny-qwen2_5-vl"
+        if kind == "MetaCanvasMLLMLoader":  # the planner from ComfyUI's single-file layout, as the workflows name it
+            inputs["mllm_folder"] = "tiny-qwen2_5-vl.safetensors"
         elif kind == "MetaCanvasBackboneLoader":
             real = inputs["backbone_folder"]
             tiny_name = next((t for prefix, t in TINY_BACKBONES.items() if real.startswith(prefix)), None)
@@ -245,7 +245,18 @@ def test_workflow_runs(name, server, editor, inputs, artifacts):
     assert [plan[k] for k in ("prompt", "negative_prompt", "width", "height", "image_role", "keyframes")] == ui[
         "MetaCanvasPlan"
     ]
-    names = ("seed", "steps", "cfg", "width", "height", "scheduler", "use_canvas", "length", "frame_rate")
+    names = (
+        "seed",
+        "steps",
+        "cfg",
+        "width",
+        "height",
+        "scheduler",
+        "use_canvas",
+        "length",
+        "frame_rate",
+        "canvas_strength",
+    )
     values = [v for i, v in enumerate(ui["MetaCanvasSampler"]) if i != 1]
     linked = {k for k in names if isinstance(sampler[k], list)}  # a widget with a link: the link's value is sent
     assert [sampler[k] for k in names if k not in linked] == [
@@ -497,7 +508,7 @@ def test_trained_checkpoint_changes_the_image(server, api_prompt, models_dir, ar
     is not the "new (untrained)" one (same seed, prompt, sizes, 2 steps)."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "metacanvas_core.train", "tiny_sana_t2i", "--output-dir", str(out)]
-    cmd += ["--max-steps", "3", "--no-progress"]
+    cmd += ["--max-steps", "3"]
     cmd += ["--set", f"mllm={json.dumps(str(models_dir / 'LLM' / 'tiny-qwen2_5-vl'))}"]
     cmd += ["--set", f"backbone={json.dumps(str(models_dir / 'diffusers' / 'tiny-sana'))}"]
     t0 = time.time()

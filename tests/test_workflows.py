@@ -58,14 +58,14 @@ def test_text_to_image_content(specs):
         "SaveImage",
         "Note",
     }
-    assert by_type["MetaCanvasMLLMLoader"]["widgets_values"] == ["Qwen2.5-VL-7B-Instruct", "auto"]
+    assert by_type["MetaCanvasMLLMLoader"]["widgets_values"] == [QWEN_FILE, "auto", "default"]
     assert by_type["MetaCanvasBackboneLoader"]["widgets_values"] == ["Sana_1600M_512px_diffusers", "auto", True]
     assert by_type["MetaCanvasConnectorLoader"]["widgets_values"] == ["new (untrained)", "auto"]
     prompt, negative, width, height, image_role, keyframes = by_type["MetaCanvasPlan"]["widgets_values"]
     assert len(prompt) > 80 and negative == "" and (width, height) == (512, 512)
     assert (image_role, keyframes) == ("references", 0)
     sampler = by_type["MetaCanvasSampler"]["widgets_values"][1:]
-    assert sampler == ["fixed", 20, 4.5, 512, 512, "dpm_solver_flow", True, 1, 24.0]
+    assert sampler == ["fixed", 20, 4.5, 512, 512, "dpm_solver_flow", True, 1, 24.0, 1.0]
     assert by_type["SaveImage"]["widgets_values"] == ["MetaCanvas"]
     note = by_type["Note"]["widgets_values"][0]
     for needle in ("models/LLM/", "models/diffusers/", "models/metacanvas/", "new (untrained)", "SANA"):
@@ -77,6 +77,7 @@ def test_text_to_image_content(specs):
     assert xs == sorted(xs) and by_type["MetaCanvasMLLMLoader"]["pos"][0] < xs[0]
 
 
+QWEN_FILE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"  # the planner as ComfyUI's single file (Qwen-Image's)
 QWEN, WAN, KONTEXT, UNTRAINED = (
     "Qwen2.5-VL-7B-Instruct",
     "Wan2.2-TI2V-5B-Diffusers",
@@ -88,12 +89,12 @@ VIDEO_SAMPLER = ["fixed", 50, 5.0, 1280, 704, "unipc_flow", True]
 # Sampler widgets after the seed, the save node (fed from Decode), the core nodes that feed the Plan, and whether
 # an Edit Guidance sits between Project and Sampler.
 CONTENT = {
-    "text_to_video.json": (WAN, (1280, 704), "references", VIDEO_SAMPLER + [121, 24.0], "SaveVideo", {}, False),
+    "text_to_video.json": (WAN, (1280, 704), "references", VIDEO_SAMPLER + [121, 24.0, 1.0], "SaveVideo", {}, False),
     "image_to_video.json": (
         WAN,
         (1280, 704),
         "first frame",
-        VIDEO_SAMPLER + [121, 24.0],
+        VIDEO_SAMPLER + [121, 24.0, 1.0],
         "SaveVideo",
         {"images": ("LoadImage", "IMAGE")},
         False,
@@ -102,7 +103,7 @@ CONTENT = {
         WAN,
         (1280, 704),
         "references",
-        VIDEO_SAMPLER + [81, 24.0],
+        VIDEO_SAMPLER + [81, 24.0, 1.0],
         "SaveVideo",
         {"video": ("ImageFromBatch", "IMAGE")},
         False,
@@ -111,7 +112,7 @@ CONTENT = {
         WAN,
         (1280, 704),
         "references",
-        VIDEO_SAMPLER + [121, 24.0],
+        VIDEO_SAMPLER + [121, 24.0, 1.0],
         "SaveVideo",
         {"images": ("ImageBatch", "IMAGE")},
         False,
@@ -120,7 +121,7 @@ CONTENT = {
         KONTEXT,
         (1024, 1024),
         "references",
-        ["fixed", 28, 1.0, 1024, 1024, "flow_euler", True, 1, 24.0],
+        ["fixed", 28, 1.0, 1024, 1024, "flow_euler", True, 1, 24.0, 1.0],
         "SaveImage",
         {"images": ("LoadImage", "IMAGE")},
         True,
@@ -148,7 +149,7 @@ def test_workflow_content(name, specs, pack):
     wf = load(ROOT / "workflows" / name)
     assert validate(wf, specs) == []
     nodes = {n["type"]: n for n in wf["nodes"]}  # one of each, except LoadImage in in_context_video
-    assert nodes["MetaCanvasMLLMLoader"]["widgets_values"] == [QWEN, "auto"]
+    assert nodes["MetaCanvasMLLMLoader"]["widgets_values"] == [QWEN_FILE, "auto", "default"]
     assert nodes["MetaCanvasBackboneLoader"]["widgets_values"] == [backbone, "auto", True]
     assert nodes["MetaCanvasConnectorLoader"]["widgets_values"] == [UNTRAINED, "auto"]
     prompt, _negative, plan_w, plan_h, image_role, keyframes = nodes["MetaCanvasPlan"]["widgets_values"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MetaCanvasInputError
+from ..files import SafetensorsFile
 from .base import SCHEDULERS, Backbone, BackboneSpec, Branch, CanvasInjection, TextContext
 from .flux import FluxKontextBackbone
 from .sana import SanaBackbone
@@ -40,8 +41,16 @@ def load_backbone(
     device: str | torch.device = "cpu",
     text_encoder: bool = True,
 ) -> Backbone:
-    """Load a backbone; `text_encoder`: also its native text encoder(s) when the folder has them."""
-    return backbone_class_for(folder).from_folder(Path(folder), dtype, device, text_encoder)
+    """Load a backbone; `text_encoder`: also its native text encoder(s) when the folder has them.
+
+    Every weight file of the folder is checked first, so a damaged one is named instead of failing deep inside
+    diffusers or transformers.
+    """
+    cls = backbone_class_for(folder)
+    for part in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        for weights in sorted(part.glob("*.safetensors")):
+            SafetensorsFile.open(weights, f"{part.name} weights")
+    return cls.from_folder(Path(folder), dtype, device, text_encoder)
 
 
 __all__ = [

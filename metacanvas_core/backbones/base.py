@@ -50,6 +50,7 @@ class BackboneSpec:
     context_dropout: float  # dropout inside a new context connector
     context_hidden_dim: int | None  # hidden width of a new context connector; None: 4 × the MLLM's width
     condition: dict | None = None  # ConditionEmbedding config (Wan: source video + masks), or None
+    pooled_dim: int | None = None  # width of a pooled text vector the DiT also takes (FLUX: CLIP-L's 768), or None
 
     def canvas_grid(self, keyframes: int | None = None) -> CanvasGrid:
         """The canvas grid at the default size."""
@@ -92,22 +93,38 @@ class CanvasInjection:
 
     `rows` picks those rows of a model call's batch (the conditional branch); every other row, and every
     token a caller leaves out (reference tokens, clean frames), keeps its patch embedding bit for bit.
+    `strength` (per row) scales the residual and `mask` (per row, on the token grid, 0..1) confines it: the
+    canvas as a dial. Strength 1 without a mask is the residual as trained; strength 0 or an all-zero mask adds
+    nothing.
     """
 
     connector: CanvasConnector
     canvas: torch.Tensor  # (b, T, H, W, D) for the rows in `rows`
     rows: slice | list[int]
+    strength: torch.Tensor | None = None  # (b,); None: 1
+    mask: torch.Tensor | None = None  # (b, T, H, W) on the token grid; None: everywhere
 
     @classmethod
     def on_tokens(
-        cls, connector: CanvasConnector, aligned: torch.Tensor, token_grid: tuple[int, int, int], rows
+        cls,
+        connector: CanvasConnector,
+        aligned: torch.Tensor,
+        token_grid: tuple[int, int, int],
+        rows,
+        strength: float | torch.Tensor = 1.0,
+        mask: torch.Tensor | None = None,
     ) -> CanvasInjection:
-        """The aligned canvas (b, K, Hc, Wc, D) interpolated to a token grid (T, H, W)."""
-        return cls(connector, interpolate_canvas(aligned, token_grid), rows)
+        """The aligned canvas (b, K, Hc, Wc, D) interpolated to a token grid (T, H, W).
 
-    def frames(self, start: int, stop: int | None = None) -> CanvasInjection:
-        """The same injection for the latent frames start:stop (video: without clean frames)."""
-        return CanvasInjection(self.connector, self.canvas[:, start:stop], self.rows)
+        `mask`: (b or 1, frames or 1, height, width) in 0..1 at any resolution, resized to the token grid (area
+        average over each token's pixels; frames linearly onto the latent frames, ends aligned).
+        """
+        canvas = interpolate_canvas(aligned, token_grid)
+        b = canvas.shape[0]
+        strength = torch.as_tensor(strength, dtype=torch.float32).reshape(-1).expand(b).to(canvas.device)
+        if mask is not None:
+            mask = mask_on_tokens(mask.to(canvas.device), token_grid).expand(b, -1, -1, -1)
+        return cls(connector, canvas, rows, None if bool((strength == 1).all()) else strength, mask)
 
     @property
     def in_latents(self) -> bool:
@@ -117,8 +134,11 @@ class CanvasInjection:
     def add_to_latents(self, latents: torch.Tensor, patch_size: int) -> torch.Tensor:
         """Latents (B, C, h, w) plus the canvas (b, 1, h/p, w/p, C·p²) unpatchified, on `rows`."""
         x = rearrange(self.canvas[:, 0], "b h w (c p q) -> b c (h p) (w q)", p=patch_size, q=patch_size)
+        mask = None
+        if self.mask is not None:  # each token's mask over its p×p latent positions
+            mask = self.mask[:, :1].repeat_interleave(patch_size, -2).repeat_interleave(patch_size, -1)
         residual = torch.zeros_like(latents)
-        residual[self.rows] = x.to(latents.dtype)
+        residual[self.rows] = self._dial(x.to(latents.dtype), mask)
         return latents + residual
 
     def residual(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -136,18 +156,41 @@ class CanvasInjection:
         b, t, h, w, _ = x.shape
         r = self.connector.fuse(
             rearrange(x, "b t h w d -> (b t) (h w) d"),
-            rearrange(self.canvas.to(dtype), "b t h w d -> (b t) (h w) d"),
+            rearrange(self.canvas.to(tokens.device, dtype), "b t h w d -> (b t) (h w) d"),
             timestep[self.rows].repeat_interleave(t).to(dtype),
             h,
             w,
         )
-        return rearrange(r, "(b t) (h w) d -> b t h w d", b=b, t=t, h=h).to(tokens.dtype)
+        r = rearrange(r, "(b t) (h w) d -> b t h w d", b=b, t=t, h=h).to(tokens.dtype)
+        return self._dial(r, None if self.mask is None else self.mask[..., None])
+
+    def _dial(self, r: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The residual scaled by the rows' strength and by `mask` (this residual's shape, broadcastable)."""
+        if self.strength is not None:
+            r = r * self.strength.to(r.device, r.dtype).view(-1, *[1] * (r.ndim - 1))
+        if mask is not None:
+            r = r * mask.to(r.device, r.dtype)
+        return r
 
     def add_to(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, T, H, W, D) plus the residual on `rows`; other rows untouched."""
         residual = torch.zeros_like(tokens)
         residual[self.rows] = self.residual(tokens, timestep)
         return tokens + residual
+
+
+def mask_on_tokens(mask: torch.Tensor, token_grid: tuple[int, int, int]) -> torch.Tensor:
+    """A mask (b, frames, height, width) in 0..1 on a token grid (T, H, W): each token the mean of its pixels;
+    frames interpolated linearly with the first and last aligned (4k+1 video frames → every 4th), one frame: all."""
+    t, h, w = token_grid
+    b, f = mask.shape[:2]
+    m = F.interpolate(mask.float().flatten(0, 1)[:, None], size=(h, w), mode="area")[:, 0].unflatten(0, (b, f))
+    if f == t:
+        return m
+    if f == 1:
+        return m.expand(b, t, h, w)
+    m = F.interpolate(m.permute(0, 2, 3, 1).flatten(0, 2)[:, None], size=t, mode="linear", align_corners=True)
+    return m[:, 0].unflatten(0, (b, h, w)).permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -194,6 +237,9 @@ class Backbone(ABC):
         self.transformer = transformer
         self.vae = vae
         self.scheduler_config = scheduler_config
+        # Where inputs go and the computation runs: where the weights are loaded to at first; a memory manager that
+        # streams weights (ComfyUI's partial loading) sets it to the compute device.
+        self.device: torch.device = next(transformer.parameters()).device
 
     # --- geometry -------------------------------------------------------------------------
     @property
@@ -259,16 +305,9 @@ class Backbone(ABC):
     def text_dim(self) -> int:
         """Width of the DiT's text slot (what a context connector must produce)."""
 
-    def context_hidden_dim(self) -> int | None:
-        """Hidden width of a new context connector; None: 4 × the MLLM's width (the paper's Wan MLP)."""
-        return None
-
-    def condition_config(self) -> dict | None:
-        """ConditionEmbedding config of a new checkpoint (Wan: source video + masks); None: no condition inputs."""
-        return None
-
     @property
     def spec(self) -> BackboneSpec:
+        """This backbone's dimensions (a context connector of 4 × the MLLM's width, no condition inputs)."""
         return BackboneSpec(
             kind=self.kind,
             width=self.width,
@@ -279,21 +318,20 @@ class Backbone(ABC):
             canvas_factor=self.canvas_factor,
             keyframes=self.keyframes,
             context_dropout=self.context_dropout,
-            context_hidden_dim=self.context_hidden_dim(),
-            condition=self.condition_config(),
+            context_hidden_dim=None,
         )
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
+    def parts(self) -> dict[str, nn.Module]:
+        """The loaded models by role ("transformer", "vae", "text_encoder"...): each is memory-managed on its own."""
+        return {"transformer": self.transformer, "vae": self.vae}
+
     def modules(self) -> list[nn.Module]:
-        """Every module holding weights, for device moves and memory accounting."""
-        return [self.transformer, self.vae]
+        """Every module holding weights (the parts' models)."""
+        return list(self.parts().values())
 
     # --- the model ------------------------------------------------------------------------
     @abstractmethod
@@ -364,7 +402,7 @@ class Backbone(ABC):
         Default for diffusers image VAEs: AutoencoderDC's `latent`, AutoencoderKL's distribution mode,
         then (x − shift_factor) · scaling_factor. Backbones with other latent normalisations override it.
         """
-        x = (images.permute(0, 3, 1, 2) * 2 - 1).to(self.vae.device, self.vae.dtype)
+        x = (images.permute(0, 3, 1, 2) * 2 - 1).to(self.device, self.vae.dtype)
         out = self.vae.encode(x)
         latents = out.latent if hasattr(out, "latent") else out.latent_dist.mode()
         c = self.vae.config

@@ -39,7 +39,7 @@ from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 from ..connectors import ConditionEmbedding
 from ..errors import MetaCanvasInputError
 from ..inputs import VisualInputs
-from .base import Backbone, Branch, TextContext, patch_embedding_hook, read_json
+from .base import Backbone, BackboneSpec, Branch, CanvasInjection, TextContext, patch_embedding_hook, read_json
 
 _CALL_DEFAULTS = inspect.signature(FluxKontextPipeline.__call__).parameters
 DEFAULT_GUIDANCE: float = _CALL_DEFAULTS["guidance_scale"].default
@@ -70,6 +70,19 @@ class FluxReferences:
     tokens: torch.Tensor  # (1, n, 4C)
     ids: torch.Tensor  # (n, 3), first channel 1
     size: tuple[int, int]  # (height, width) the image was resized to
+
+
+def add_to_image_tokens(
+    tokens: torch.Tensor, canvas: CanvasInjection, clock: torch.Tensor, grid: tuple[int, int]
+) -> torch.Tensor:
+    """FLUX's embedded image tokens (B, target + reference rows, D) + the canvas on the target rows only.
+
+    The target (the noisy latent, packed 2×2, row-major on its `grid` of tokens) comes first; Kontext reference
+    tokens after it are never touched. The same for the pack's FLUX and ComfyUI's native one.
+    """
+    n_target = grid[0] * grid[1]
+    target = canvas.add_to(tokens[:, :n_target].unflatten(1, (1, *grid)), clock).flatten(1, 3)
+    return torch.cat([target, tokens[:, n_target:]], 1)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -149,13 +162,38 @@ class FluxKontextBackbone(Backbone):
     def text_dim(self) -> int:
         return self.transformer.config.joint_attention_dim
 
-    def context_hidden_dim(self) -> int:
-        return 3 * self.text_dim  # UniWorld-V1's connector: MLLM → 3·4096 → 4096 (paper §2.4)
+    @property
+    def spec(self) -> BackboneSpec:
+        c = self.transformer.config
+        return self.spec_for(self.width, self.attention_heads, self.text_dim, c.pooled_projection_dim, self.vae_stride)
+
+    @classmethod
+    def spec_for(
+        cls, width: int, attention_heads: tuple[int, int], text_dim: int, pooled_dim: int, vae_stride: int
+    ) -> BackboneSpec:
+        """The spec of a FLUX.1-Kontext DiT of these dimensions (this adapter's, or ComfyUI's native model).
+
+        Context connector: UniWorld-V1's, MLLM → 3·4096 → 4096 (paper §2.4).
+        """
+        pixel_stride = vae_stride * 2  # 2×2 packing
+        return BackboneSpec(
+            kind=cls.kind,
+            width=width,
+            pixel_stride=pixel_stride,
+            text_dim=text_dim,
+            attention_heads=attention_heads,
+            default_size=(CANVAS_SIDE * pixel_stride,) * 2,  # 512² on FLUX.1-Kontext-dev
+            canvas_factor=cls.canvas_factor,
+            keyframes=cls.keyframes,
+            context_dropout=cls.context_dropout,
+            context_hidden_dim=3 * text_dim,
+            pooled_dim=pooled_dim,
+        )
 
     # --- the model ---------------------------------------------------------------------------
-    def modules(self):
-        encoders = (self.pipeline.text_encoder, self.pipeline.text_encoder_2)
-        return [self.transformer, self.vae, *(m for m in encoders if m is not None)]
+    def parts(self):
+        encoders = {"text_encoder": self.pipeline.text_encoder, "text_encoder_2": self.pipeline.text_encoder_2}
+        return {**super().parts(), **{k: m for k, m in encoders.items() if m is not None}}
 
     @property
     def has_text_encoder(self) -> bool:
@@ -168,7 +206,7 @@ class FluxKontextBackbone(Backbone):
         embeds, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,
-            device=self.pipeline.text_encoder_2.device,
+            device=self.device,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -180,8 +218,7 @@ class FluxKontextBackbone(Backbone):
     @torch.no_grad()
     def encode_pooled(self, prompts: list[str]) -> torch.Tensor:
         """CLIP-L pooled embedding, as FluxKontextPipeline computes it."""
-        clip = self.pipeline.text_encoder
-        return self.pipeline._get_clip_prompt_embeds(prompts, device=clip.device).to(self.dtype)
+        return self.pipeline._get_clip_prompt_embeds(prompts, device=self.device).to(self.dtype)
 
     def latent_shape(self, batch: int, height: int, width: int, frames: int = 1) -> tuple[int, ...]:
         s = self.vae_stride
@@ -206,7 +243,7 @@ class FluxKontextBackbone(Backbone):
         image = images[0]
         rh, rw = reference_size(image.width, image.height, height, width, self.pixel_stride)
         proc = self.pipeline.image_processor
-        pixels = proc.preprocess(proc.resize(image, rh, rw), rh, rw).to(self.vae.device, self.vae.dtype)
+        pixels = proc.preprocess(proc.resize(image, rh, rw), rh, rw).to(self.device, self.vae.dtype)
         latents = self.pipeline._encode_vae_image(pixels, generator=None)
         lh, lw = latents.shape[-2:]
         ids = FluxKontextPipeline._prepare_latent_image_ids(1, lh // 2, lw // 2, self.device, self.dtype)
@@ -250,9 +287,7 @@ class FluxKontextBackbone(Backbone):
         clock = t.expand(b).float()  # the connector's clock: the scheduler's σ·1000, in float32
 
         def add_canvas(tokens: torch.Tensor) -> torch.Tensor:  # (B, target + reference rows, D)
-            target = tokens[:, :n_target].unflatten(1, (1, lh // 2, lw // 2))
-            target = canvas.add_to(target, clock).flatten(1, 3)
-            return torch.cat([target, tokens[:, n_target:]], 1)
+            return add_to_image_tokens(tokens, canvas, clock, (lh // 2, lw // 2))
 
         g = None
         if model.config.guidance_embeds:
@@ -278,6 +313,6 @@ class FluxKontextBackbone(Backbone):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         c = self.vae.config
-        x = latents.to(self.vae.device, self.vae.dtype) / c.scaling_factor + c.shift_factor
+        x = latents.to(self.device, self.vae.dtype) / c.scaling_factor + c.shift_factor
         images = self.vae.decode(x, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)

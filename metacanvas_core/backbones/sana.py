@@ -69,8 +69,8 @@ class SanaBackbone(Backbone):
     def text_dim(self) -> int:
         return self.transformer.config.caption_channels
 
-    def modules(self):
-        return [m for m in (self.transformer, self.vae, self.text_encoder) if m is not None]
+    def parts(self):
+        return {**super().parts(), **({"text_encoder": self.text_encoder} if self.text_encoder is not None else {})}
 
     @property
     def has_text_encoder(self) -> bool:
@@ -84,7 +84,7 @@ class SanaBackbone(Backbone):
         embeds, mask, _, _ = self.pipeline.encode_prompt(
             prompts,
             do_classifier_free_guidance=False,
-            device=self.text_encoder.device,
+            device=self.device,
             complex_human_instruction=chi,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
@@ -128,6 +128,6 @@ class SanaBackbone(Backbone):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        x = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
+        x = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
         images = self.vae.decode(x, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)

@@ -40,10 +40,12 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from ..connectors import ConditionEmbedding
 from ..errors import MetaCanvasInputError
 from ..inputs import ImageRole, VisualInputs
-from .base import Backbone, Branch, TextContext, patch_embedding_hook, read_json
+from .base import Backbone, BackboneSpec, Branch, CanvasInjection, TextContext, patch_embedding_hook, read_json
 
 MAX_SEQUENCE_LENGTH: int = inspect.signature(WanPipeline.__call__).parameters["max_sequence_length"].default
 MAX_REFERENCES = 3  # OmniContext-Video style in-context generation takes 1–3 reference images [P]
+DEFAULT_SIZE = (704, 1280)  # Wan2.2-TI2V-5B's 720p (also 1280×704)
+FUSE_HEAD_DIM = 32  # Algorithm 1's fuse block: heads of 32 (96 at width 3072)
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,35 @@ class WanReferences:
     def n_reference(self) -> int:
         return 0 if self.reference is None else self.reference.shape[2]
 
-    @property
-    def n_clean(self) -> int:
-        """Clean latent frames before the noisy ones: the references, then an image-to-video first frame."""
-        return self.n_reference + (self.first_frame is not None)
+
+def add_to_patch_embedding(
+    out: torch.Tensor,
+    canvas: CanvasInjection | None,
+    clock: torch.Tensor,
+    n_ref: int,
+    clean: list[bool],
+    condition: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Wan's patch embeddings (B, D, R+F, H', W') [+ the condition embedding's output] + the canvas.
+
+    The canvas (interpolated to the video's F latent frames: canvas frame i belongs to video frame i) lands on the
+    noisy video frames only: never on the R reference frames before the video, nor on frames `clean` marks (given,
+    at timestep 0: image-to-video's first frame). The same for the pack's Wan and ComfyUI's native one.
+    """
+    if condition is not None:
+        out = out + condition.to(out.dtype)
+    noisy = [i for i, c in enumerate(clean) if not c]
+    if canvas is None or not noisy:
+        return out
+    tokens = out.permute(0, 2, 3, 4, 1)  # (B, T, H', W', D)
+    index = torch.tensor(noisy, device=out.device)
+    mask = None if canvas.mask is None else canvas.mask[:, index.to(canvas.mask.device)]
+    frames = CanvasInjection(
+        canvas.connector, canvas.canvas[:, index.to(canvas.canvas.device)], canvas.rows, canvas.strength, mask
+    )
+    tokens = tokens.clone()
+    tokens[:, n_ref + index] = frames.add_to(tokens[:, n_ref + index], clock)
+    return tokens.permute(0, 4, 1, 2, 3)
 
 
 class WanBackbone(Backbone):
@@ -125,7 +152,7 @@ class WanBackbone(Backbone):
 
     @property
     def default_size(self) -> tuple[int, int]:
-        return 704, 1280  # Wan2.2-TI2V-5B's 720p (also 1280×704)
+        return DEFAULT_SIZE
 
     def latent_frames(self, frames: int) -> int:
         return (frames - 1) // self.temporal_stride + 1
@@ -148,19 +175,41 @@ class WanBackbone(Backbone):
     @property
     def attention_heads(self) -> tuple[int, int]:
         """Algorithm 1: the fuse block is `SanaTransformerBlock(dim=3072, heads=96, head_dim=32)`."""
-        return self.width // 32, 32
+        return self.width // FUSE_HEAD_DIM, FUSE_HEAD_DIM
 
     @property
     def text_dim(self) -> int:
         return self.transformer.config.text_dim
 
-    def condition_config(self) -> dict:
-        """[source latent (z) | is-reference | has-source] per latent frame → the DiT width, patch by patch."""
+    @property
+    def spec(self) -> BackboneSpec:
         c = self.transformer.config
-        return {"in_channels": c.in_channels + 2, "width": self.width, "patch_size": tuple(c.patch_size)}
+        return self.spec_for(self.width, self.text_dim, c.in_channels, tuple(c.patch_size), self.vae_stride)
 
-    def modules(self):
-        return [m for m in (self.transformer, self.vae, self.text_encoder) if m is not None]
+    @classmethod
+    def spec_for(
+        cls, width: int, text_dim: int, latent_channels: int, patch_size: tuple[int, int, int], vae_stride: int
+    ) -> BackboneSpec:
+        """The spec of a Wan2.2-TI2V DiT of these dimensions (this adapter's, or ComfyUI's native model).
+
+        Condition inputs: [source latent (z) | is-reference | has-source] per latent frame → the DiT width.
+        """
+        return BackboneSpec(
+            kind=cls.kind,
+            width=width,
+            pixel_stride=vae_stride * patch_size[1],
+            text_dim=text_dim,
+            attention_heads=(width // FUSE_HEAD_DIM, FUSE_HEAD_DIM),
+            default_size=DEFAULT_SIZE,
+            canvas_factor=cls.canvas_factor,
+            keyframes=cls.keyframes,
+            context_dropout=cls.context_dropout,
+            context_hidden_dim=None,
+            condition={"in_channels": latent_channels + 2, "width": width, "patch_size": tuple(patch_size)},
+        )
+
+    def parts(self):
+        return {**super().parts(), **({"text_encoder": self.text_encoder} if self.text_encoder is not None else {})}
 
     @property
     def has_text_encoder(self) -> bool:
@@ -174,7 +223,7 @@ class WanBackbone(Backbone):
             prompts,
             do_classifier_free_guidance=False,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
-            device=self.text_encoder.device,
+            device=self.device,
             dtype=self.dtype,
         )
         return TextContext(embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device))
@@ -194,7 +243,7 @@ class WanBackbone(Backbone):
     def encode_video(self, frames: list[Image.Image], height: int, width: int) -> torch.Tensor:
         """Frames → normalised latents (1, z, (n−1)/4+1, h, w), resized to height × width (stretched)."""
         pixels = self.video_processor.preprocess_video(frames, height=height, width=width)  # (1, 3, n, H, W)
-        pixels = pixels.to(self.vae.device, self.vae.dtype)
+        pixels = pixels.to(self.device, self.vae.dtype)
         latents = self.vae.encode(pixels).latent_dist.mode()
         return self._normalize(latents.to(self.device, torch.float32))
 
@@ -206,7 +255,7 @@ class WanBackbone(Backbone):
         GPU at once, so a 121-frame 704×1280 video never sits decoded in GPU memory.
         """
         vae = self.vae
-        z = self._normalize(latents.to(vae.device, vae.dtype), inverse=True)
+        z = self._normalize(latents.to(self.device, vae.dtype), inverse=True)
         x = vae.post_quant_conv(z)
         vae.clear_cache()
         chunks = []
@@ -314,18 +363,12 @@ class WanBackbone(Backbone):
         condition = None
         if refs is not None and refs.condition is not None:
             condition = refs.condition(self._condition(refs, frames, latents.shape))
-        n_clean = refs.n_clean if refs is not None else 0
+        clean = [refs is not None and refs.first_frame is not None and i == 0 for i in range(frames)]
         canvas = branch.canvas
         clock = t.expand(b).float()  # the connector's clock: the scheduler's σ·1000, in float32
 
         def add(out: torch.Tensor) -> torch.Tensor:  # (B, D, T, H', W') before Wan flattens it
-            if condition is not None:
-                out = out + condition.to(out.dtype)
-            if canvas is not None:
-                tokens = out.permute(0, 2, 3, 4, 1)
-                target = canvas.frames(n_clean - n_ref).add_to(tokens[:, n_clean:], clock)
-                out = torch.cat([tokens[:, :n_clean], target], 1).permute(0, 4, 1, 2, 3)
-            return out
+            return add_to_patch_embedding(out, canvas, clock, n_ref, clean, condition)
 
         dtype = model.dtype
         call = dict(timestep=timestep, encoder_hidden_states=branch.text.embeds.to(dtype), return_dict=False)

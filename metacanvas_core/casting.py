@@ -1,0 +1,101 @@
+"""Weights that live in another dtype or on another device than the computation.
+
+- `ScaledFP8Linear`: a Linear stored in float8 with a per-tensor scale, as in ComfyUI's `*_fp8_scaled` files
+  (the real weight is `weight.float() * scale_weight`); made in the input's dtype at each forward.
+- `make_castable`: every leaf module holding weights learns ComfyUI's lowvram protocol: when its
+  `comfy_cast_weights` flag is on (ComfyUI's memory manager turns it on for layers it leaves on the offload
+  device), the weights are cast to the input's device at each forward instead of being moved once. So a model
+  larger than the free VRAM is streamed layer by layer by ComfyUI's own manager. The flag is a plain attribute:
+  this module never imports ComfyUI; with the flag off a module computes exactly as before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class ScaledFP8Linear(nn.Linear):
+    """A Linear whose weight is float8 with a scalar `scale_weight`; computes with weight·scale in the input dtype."""
+
+    comfy_cast_weights = True  # its weight is always made at forward, wherever it lives
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, weight_dtype: torch.dtype, device=None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=weight_dtype, device=device), False)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), False) if bias else None
+        self.register_buffer("scale_weight", torch.ones((), device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_dtype: torch.dtype = torch.float8_e4m3fn) -> ScaledFP8Linear:
+        """`linear` quantised to `weight_dtype` with scale 1 (ComfyUI's weight_dtype fp8 for a bf16 file)."""
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, weight_dtype, linear.weight.device
+        )
+        layer.weight.data = linear.weight.data.to(weight_dtype)
+        if linear.bias is not None:
+            layer.bias.data = linear.bias.data
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.device).float() * self.scale_weight.to(x.device).float()
+        for fn in getattr(self, "weight_function", ()):
+            w = fn(w)
+        bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
+        return F.linear(x, w.to(x.dtype), bias)
+
+
+class _CastOnForward:
+    """Mixin: with `comfy_cast_weights` on, the module's own weights are cast to its input's device for the call."""
+
+    comfy_cast_weights = False
+
+    def forward(self, *args, **kwargs):
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if not self.comfy_cast_weights or x is None:
+            return super().forward(*args, **kwargs)
+        own = dict(self._parameters)
+        try:
+            for name, p in own.items():
+                if p is not None:
+                    value = p.to(x.device, x.dtype if p.dtype in FP8_DTYPES else p.dtype)
+                    for fn in getattr(self, f"{name}_function", ()):  # ComfyUI's weight patches on lowvram layers
+                        value = fn(value)
+                    self._parameters[name] = value
+            return super().forward(*args, **kwargs)
+        finally:
+            self._parameters.update(own)
+
+
+_CASTABLE: dict[type, type] = {}
+
+
+def make_castable(model: nn.Module) -> nn.Module:
+    """Give every module that holds weights of its own the cast-on-forward protocol (in place; names, weights and,
+    with the flag off, results unchanged).
+
+    Leaf modules follow the flag, as ComfyUI sets it. A module with weights of its own and children (e.g. a DiT
+    block's `scale_shift_table`) is one ComfyUI's partial loading never moves, so it always casts its own weights
+    (a no-op once they are on the input's device).
+    """
+    for module in model.modules():
+        if hasattr(module, "comfy_cast_weights") or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        cls = type(module)
+        if cls not in _CASTABLE:
+            _CASTABLE[cls] = type(f"Castable{cls.__name__}", (_CastOnForward, cls), {"__module__": __name__})
+        module.__class__ = _CASTABLE[cls]
+        if any(True for _ in module.children()):
+            module.comfy_cast_weights = True
+    return model
+
+
+def set_cast(model: nn.Module, on: bool) -> None:
+    """Turn the cast-on-forward of every castable module on or off (what ComfyUI's lowvram loading does)."""
+    for module in model.modules():
+        if isinstance(module, _CastOnForward):
+            module.comfy_cast_weights = on

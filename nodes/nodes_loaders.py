@@ -1,0 +1,241 @@
+"""Loaders: the planner MLLM, the pack's own backbones (diffusers folders), and MetaCanvas checkpoints.
+
+Every model name is resolved inside its model folders (never outside them) and every file is checked before it
+is read, so a wrong or damaged file is refused with its name at validation. Each loaded part registers with
+ComfyUI's memory manager on its own and is loaded when a node needs it.
+"""
+
+from __future__ import annotations
+
+from metacanvas_core.backbones import load_backbone
+from metacanvas_core.checkpoint import load_metacanvas
+from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.files import SafetensorsFile
+from metacanvas_core.inputs import ContextSource
+from metacanvas_core.metacanvas import UNTRAINED, default_context_source, new_metacanvas
+from metacanvas_core.planner import Planner
+from metacanvas_core.qwen_file import WEIGHT_DTYPES, is_qwen25_vl
+
+from .runtime import (
+    Managed,
+    bundled_qwen_tokenizer,
+    find_model,
+    list_files,
+    list_folders,
+    offload_device,
+    resolve_dtype,
+    validate_model,
+)
+from .widgets import CATEGORY, DTYPES, Loaded
+
+MLLM_KINDS = ("text_encoders", "LLM")
+
+
+class MetaCanvasMLLMLoader:
+    DESCRIPTION = (
+        "Loads the planner MLLM (Qwen2.5-VL) that writes the layout plan into canvas tokens: ComfyUI's single file "
+        "(the one Qwen-Image uses, vision tower included; fp8 scaled or bf16) or a Hugging Face folder."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("METACANVAS_MLLM",)
+    RETURN_NAMES = ("mllm",)
+    OUTPUT_TOOLTIPS = ("The loaded Qwen2.5-VL planner.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = list_files(MLLM_KINDS) + list_folders(MLLM_KINDS, "config.json")
+        return {
+            "required": {
+                "mllm_folder": (
+                    names,
+                    {
+                        "tooltip": "Qwen2.5-VL: ComfyUI's single file in models/text_encoders (qwen_2.5_vl_7b_fp8_scaled.safetensors, the first choice, or the bf16 one), or a Hugging Face folder (config.json, *.safetensors, tokenizer) in models/text_encoders or models/LLM, e.g. Qwen2.5-VL-7B-Instruct."
+                    },
+                ),
+                "dtype": (
+                    DTYPES,
+                    {
+                        "default": "auto",
+                        "tooltip": "Compute precision. auto = bf16 where the GPU supports it, else fp32.",
+                    },
+                ),
+                "weight_dtype": (
+                    list(WEIGHT_DTYPES),
+                    {
+                        "default": "default",
+                        "tooltip": "Weights in memory. default = as stored (an fp8 scaled file stays fp8). fp8_e4m3fn / fp8_e5m2 keep a bf16 single file's linear layers in fp8 (half the memory; computed in the compute precision), as the core loaders do.",
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, mllm_folder):
+        try:
+            path = find_model(MLLM_KINDS, mllm_folder, "MLLM")
+            if path.is_file():
+                header = SafetensorsFile.open(path, "MLLM file")
+                if not is_qwen25_vl(header):
+                    return (
+                        f"MLLM '{mllm_folder}' holds {header.describe()}; the planner is Qwen2.5-VL (e.g. "
+                        "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors)."
+                    )
+        except MetaCanvasInputError as e:
+            return str(e)
+        return True
+
+    def load(self, mllm_folder: str, dtype: str, weight_dtype: str = "default"):
+        path = find_model(MLLM_KINDS, mllm_folder, "MLLM")
+        planner = Planner.load(path, resolve_dtype(dtype), offload_device(), bundled_qwen_tokenizer(), weight_dtype)
+        return (Loaded(planner, {"mllm": Managed(planner.model)}),)
+
+
+class MetaCanvasBackboneLoader:
+    DESCRIPTION = (
+        "Loads a diffusion backbone from a diffusers folder for the pack's own sampler; its kind (SANA text-to-image, "
+        "FLUX.1-Kontext image editing, Wan2.2-TI2V-5B video) is read from model_index.json. For Wan2.2 and "
+        "FLUX-Kontext the native graphs (core loaders + MetaCanvas Apply) use the single files you already have."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("METACANVAS_BACKBONE",)
+    RETURN_NAMES = ("backbone",)
+    OUTPUT_TOOLTIPS = (
+        "The backbone: transformer, VAE and, when load_text_encoder is on, its own text encoder (SANA: Gemma-2, "
+        "Wan2.2: umT5, FLUX-Kontext: T5 + CLIP).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "backbone_folder": (
+                    list_folders(("diffusers",), "model_index.json"),
+                    {
+                        "tooltip": "A diffusers pipeline folder in models/diffusers, e.g. Sana_1600M_512px_diffusers (text-to-image), FLUX.1-Kontext-dev (image editing) or Wan2.2-TI2V-5B-Diffusers (video)."
+                    },
+                ),
+                "dtype": (
+                    DTYPES,
+                    {
+                        "default": "auto",
+                        "tooltip": "Weight precision. auto = bf16 where the GPU supports it, else fp32.",
+                    },
+                ),
+                "load_text_encoder": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Also load the backbone's own text encoder from the folder (native context: the plain backbone's output with an untrained MetaCanvas). Off saves memory when the checkpoint takes its context from the MLLM.",
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, backbone_folder):
+        return validate_model(("diffusers",), backbone_folder, "Backbone folder")
+
+    def load(self, backbone_folder: str, dtype: str, load_text_encoder: bool = True):
+        folder = find_model(("diffusers",), backbone_folder, "Backbone folder")
+        backbone = load_backbone(folder, resolve_dtype(dtype), offload_device(), load_text_encoder)
+        return (Loaded(backbone, {name: Managed(m) for name, m in backbone.parts().items()}),)
+
+
+class MetaCanvasConnectorLoader:
+    DESCRIPTION = (
+        "Loads a MetaCanvas checkpoint (canvas tokens + connectors) for this MLLM and backbone — the pack's backbone, "
+        "or a native MODEL from the core Load Diffusion Model — checking that it fits both. 'new (untrained)' makes a "
+        "zero-initialised one: the canvas then changes nothing."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("METACANVAS",)
+    RETURN_NAMES = ("metacanvas",)
+    OUTPUT_TOOLTIPS = ("Canvas embeddings, canvas connector and context connector.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "mllm": ("METACANVAS_MLLM", {"tooltip": "The planner MLLM the checkpoint was trained with."}),
+                "checkpoint": (
+                    [UNTRAINED] + list_files(("metacanvas",)),
+                    {
+                        "tooltip": "A .safetensors file in models/metacanvas, or 'new (untrained)': a zero-initialised connector that leaves the backbone's output unchanged."
+                    },
+                ),
+                "context": (
+                    ["auto", *ContextSource.values()],
+                    {
+                        "default": "auto",
+                        "tooltip": "Where the prompt reaches the backbone's text slot from. native = the backbone's own text encoder (with 'new (untrained)': exactly the plain backbone); mllm = the MLLM through the context connector (the paper's path for Wan2.2 and FLUX-Kontext: MetaCanvas Text Conditioning; noise until trained). auto = the checkpoint's own; for 'new (untrained)': native when the pack's backbone has its text encoder loaded, mllm on a native model.",
+                    },
+                ),
+            },
+            "optional": {
+                "backbone": (
+                    "METACANVAS_BACKBONE",
+                    {"tooltip": "The pack's backbone the checkpoint is for (the pack's sampler). Give this or model."},
+                ),
+                "model": (
+                    "MODEL",
+                    {
+                        "tooltip": "A native Wan2.2-TI2V-5B or FLUX.1-Kontext MODEL (core Load Diffusion Model) the checkpoint is for (native graphs with MetaCanvas Apply). Give this or backbone."
+                    },
+                ),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, checkpoint):
+        if checkpoint == UNTRAINED:
+            return True
+        try:
+            header = SafetensorsFile.open(
+                find_model(("metacanvas",), checkpoint, "MetaCanvas checkpoint"), "checkpoint"
+            )
+        except MetaCanvasInputError as e:
+            return str(e)
+        if header.metadata.get("format") != "metacanvas":
+            return f"checkpoint '{checkpoint}' is not a MetaCanvas checkpoint: it holds {header.describe()}."
+        return True
+
+    def load(self, mllm: Loaded, checkpoint: str, context: str = "auto", backbone: Loaded | None = None, model=None):
+        if (backbone is None) == (model is None):
+            raise MetaCanvasInputError(
+                "MetaCanvas Connector Loader: connect exactly one of backbone (the pack's Backbone Loader) or model "
+                "(a native MODEL from the core Load Diffusion Model)."
+            )
+        planner = mllm.model
+        if backbone is not None:
+            bb = backbone.model
+            spec, name, has_text_encoder, pooled = bb.spec, bb.folder, bb.has_text_encoder, bb.default_pooled()
+        else:
+            from .native import native_spec
+
+            spec, name, has_text_encoder, pooled = native_spec(model), "the native MODEL", False, None
+        wanted = None if context == "auto" else context
+        if checkpoint == UNTRAINED:
+            source = wanted or default_context_source(has_text_encoder)
+            mc = new_metacanvas(planner.hidden_size, spec, source, pooled=pooled).to(offload_device())
+        else:
+            mc = load_metacanvas(find_model(("metacanvas",), checkpoint, "MetaCanvas checkpoint"), offload_device())
+            if wanted is not None:
+                mc.check_context_source(wanted)
+        # A native model's text encoder is a core CLIP node's business: only the pack's backbone is checked for one.
+        mc.check_compatible(planner.hidden_size, planner.folder, spec, name, has_text_encoder or model is not None)
+        return (Loaded(mc, {"metacanvas": Managed(mc)}),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "MetaCanvasMLLMLoader": MetaCanvasMLLMLoader,
+    "MetaCanvasBackboneLoader": MetaCanvasBackboneLoader,
+    "MetaCanvasConnectorLoader": MetaCanvasConnectorLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MetaCanvasMLLMLoader": "MetaCanvas MLLM Loader",
+    "MetaCanvasBackboneLoader": "MetaCanvas Backbone Loader",
+    "MetaCanvasConnectorLoader": "MetaCanvas Connector Loader",
+}

@@ -1,0 +1,113 @@
+"""Planning: the MLLM reads the prompt (and images/video) with the checkpoint's canvas tokens and writes its plan."""
+
+from __future__ import annotations
+
+import torch
+
+from metacanvas_core.backbones.flux import REFERENCE_RULE
+from metacanvas_core.backbones.wan import MAX_REFERENCES
+from metacanvas_core.inputs import ImageRole, VisualInputs
+
+from .runtime import load
+from .widgets import CATEGORY, Loaded, check_size, images_to_pil, size_inputs
+
+
+class MetaCanvasPlan:
+    DESCRIPTION = (
+        "The MLLM reads the prompt (and optional images) together with the canvas tokens and writes its layout plan "
+        "into them, in one forward pass. Cached: changing only the seed does not re-run it."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "plan"
+    RETURN_TYPES = ("METACANVAS_PLAN",)
+    RETURN_NAMES = ("plan",)
+    OUTPUT_TOOLTIPS = ("Prompt states and canvas states from the MLLM.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "mllm": ("METACANVAS_MLLM", {"tooltip": "The planner MLLM."}),
+                "metacanvas": (
+                    "METACANVAS",
+                    {"tooltip": "The MetaCanvas checkpoint: its canvas tokens go into the MLLM."},
+                ),
+                "prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "What to make. Layout words (left, top, behind, three ...) are what the canvas plans.",
+                    },
+                ),
+                "negative_prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "The unconditional branch of guidance. It never gets the canvas.",
+                    },
+                ),
+                **size_inputs(
+                    "Sets the canvas grid (and, for FLUX-Kontext, the input image's pixel area); use the same size in the sampler."
+                ),
+            },
+            "optional": {
+                "images": (
+                    "IMAGE",
+                    {
+                        "tooltip": "Input images the MLLM looks at with the prompt. Required for FLUX-Kontext editing (one image: the image to edit, which the DiT also sees as reference tokens). "
+                        + REFERENCE_RULE
+                    },
+                ),
+                "video": (
+                    "IMAGE",
+                    {
+                        "tooltip": "Video editing (Wan2.2): the source video as frames (e.g. from core Load Video + Get Video Components). The MLLM sees 8 evenly spaced frames; the DiT gets all of them, resized (stretched) to width × height, as condition latents."
+                    },
+                ),
+                "image_role": (
+                    ImageRole.values(),
+                    {
+                        "default": ImageRole.REFERENCES.value,
+                        "tooltip": f"Video backbones (Wan2.2): 'first frame' = image-to-video (one image, kept exactly as the first frame); 'references' = reference-images-to-video (1 to {MAX_REFERENCES} images). Images are resized (stretched) to width × height for the DiT. Ignored by image backbones.",
+                    },
+                ),
+                "keyframes": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 16,
+                        "tooltip": "Video canvas keyframes, interpolated linearly to every latent frame. 0 = the checkpoint's (3 for Wan2.2, the paper's best; 1 flickers more). Ignored by image backbones.",
+                    },
+                ),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height):
+        return check_size(width, height)
+
+    def plan(
+        self,
+        mllm: Loaded,
+        metacanvas: Loaded,
+        prompt: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        images: torch.Tensor | None = None,
+        video: torch.Tensor | None = None,
+        image_role: str = ImageRole.REFERENCES.value,
+        keyframes: int = 0,
+    ):
+        inputs = VisualInputs(images_to_pil(images), images_to_pil(video, "video"), image_role)
+        device = load(*mllm.managed(), *metacanvas.managed())
+        mc, planner = metacanvas.on(device), mllm.on(device)
+        with torch.no_grad():
+            return (mc.plan(planner, prompt, height, width, inputs, negative_prompt, keyframes or None),)
+
+
+NODE_CLASS_MAPPINGS = {"MetaCanvasPlan": MetaCanvasPlan}
+NODE_DISPLAY_NAME_MAPPINGS = {"MetaCanvasPlan": "MetaCanvas Plan"}

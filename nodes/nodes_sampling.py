@@ -1,0 +1,268 @@
+"""The pack's own sampling path (SANA, and Wan/FLUX from diffusers folders): project the plan for the backbone,
+sample with the pack's sampler, decode with the backbone's VAE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from metacanvas_core.backbones import SCHEDULERS
+from metacanvas_core.conditioning import Conditioning, project
+from metacanvas_core.sampling import sample
+
+from .runtime import intermediate_device, load, make_video, step_callback
+from .widgets import CANVAS_DIAL, CATEGORY, Loaded, check_size, size_inputs
+
+
+@dataclass
+class Projected:
+    """METACANVAS_COND: a projected plan and the MetaCanvas whose connector the sampler runs (loaded with the DiT)."""
+
+    cond: Conditioning
+    metacanvas: Loaded
+
+
+class MetaCanvasProject:
+    DESCRIPTION = "Projects the plan for the backbone: the canvas connector aligns the canvas to the DiT width; the prompt goes into the backbone's text slot."
+    CATEGORY = CATEGORY
+    FUNCTION = "project"
+    RETURN_TYPES = ("METACANVAS_COND",)
+    RETURN_NAMES = ("cond",)
+    OUTPUT_TOOLTIPS = ("Context for the text slot (positive and negative) and the aligned canvas.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "plan": ("METACANVAS_PLAN", {"tooltip": "The MLLM's plan."}),
+                "metacanvas": ("METACANVAS", {"tooltip": "The same MetaCanvas checkpoint the plan was made with."}),
+                "backbone": ("METACANVAS_BACKBONE", {"tooltip": "The backbone that will sample."}),
+            }
+        }
+
+    def project(self, plan, metacanvas: Loaded, backbone: Loaded):
+        # Native context needs the text encoders, input images the VAE; the DiT is not loaded here.
+        device = load(*backbone.managed("text_encoder", "text_encoder_2", "vae"), *metacanvas.managed())
+        bb, mc = backbone.on(device), metacanvas.on(device)
+        return (Projected(project(plan.to(device), mc, bb), metacanvas),)
+
+
+class MetaCanvasSampler:
+    DESCRIPTION = (
+        "Denoises with the backbone: flow matching with classifier-free guidance; the canvas residual is added to "
+        "the patch embeddings of the conditional branch only."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The denoised latent, in the backbone's own latent space (decode with MetaCanvas Decode).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "backbone": ("METACANVAS_BACKBONE", {"tooltip": "The backbone to sample with."}),
+                "cond": ("METACANVAS_COND", {"tooltip": "From MetaCanvas Project."}),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 0xFFFFFFFFFFFFFFFF,
+                        "control_after_generate": True,
+                        "tooltip": "Noise seed. Noise is drawn on the CPU, so a seed gives the same image on any GPU.",
+                    },
+                ),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
+                "cfg": (
+                    "FLOAT",
+                    {
+                        "default": 4.5,
+                        "min": 0.0,
+                        "max": 30.0,
+                        "step": 0.1,
+                        "round": 0.01,
+                        "tooltip": "Classifier-free (text) guidance scale; its unconditional branch has the negative prompt and no canvas. 1 or less turns it off (one model call per step fewer).",
+                    },
+                ),
+                **size_inputs("A multiple of the backbone's pixel stride (32 for SANA, 16 for FLUX-Kontext)."),
+                "scheduler": (
+                    list(SCHEDULERS),
+                    {
+                        "default": "dpm_solver_flow",
+                        "tooltip": "dpm_solver_flow: DPM-Solver++ for flow models (SANA's default). flow_euler: flow-matching Euler.",
+                    },
+                ),
+                "use_canvas": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Off = the plain backbone with the same prompt, for A/B comparison against global conditioning.",
+                    },
+                ),
+            },
+            "optional": {
+                "negative": (
+                    "METACANVAS_COND",
+                    {
+                        "tooltip": "Optional: another projected plan whose prompt becomes the negative, instead of the plan's negative prompt."
+                    },
+                ),
+                "length": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 1,
+                        "max": 1025,
+                        "step": 4,
+                        "tooltip": "Frames to make: 1 for images; for Wan2.2 video 4k+1 (121 = 5 s at 24 fps).",
+                    },
+                ),
+                "frame_rate": (
+                    "FLOAT",
+                    {
+                        "default": 24.0,
+                        "min": 1.0,
+                        "max": 120.0,
+                        "step": 1.0,
+                        "tooltip": "Frames per second of the VIDEO that Decode makes (Wan2.2 is trained at 24).",
+                    },
+                ),
+                **CANVAS_DIAL,
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height, length=1):
+        if length < 1 or (length - 1) % 4:
+            return f"length {length} must be 1 (an image) or 4k+1 frames for video: try {max(1, (length - 1) // 4 * 4 + 1)} or {(max(0, length - 1) // 4 + 1) * 4 + 1}."
+        return check_size(width, height)
+
+    def sample(
+        self,
+        backbone: Loaded,
+        cond,
+        seed: int,
+        steps: int,
+        cfg: float,
+        width: int,
+        height: int,
+        scheduler: str,
+        use_canvas: bool,
+        negative: Projected | None = None,
+        length: int = 1,
+        frame_rate: float = 24.0,
+        canvas_strength: float = 1.0,
+        canvas_mask: torch.Tensor | None = None,
+    ):
+        device = load(*backbone.managed("transformer", "vae"), *cond.metacanvas.managed())
+        bb, conditioning = backbone.on(device), cond.cond
+        if negative is not None:
+            conditioning = conditioning.with_negative(negative.cond)
+        latents = sample(
+            bb,
+            conditioning,
+            seed=seed,
+            steps=steps,
+            cfg=cfg,
+            height=height,
+            width=width,
+            scheduler=scheduler,
+            use_canvas=use_canvas,
+            on_step=step_callback(steps),
+            frames=length,
+            canvas_strength=canvas_strength,
+            canvas_mask=None if canvas_mask is None else canvas_mask[None],
+        )
+        return ({"samples": latents.to(intermediate_device()), "frame_rate": frame_rate},)
+
+
+class MetaCanvasEditGuidance:
+    DESCRIPTION = (
+        "Sets the editing guidance a conditioning is sampled with (like the core FluxGuidance node): FLUX-Kontext's "
+        "embedded guidance and the image guidance against a branch without the input image. Without this node: "
+        "guidance 3.5 (diffusers' FluxKontextPipeline default) and image guidance off."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("METACANVAS_COND",)
+    RETURN_NAMES = ("cond",)
+    OUTPUT_TOOLTIPS = ("The same conditioning with these guidance values; connect it to MetaCanvas Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "cond": ("METACANVAS_COND", {"tooltip": "From MetaCanvas Project."}),
+                "guidance": (
+                    "FLOAT",
+                    {
+                        "default": 2.5,
+                        "min": 0.0,
+                        "max": 100.0,
+                        "step": 0.1,
+                        "round": 0.01,
+                        "tooltip": "FLUX-Kontext's embedded (distilled) guidance; 2.5 in its model card. Backbones without a guidance embedding (SANA) ignore it.",
+                    },
+                ),
+                "image_cfg": (
+                    "FLOAT",
+                    {
+                        "default": 1.5,
+                        "min": 0.0,
+                        "max": 30.0,
+                        "step": 0.1,
+                        "round": 0.01,
+                        "tooltip": "Image guidance (InstructPix2Pix-style): how strongly the output follows the input image, against a branch with the negative prompt, no canvas and no input image; 1.5 is MetaQuery's setting. 1 = off (one model call per step fewer). Only for backbones that take the input image themselves (FLUX-Kontext).",
+                    },
+                ),
+            }
+        }
+
+    def apply(self, cond: Projected, guidance: float, image_cfg: float):
+        return (replace(cond, cond=replace(cond.cond, guidance=guidance, image_cfg=image_cfg)),)
+
+
+class MetaCanvasDecode:
+    DESCRIPTION = (
+        "Decodes a MetaCanvas latent with the backbone's VAE: IMAGE (video frames stacked on the batch) for the "
+        "core Preview/Save Image nodes, and VIDEO (with the sampler's frame rate) for core Save Video."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE", "VIDEO")
+    RETURN_NAMES = ("image", "video")
+    OUTPUT_TOOLTIPS = (
+        "Decoded images or video frames, float 0..1, [B, H, W, C].",
+        "The frames as a video at the sampler's frame rate (a one-frame video for images).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "backbone": ("METACANVAS_BACKBONE", {"tooltip": "The backbone whose VAE made the latent space."}),
+                "latent": ("LATENT", {"tooltip": "From MetaCanvas Sampler."}),
+            }
+        }
+
+    def decode(self, backbone: Loaded, latent: dict):
+        bb = backbone.ready("vae")
+        images = bb.decode(latent["samples"].to(bb.device)).to(intermediate_device())
+        return (images, make_video(images, latent.get("frame_rate", 24.0)))
+
+
+NODE_CLASS_MAPPINGS = {
+    "MetaCanvasProject": MetaCanvasProject,
+    "MetaCanvasSampler": MetaCanvasSampler,
+    "MetaCanvasDecode": MetaCanvasDecode,
+    "MetaCanvasEditGuidance": MetaCanvasEditGuidance,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MetaCanvasProject": "MetaCanvas Project",
+    "MetaCanvasSampler": "MetaCanvas Sampler",
+    "MetaCanvasDecode": "MetaCanvas Decode",
+    "MetaCanvasEditGuidance": "MetaCanvas Edit Guidance",
+}

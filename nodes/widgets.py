@@ -1,0 +1,100 @@
+"""What the MetaCanvas nodes share: the category, widget declarations, input conversions, and `Loaded`
+(a core model with its parts registered with ComfyUI's memory manager)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from metacanvas_core.errors import MetaCanvasInputError
+
+from .runtime import Managed, load
+
+CATEGORY = "MetaCanvas"
+DTYPES = ["auto", "bf16", "fp16", "fp32"]
+MAX_SIZE = 8192
+SIZE_MULTIPLE = 16  # every backbone's pixel stride is a multiple of this; the exact one is checked when sampling
+
+
+@dataclass
+class Loaded:
+    """A core model (planner, backbone or MetaCanvas) and its parts, each registered with the memory manager."""
+
+    model: Any
+    parts: dict[str, Managed]
+
+    def managed(self, *names: str) -> list[Managed]:
+        """These parts (every part when none is named); names of parts this model lacks are skipped."""
+        return [self.parts[n] for n in names or self.parts if n in self.parts]
+
+    def on(self, device: torch.device) -> Any:
+        """The model, told where its computation runs (its weights may be streamed there)."""
+        if not isinstance(self.model, nn.Module):
+            self.model.device = device
+        return self.model
+
+    def ready(self, *names: str) -> Any:
+        """The model with these parts (all when none is named) loaded, as far as they fit."""
+        return self.on(load(*self.managed(*names)))
+
+
+# The canvas as a dial, on every node that applies it (the pack's Sampler, Attach Canvas on native graphs).
+CANVAS_DIAL = {
+    "canvas_strength": (
+        "FLOAT",
+        {
+            "default": 1.0,
+            "min": 0.0,
+            "max": 2.0,
+            "step": 0.05,
+            "round": 0.01,
+            "tooltip": "How strongly the plan steers: the canvas residual is scaled by this. 1 = as trained, 0 = no canvas (exactly the plain backbone's prediction), up to 2 to push the layout.",
+        },
+    ),
+    "canvas_mask": (
+        "MASK",
+        {
+            "tooltip": "Optional: where the canvas acts (1) and where not (0), e.g. from a core Load Image Mask or a mask editor. Resized to the token grid (each token the mean of its pixels); for video one mask for all frames, or one per frame (spread over the latent frames).",
+        },
+    ),
+}
+
+
+def size_inputs(tip: str) -> dict:
+    return {
+        "width": (
+            "INT",
+            {"default": 512, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": f"Image width in pixels. {tip}"},
+        ),
+        "height": (
+            "INT",
+            {"default": 512, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip": f"Image height in pixels. {tip}"},
+        ),
+    }
+
+
+def check_size(width: int, height: int) -> bool | str:
+    """VALIDATE_INPUTS for width/height: what every backbone needs (each one's own stride is checked when sampling)."""
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0 or value % SIZE_MULTIPLE:
+            low = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
+            return (
+                f"{name} {value} must be a positive multiple of {SIZE_MULTIPLE} (Wan2.2 and SANA take multiples of 32, "
+                f"FLUX-Kontext of 16): try {low} or {low + SIZE_MULTIPLE}."
+            )
+    return True
+
+
+def images_to_pil(images: torch.Tensor | None, name: str = "images") -> list[Image.Image]:
+    """A ComfyUI IMAGE batch (B, H, W, C) in 0..1 as PIL images (RGB)."""
+    if images is None:
+        return []
+    if images.shape[0] == 0:
+        raise MetaCanvasInputError(f"{name}: the image batch is empty; connect at least one image or disconnect it.")
+    arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a[..., :3])) for a in arrays]
