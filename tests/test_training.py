@@ -255,7 +255,7 @@ def test_cli_runs_a_recipe_on_two_processes_and_names_a_bad_record(tiny, tmp_pat
     assert [r["step"] for r in metrics(tmp_path / "cli")] == [1, 2]  # one writer; losses averaged over processes
     written = [p for p in (tmp_path / "cli").rglob("*") if p.is_file() and not p.is_symlink()]
     assert written and {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
-    assert done.stdout.count("\n") == 3 and "MetaCanvas checkpoint" in done.stdout  # quiet: the results only
+    assert done.stdout.count("\n") == 4 and "samples.png" in done.stdout  # quiet: where the results are, only
 
     (tmp_path / "bad.jsonl").write_text('{"kind": "t2i", "image": "nowhere.png", "prompt": "x"}\n')
     args = ["tiny_sana_t2i", "--output-dir", str(tmp_path / "bad"), "--set", f"mllm={tiny['mllm']}"]
