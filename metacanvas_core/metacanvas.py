@@ -65,6 +65,7 @@ class MetaCanvas(nn.Module):
         # needs no CLIP for it.
         self.register_buffer("pooled", torch.zeros(1, config.pooled_dim) if config.pooled_dim else None)
         self.lora: CanvasLora | None = None
+        self.eval()  # inference mode (the context connector's dropout off); a trainer switches on what it trains
 
     def canvas_grid(self, height: int, width: int, keyframes: int | None = None) -> CanvasGrid:
         """The canvas for an output of height × width: the token grid divided by the canvas factor,

@@ -1,0 +1,457 @@
+"""MetaCanvas on ComfyUI's native models, in ComfyUI's own Python (the harness's venv, which has ComfyUI's packages):
+native Wan2.2-TI2V-5B (a tiny file read by ComfyUI's loader) and native FLUX (ComfyUI's Flux class at a small width),
+sampled by ComfyUI's own samplers; and the planner streamed by ComfyUI's memory manager.
+
+Run from the dev venv, this module runs itself in the harness's Python (one test that reports the others).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support.comfyui import HARNESS, SKIP_REASON
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_HARNESS = bool(HARNESS) and Path(sys.prefix).resolve() == (Path(HARNESS) / "venv").resolve()
+pytestmark = pytest.mark.skipif(not HARNESS, reason=SKIP_REASON)
+
+if HARNESS and not IN_HARNESS:
+
+    def test_in_comfyuis_python():
+        """This file's tests, run by the harness's Python (ComfyUI importable, CPU)."""
+        python = Path(HARNESS) / "venv" / "bin" / "python"
+        env = {**os.environ, "LD_LIBRARY_PATH": str(Path(HARNESS) / "cuda_stubs")}
+        cmd = [str(python), "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-s"]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        print(done.stdout[-6000:])
+        assert done.returncode == 0, (done.stdout + done.stderr)[-8000:]
+
+
+if IN_HARNESS:
+    sys.path.insert(0, str(Path(HARNESS) / "ComfyUI"))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.patcher_extension
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+    import torch
+    from safetensors.torch import save_file
+    from support.graph import run
+
+    from metacanvas_core.backbones import Branch, CanvasInjection, TextContext
+    from metacanvas_core.backbones.wan import WanBackbone
+    from metacanvas_core.conditioning import align_canvas
+    from metacanvas_core.tiny import tiny_native_wan, wan_original_state
+
+    PROMPT = "a red ball rolls from the left to the right"
+
+    def trained(mc, seed=0):
+        """Nonzero canvas projections (a stand-in for a trained connector)."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in (mc.canvas_connector.align_out, mc.canvas_connector.out_proj):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.2)
+        return mc
+
+    def loaded(pack, mc):
+        from metacanvas_pack.nodes.runtime import Managed
+        from metacanvas_pack.nodes.widgets import Loaded
+
+        return Loaded(mc, {"metacanvas": Managed(mc)})
+
+    # --- native models ------------------------------------------------------------------------------------------
+    @pytest.fixture(scope="module")
+    def wan(tmp_path_factory):
+        """Native Wan2.2-TI2V-5B from a tiny file in ComfyUI's layout, read by ComfyUI's own loader (its detection
+        makes it a WAN22 model), and the same weights as a diffusers transformer (the pack's side)."""
+        diffusers_wan = tiny_native_wan(seed=3)
+        path = tmp_path_factory.mktemp("native") / "tiny-wan2.2_ti2v_5B.safetensors"
+        save_file({k: v.contiguous() for k, v in wan_original_state(diffusers_wan.state_dict()).items()}, str(path))
+        model = comfy.sd.load_diffusion_model(str(path))
+        assert type(model.model).__name__ == "WAN22"
+        return model, diffusers_wan
+
+    FLUX_CONFIG = {
+        "image_model": "flux",
+        "in_channels": 16,
+        "out_channels": 16,
+        "vec_in_dim": 32,
+        "context_in_dim": 4096,
+        "hidden_size": 128,
+        "mlp_ratio": 4.0,
+        "num_heads": 2,
+        "depth": 1,
+        "depth_single_blocks": 1,
+        "axes_dim": [16, 24, 24],
+        "theta": 10000,
+        "patch_size": 2,
+        "qkv_bias": True,
+        "guidance_embed": True,
+    }
+
+    def native_flux(config=FLUX_CONFIG, seed=4):
+        """ComfyUI's Flux model class at a small width (its loader fixes 3072), weights from a seeded diffusers
+        FluxTransformer2DModel through ComfyUI's own diffusers→BFL key map."""
+        from diffusers import FluxTransformer2DModel
+
+        torch.manual_seed(seed)
+        d = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=config["depth"],
+            num_single_layers=config["depth_single_blocks"],
+            attention_head_dim=config["hidden_size"] // config["num_heads"],
+            num_attention_heads=config["num_heads"],
+            joint_attention_dim=config["context_in_dim"],
+            pooled_projection_dim=config["vec_in_dim"],
+            guidance_embeds=config["guidance_embed"],
+            axes_dims_rope=config["axes_dim"],
+        )
+        key_map = comfy.utils.flux_to_diffusers(config, output_prefix="")
+        state, pieces, source = {}, {}, d.state_dict()
+        for dkey, target in key_map.items():
+            if dkey not in source:
+                continue
+            if isinstance(target, str):
+                state[target] = source[dkey]
+            elif target[1] is None:  # (BFL key, None, fn): a whole weight, transformed (scale/shift swapped)
+                state[target[0]] = target[2](source[dkey])
+            else:  # (BFL key, (dim, offset, size)[, fn]): one part of a fused weight (e.g. q of qkv)
+                fn = target[2] if len(target) > 2 else (lambda a: a)
+                pieces.setdefault(target[0], []).append((target[1], fn(source[dkey])))
+        for key, parts in pieces.items():
+            dim = parts[0][0][0]
+            state[key] = torch.cat([value for _, value in sorted(parts, key=lambda p: p[0][1])], dim)
+        model_config = comfy.supported_models.Flux(dict(config))
+        model_config.set_inference_dtype(torch.float32, None)
+        base = model_config.get_model({})
+        missing, unexpected = base.diffusion_model.load_state_dict(state, strict=False)
+        assert not missing and not unexpected, (missing, unexpected)
+        cpu = torch.device("cpu")
+        return comfy.model_patcher.ModelPatcher(base, cpu, cpu)
+
+    @pytest.fixture(scope="module")
+    def flux():
+        return native_flux()
+
+    # --- graphs ---------------------------------------------------------------------------------------------------
+    def plan_for(pack, mllm, mc, height, width, images=None, role="references"):
+        nodes = pack.NODE_CLASS_MAPPINGS
+        (plan,) = run(
+            nodes["MetaCanvasPlan"],
+            mllm=mllm,
+            metacanvas=mc,
+            prompt=PROMPT,
+            negative_prompt="blurry",
+            width=width,
+            height=height,
+            images=images,
+            image_role=role,
+        )
+        return plan
+
+    def conditioning(pack, plan, mc, strength=1.0, mask=None):
+        nodes = pack.NODE_CLASS_MAPPINGS
+        positive, negative = run(nodes["MetaCanvasTextConditioning"], plan=plan, metacanvas=mc)
+        kw = {} if mask is None else {"canvas_mask": mask}
+        (with_canvas,) = run(
+            nodes["MetaCanvasAttachCanvas"],
+            conditioning=positive,
+            plan=plan,
+            metacanvas=mc,
+            canvas_strength=strength,
+            **kw,
+        )
+        return positive, with_canvas, negative
+
+    def ksample(model, positive, negative, latent, steps=2, cfg=3.0, noise_mask=None, extra=None):
+        if extra is not None:
+            positive = [[t, {**d, **extra}] for t, d in positive]
+            negative = [[t, {**d, **extra}] for t, d in negative]
+        noise = comfy.sample.prepare_noise(latent, 7)
+        return comfy.sample.sample(
+            model, noise, steps, cfg, "euler", "simple", positive, negative, latent, noise_mask=noise_mask, seed=7
+        )
+
+    @pytest.fixture(scope="module", autouse=True)
+    def model_folders(models_dir):
+        """ComfyUI's folder_paths (importable here) reading the tiny models, as extra_model_paths.yaml would."""
+        import folder_paths
+        from metacanvas_pack.nodes.runtime import models_dirs
+
+        for kind in ("text_encoders", "LLM", "diffusers", "metacanvas"):
+            models_dirs(kind)  # the pack's own kinds registered first
+            folder_paths.add_model_folder_path(kind, str(models_dir / kind))
+
+    @pytest.fixture(scope="module")
+    def mllm(pack):
+        (mllm,) = run(
+            pack.NODE_CLASS_MAPPINGS["MetaCanvasMLLMLoader"], mllm_folder="tiny-qwen2_5-vl.safetensors", dtype="fp32"
+        )
+        return mllm
+
+    def metacanvas(pack, mllm, model, checkpoint_trained: bool):
+        (mc,) = run(
+            pack.NODE_CLASS_MAPPINGS["MetaCanvasConnectorLoader"],
+            mllm=mllm,
+            checkpoint="new (untrained)",
+            context="mllm",
+            model=model,
+        )
+        if checkpoint_trained:
+            trained(mc.model)
+        return mc
+
+    def apply(pack, model, mc):
+        (patched,) = run(pack.NODE_CLASS_MAPPINGS["MetaCanvasApply"], model=model, metacanvas=mc)
+        return patched
+
+    WAN_LATENT = torch.zeros(1, 48, 3, 4, 4)  # 9 frames of 64×64: the canvas grid is 3 keyframes × 1×1
+    FLUX_LATENT = torch.zeros(1, 16, 8, 8)  # 64×64
+
+    def kontext(conditioning_, reference):
+        return [[t, {**d, "reference_latents": [reference]}] for t, d in conditioning_]
+
+    # --- the tests --------------------------------------------------------------------------------------------------
+    def test_untrained_canvas_leaves_native_wan_exact(pack, mllm, wan):
+        model, _ = wan
+        mc = metacanvas(pack, mllm, model, False)
+        positive, with_canvas, negative = conditioning(pack, plan_for(pack, mllm, mc, 64, 64), mc)
+        plain = ksample(model, positive, negative, WAN_LATENT)
+        patched = ksample(apply(pack, model, mc), with_canvas, negative, WAN_LATENT)
+        assert torch.equal(plain, patched)
+        assert plain.std() > 0
+
+    def test_untrained_canvas_leaves_native_flux_kontext_exact(pack, mllm, flux):
+        mc = metacanvas(pack, mllm, flux, False)
+        positive, with_canvas, negative = conditioning(
+            pack, plan_for(pack, mllm, mc, 64, 64, torch.rand(1, 64, 64, 3)), mc
+        )
+        reference = torch.randn(1, 16, 8, 8)
+        plain = ksample(flux, kontext(positive, reference), kontext(negative, reference), FLUX_LATENT)
+        patched = ksample(
+            apply(pack, flux, mc), kontext(with_canvas, reference), kontext(negative, reference), FLUX_LATENT
+        )
+        assert torch.equal(plain, patched)
+
+    def _first_block_inputs(block, fn):
+        seen = []
+
+        def hook(_module, args, kwargs):  # the image stream entering the block (Wan: x; FLUX: img)
+            seen.append((args[0] if args else kwargs.get("x", kwargs.get("img"))).clone())
+
+        handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            fn()
+        finally:
+            handle.remove()
+        return seen
+
+    def changed_row(plain: list, canvas: list):
+        """The one batch row (of all model calls, in order) the canvas changed, before and after."""
+        assert [x.shape for x in plain] == [x.shape for x in canvas]
+        rows = [(a[r], b[r]) for a, b in zip(plain, canvas, strict=True) for r in range(a.shape[0])]
+        changed = [(a, b) for a, b in rows if not torch.equal(a, b)]
+        assert len(changed) == 1, f"{len(changed)} of {len(rows)} rows changed"
+        return changed[0]
+
+    def test_a_trained_canvas_lands_only_on_positive_noisy_tokens_of_wan(pack, mllm, wan):
+        """Image-to-video (frame 0 given, timestep 0): with the canvas, the batched positive rows change on frames 1..,
+        frame 0's tokens and every negative row stay bit for bit; the sample differs."""
+        model, _ = wan
+        mc = metacanvas(pack, mllm, model, True)
+        plan = plan_for(pack, mllm, mc, 64, 64, torch.rand(1, 64, 64, 3), role="first frame")
+        positive, with_canvas, negative = conditioning(pack, plan, mc)
+        mask = torch.ones(1, 1, 3, 4, 4)
+        mask[:, :, 0] = 0  # Wan22ImageToVideoLatent's noise mask: frame 0 is the given image
+        latent = torch.randn(1, 48, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * mask.logical_not()
+        blocks = model.model.diffusion_model.blocks[0]
+        plain = _first_block_inputs(
+            blocks, lambda: ksample(model, positive, negative, latent, steps=1, noise_mask=mask)
+        )
+        patched_model = apply(pack, model, mc)
+        on = _first_block_inputs(
+            patched_model.model.diffusion_model.blocks[0],
+            lambda: ksample(patched_model, with_canvas, negative, latent, steps=1, noise_mask=mask),
+        )
+        a, b = changed_row(plain, on)  # the positive row: every negative row (batched or not) stays bit for bit
+        per_frame = 2 * 2
+        assert torch.equal(a[:per_frame], b[:per_frame])  # the given first frame untouched
+        assert not torch.allclose(a[per_frame:], b[per_frame:])
+        assert not torch.equal(
+            ksample(model, positive, negative, latent, noise_mask=mask),
+            ksample(patched_model, with_canvas, negative, latent, noise_mask=mask),
+        )
+
+    def test_a_trained_canvas_never_touches_kontext_reference_tokens(pack, mllm, flux):
+        mc = metacanvas(pack, mllm, flux, True)
+        positive, with_canvas, negative = conditioning(
+            pack, plan_for(pack, mllm, mc, 64, 64, torch.rand(1, 64, 64, 3)), mc
+        )
+        reference = torch.randn(1, 16, 8, 8)
+        block = flux.model.diffusion_model.double_blocks[0]
+        patched = apply(pack, flux, mc)
+        seen = {}
+        for name, model, pos in (("plain", flux, positive), ("canvas", patched, with_canvas)):
+            seen[name] = _first_block_inputs(
+                model.model.diffusion_model.double_blocks[0] if name == "canvas" else block,
+                lambda m=model, p=pos: ksample(
+                    m, kontext(p, reference), kontext(negative, reference), FLUX_LATENT, steps=1
+                ),
+            )
+        a, b = changed_row(seen["plain"], seen["canvas"])
+        n_target = 4 * 4
+        assert a.shape[0] == 2 * n_target  # target tokens, then the reference's
+        assert not torch.allclose(a[:n_target], b[:n_target]) and torch.equal(a[n_target:], b[n_target:])
+
+    def test_the_residual_equals_the_pack_paths(pack, mllm, wan, tiny):
+        """The same plan, latents and timestep: the residual native Wan gets inside ComfyUI equals the one the pack's
+        WanBackbone adds to the same weights (diffusers). Both run `add_to_patch_embedding` on patch embeddings of the
+        same fp32 Conv3d weights; measured bit-equal here, asserted to 1e-6 (the convolutions are different calls)."""
+        from diffusers import AutoencoderKLWan
+
+        model, diffusers_wan = wan
+        mc = metacanvas(pack, mllm, model, True)
+        plan = plan_for(pack, mllm, mc, 64, 64)
+        mcm = mc.model
+        with torch.no_grad():
+            aligned = align_canvas(mcm.canvas_connector, plan.canvas, plan.grid)
+            x = torch.randn(1, 48, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+            sigma = torch.tensor([0.7])
+            context = torch.randn(1, 5, 4096, generator=torch.Generator().manual_seed(2))
+            # The pack's side: WanBackbone.predict on the diffusers transformer.
+            vae = AutoencoderKLWan(
+                base_dim=8,
+                z_dim=48,
+                dim_mult=[1, 1, 1, 1],
+                num_res_blocks=1,
+                is_residual=True,
+                patch_size=2,
+                in_channels=12,
+                out_channels=12,
+                scale_factor_spatial=16,
+                scale_factor_temporal=4,
+                latents_mean=[0.0] * 48,
+                latents_std=[1.0] * 48,
+            )
+            backbone = WanBackbone("tiny", diffusers_wan, vae, {})
+            canvas = CanvasInjection.on_tokens(mcm.canvas_connector, aligned, (3, 2, 2), slice(0, 1))
+            text = TextContext(context, torch.ones(1, 5, dtype=torch.long))
+            block = diffusers_wan.blocks[0]
+            pack_on = _first_block_inputs(block, lambda: backbone.predict(x, sigma * 1000, Branch(text, canvas)))
+            pack_off = _first_block_inputs(block, lambda: backbone.predict(x, sigma * 1000, Branch(text)))
+            # ComfyUI's side: the native model through the patch's wrapper, as a sampler calls it.
+            from metacanvas_pack.nodes.native import RUN_KEY, CanvasRun, MetaCanvasPatch, NativeCanvas, native_spec
+
+            patch = MetaCanvasPatch(mcm, native_spec(model))
+            uuid = object()
+            run_ = CanvasRun({uuid: NativeCanvas(aligned, mcm.name)})
+            dm = model.model.diffusion_model
+
+            def native(with_run):
+                options = {"uuids": [uuid], "sigmas": sigma, "wrappers": {}}
+                if with_run:
+                    options[RUN_KEY] = run_
+                executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(
+                    dm._forward, dm, [patch.diffusion_model]
+                )
+                return executor.execute(x, sigma * 1000, context, None, None, options)
+
+            native_on = _first_block_inputs(dm.blocks[0], lambda: native(True))
+            native_off = _first_block_inputs(dm.blocks[0], lambda: native(False))
+        assert torch.equal(pack_off[0], native_off[0])  # the same patch embeddings on both sides
+        pack_residual, native_residual = pack_on[0] - pack_off[0], native_on[0] - native_off[0]
+        assert pack_residual.abs().max() > 0
+        torch.testing.assert_close(native_residual, pack_residual, rtol=0, atol=1e-6)
+        print(f"residual: max |pack − native| = {(pack_residual - native_residual).abs().max().item():.3g}")
+
+    def test_strength_zero_and_a_zero_mask_are_no_canvas(pack, mllm, wan):
+        model, _ = wan
+        mc = metacanvas(pack, mllm, model, True)
+        plan = plan_for(pack, mllm, mc, 64, 64)
+        positive, _, negative = conditioning(pack, plan, mc)
+        plain = ksample(model, positive, negative, WAN_LATENT)
+        patched = apply(pack, model, mc)
+        for kw in ({"strength": 0.0}, {"mask": torch.zeros(1, 64, 64)}):
+            _, with_canvas, _ = conditioning(pack, plan, mc, **kw)
+            assert torch.equal(ksample(patched, with_canvas, negative, WAN_LATENT), plain), kw
+        half = torch.zeros(1, 64, 64)
+        half[:, :, :32] = 1
+        _, masked, _ = conditioning(pack, plan, mc, mask=half)
+        assert not torch.equal(ksample(patched, masked, negative, WAN_LATENT), plain)
+
+    def test_lora_and_fp8_models_take_the_patch(pack, mllm, wan, tmp_path):
+        """A LoRA-style weight patch (as core LoRA loaders add) and fp8 weights (weight_dtype): the patched model still
+        samples, the canvas still changes the result, and the weights keep their names."""
+        model, diffusers_wan = wan
+        mc = metacanvas(pack, mllm, model, True)
+        positive, with_canvas, negative = conditioning(pack, plan_for(pack, mllm, mc, 64, 64), mc)
+        lora = model.clone()
+        key = "diffusion_model.blocks.0.self_attn.q.weight"
+        lora.add_patches({key: (torch.randn(128, 128) * 0.05,)}, 1.0)
+        for variant in (lora,):
+            plain = ksample(variant, positive, negative, WAN_LATENT)
+            patched = apply(pack, variant, mc)
+            assert key in patched.model.state_dict() or key in dict(patched.model.named_parameters())
+            assert not torch.equal(ksample(patched, with_canvas, negative, WAN_LATENT), plain)
+        path = tmp_path / "wan_fp8.safetensors"
+        save_file({k: v.contiguous() for k, v in wan_original_state(diffusers_wan.state_dict()).items()}, str(path))
+        fp8 = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float8_e4m3fn})
+        assert fp8.model.diffusion_model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+        plain = ksample(fp8, positive, negative, WAN_LATENT)
+        assert not torch.equal(ksample(apply(pack, fp8, mc), with_canvas, negative, WAN_LATENT), plain)
+
+    def test_apply_refuses_models_it_cannot_patch(pack, mllm, wan):
+        from metacanvas_core.errors import MetaCanvasInputError
+
+        schnell = native_flux({**FLUX_CONFIG, "guidance_embed": False})
+        model, _ = wan
+        mc = metacanvas(pack, mllm, model, False)
+        with pytest.raises(MetaCanvasInputError, match=r"this MODEL is Flux \(Flux\)"):
+            apply(pack, schnell, mc)
+        flux_mc = metacanvas(pack, mllm, native_flux(), False)
+        with pytest.raises(MetaCanvasInputError, match="made for a flux_kontext backbone.*is wan"):
+            apply(pack, model, flux_mc)
+        with pytest.raises(MetaCanvasInputError, match="already on this model"):
+            apply(pack, apply(pack, model, mc), mc)
+
+    def test_flux_canvas_needs_a_reference_image(pack, mllm, flux):
+        from metacanvas_core.errors import MetaCanvasInputError
+
+        mc = metacanvas(pack, mllm, flux, True)
+        _, with_canvas, negative = conditioning(pack, plan_for(pack, mllm, mc, 64, 64, torch.rand(1, 64, 64, 3)), mc)
+        with pytest.raises(
+            MetaCanvasInputError, match="no reference image: give it the image to edit with the core ReferenceLatent"
+        ):
+            ksample(apply(pack, flux, mc), with_canvas, negative, FLUX_LATENT, steps=1)
+
+    def test_the_planner_streams_under_a_tenth_of_its_weights(pack, mllm, wan):
+        """ComfyUI's partial loading with a budget of a tenth of the weights: most layers cast their weights at each
+        call (the lowvram path), and the plan equals the fully loaded one exactly."""
+        mc = metacanvas(pack, mllm, wan[0], True)
+        full = plan_for(pack, mllm, mc, 64, 64)
+        patcher = mllm.parts["mllm"].patcher
+        comfy.model_management.unload_all_models()
+        budget = patcher.model_size() // 10
+        patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=budget)
+        try:
+            cast = [
+                m for m in patcher.model.modules() if getattr(m, "comfy_cast_weights", False) and not any(m.children())
+            ]
+            assert patcher.model.model_lowvram and len(cast) > 10, len(cast)
+            with torch.no_grad():
+                streamed = mc.model.plan(mllm.model, PROMPT, 64, 64, negative_prompt="blurry")
+        finally:
+            patcher.unpatch_model(torch.device("cpu"))
+        assert torch.equal(streamed.canvas, full.canvas) and torch.equal(streamed.context, full.context)
+        print(f"streamed planner: {len(cast)} layers cast per call under a budget of {budget / 2**20:.2f} MiB")
