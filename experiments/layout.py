@@ -43,8 +43,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
+
+from metacanvas_core.training.preview import PixelCodec
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 30)}
 BACKGROUND = (245, 245, 240)
@@ -228,16 +229,8 @@ def judge_all(images, scenes) -> dict[str, float]:
 
 
 # --- the pixel autoencoder --------------------------------------------------------------------
-def pixel_encode(images: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) in 0..1 → (B, 4, H/4, W/4): 4×4 mean in −1..1, plus a zero channel (the DiT has 4)."""
-    x = F.avg_pool2d(images.permute(0, 3, 1, 2).float() * 2 - 1, STRIDE)
-    return torch.cat([x, torch.zeros_like(x[:, :1])], 1)
-
-
-def pixel_decode(latents: torch.Tensor) -> torch.Tensor:
-    """The inverse on the pooled grid: (B, 4, h, w) → (B, 4h, 4w, 3) in 0..1 (nearest upsampling)."""
-    x = F.interpolate(latents[:, :3].float(), scale_factor=STRIDE, mode="nearest")
-    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+# (B, H, W, 3) in 0..1 ↔ (B, 4, H/4, W/4): 4×4 means in −1..1 plus a zero channel (the DiT has 4).
+PIXELS = PixelCodec(STRIDE, 4)
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -370,7 +363,7 @@ def generate(trainer, scenes: list[list[Obj]], use_canvas: bool, s: Settings) ->
             scheduler="flow_euler",
             use_canvas=use_canvas,
         )
-        out.append((pixel_decode(latents)[0].numpy() * 255).round().astype(np.uint8))
+        out.append((PIXELS.decode(latents)[0].numpy() * 255).round().astype(np.uint8))
     for m, mode in zip(modules, modes, strict=True):
         m.train(mode)
     return out
@@ -417,7 +410,7 @@ def run_arm(arm: str, seed: int, manifest: Path, models: dict, out: Path, s: Set
         eval_samples=0,
     )
     config.validate()
-    trainer = Trainer(config, folder, progress=False, encode=pixel_encode)  # the exact pixel autoencoder
+    trainer = Trainer(config, folder, progress=False, encode=PIXELS.encode)  # the exact pixel autoencoder
     test = test[: s.test_prompts]
     curve, losses = [], []
     points = sorted({*range(0 if s.eval_at_start else s.eval_every, s.steps, s.eval_every), s.steps})
@@ -640,7 +633,7 @@ def judge_sanity(data: LayoutData) -> tuple[dict, dict]:
     """The judge on ground-truth test images through the pixel autoencoder, and on shuffled ones."""
     images = [np.asarray(draw(s)) for s in data.test]
     x = torch.from_numpy(np.stack(images)).float() / 255
-    recon = [(im.numpy() * 255).round().astype(np.uint8) for im in pixel_decode(pixel_encode(x))]
+    recon = [(im.numpy() * 255).round().astype(np.uint8) for im in PIXELS.decode(PIXELS.encode(x))]
     shuffled = recon[1:] + recon[:1]
     return judge_all(recon, data.test), judge_all(shuffled, data.test)
 

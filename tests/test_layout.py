@@ -53,9 +53,9 @@ def test_judge_reads_shades_by_hue_and_placement_without_colour():
 
 def test_pixel_autoencoder_round_trip():
     x = torch.rand(2, 48, 48, 3)
-    z = layout.pixel_encode(x)
+    z = layout.PIXELS.encode(x)
     assert z.shape == (2, 4, 12, 12)
-    assert torch.allclose(layout.pixel_encode(layout.pixel_decode(z)), z, atol=1e-6)
+    assert torch.allclose(layout.PIXELS.encode(layout.PIXELS.decode(z)), z, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone, Branch, CanvasInjection, TextContext
-from ..conditioning import align_canvas, mllm_context
+from ..conditioning import align_canvas, mllm_context, text_pooled
 from ..errors import MetaCanvasInputError
 from ..inputs import ContextSource
 from ..metacanvas import MetaCanvas
@@ -158,7 +158,7 @@ class FlowMatchingObjective(nn.Module):
                     states.append(prompt_states[j].detach())
                 else:
                     states.append(planner.prompt_states(batch.texts[i] if i in kept else "", batch.inputs[i]))
-        return mllm_context(mc.context_connector, [s.to(backbone.device) for s in states], backbone.default_pooled())
+        return mllm_context(mc.context_connector, [s.to(backbone.device) for s in states], text_pooled(mc, backbone))
 
     def references(self, batch: Batch, i: int):
         """The backbone's own inputs for sample i (FLUX-Kontext reference tokens, Wan first frame/references/source)."""

@@ -124,19 +124,23 @@ class Trainer:
         self.mllm_folder = self._model_folder(c.mllm)
         self.backbone_folder = self._model_folder(c.backbone)
         self.planner = Planner.from_folder(self.mllm_folder, dtype=frozen, device=self.device)
-        self.backbone: Backbone = load_backbone(
-            self.backbone_folder, dtype=torch.float32 if self.trains_dit else frozen, device=self.device
-        )
         torch.manual_seed(c.seed)  # the global RNG (dropout in LoRAs and connectors) follows the recipe
+        source = c.context_source or (ContextSource.MLLM if "context_connector" in c.trainable else None)
         if c.init_checkpoint:
             self.mc = load_metacanvas(resolve_path(c.init_checkpoint), self.device)
-        else:
-            source = c.context_source or (
-                ContextSource.MLLM
-                if "context_connector" in c.trainable
-                else default_context_source(self.backbone.has_text_encoder)
-            )
-            self.mc = new_metacanvas(self.planner.hidden_size, self.backbone.spec, source, seed=c.seed)
+            source = self.mc.config.context_source
+        # With MLLM context the backbone's own text encoder is never used: not loaded (FLUX still reads CLIP-L for
+        # the pooled vector of the empty prompt).
+        self.backbone: Backbone = load_backbone(
+            self.backbone_folder,
+            dtype=torch.float32 if self.trains_dit else frozen,
+            device=self.device,
+            text_encoder=source != ContextSource.MLLM,
+        )
+        if not c.init_checkpoint:
+            source = source or default_context_source(self.backbone.has_text_encoder)
+            pooled = self.backbone.default_pooled()  # FLUX with MLLM context: stored with the checkpoint
+            self.mc = new_metacanvas(self.planner.hidden_size, self.backbone.spec, source, seed=c.seed, pooled=pooled)
         if c.init_from:
             init_modules(self.mc, {k: resolve_path(v) for k, v in c.init_from.items()})
         self.mc.check_compatible(
