@@ -140,7 +140,8 @@ def _source(wf, node, input_name):
 
 
 def test_every_workflow_has_its_content_checked():
-    assert {p.name for p in WORKFLOWS} == set(CONTENT) | {"text_to_image.json"}
+    native = {f"{name}.json" for name in NATIVE}
+    assert {p.name for p in WORKFLOWS} == set(CONTENT) | {"text_to_image.json"} | native
 
 
 @pytest.mark.parametrize("name", CONTENT)
@@ -313,3 +314,55 @@ def test_validator_reports_a_broken_video_workflow(breakage, specs):
     mutate(broken)
     errors = validate(broken, specs)
     assert any(expected in e for e in errors), errors
+
+
+# --- the native graphs (core loaders + MetaCanvas Apply), written by tests/support/native_workflows.py -------------
+NATIVE = {
+    "native_text_to_video": ("wan2.2_ti2v_5B_fp16.safetensors", "wan2.2_vae.safetensors", "KSampler"),
+    "native_image_to_video": ("wan2.2_ti2v_5B_fp16.safetensors", "wan2.2_vae.safetensors", "KSampler"),
+    "native_video_editing": ("wan2.2_ti2v_5B_fp16.safetensors", "wan2.2_vae.safetensors", "KSampler"),
+    "native_in_context_video": ("wan2.2_ti2v_5B_fp16.safetensors", "wan2.2_vae.safetensors", "KSampler"),
+    "native_image_editing": ("flux1-dev-kontext_fp8_scaled.safetensors", "ae.safetensors", "SamplerCustomAdvanced"),
+}
+
+
+def test_native_workflows_are_the_generated_ones(specs):
+    """Edit tests/support/native_workflows.py, then `cd tests && python -m support.native_workflows`."""
+    from support.native_workflows import native_workflows
+
+    for name, wf in native_workflows(specs).items():
+        assert load(ROOT / "workflows" / f"{name}.json") == json.loads(json.dumps(wf)), name
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_native_workflow_content(name, specs):
+    unet_file, vae_file, sampler_type = NATIVE[name]
+    wf = load(ROOT / "workflows" / f"{name}.json")
+    assert validate(wf, specs) == []
+    nodes = {n["type"]: n for n in wf["nodes"]}
+    assert nodes["UNETLoader"]["widgets_values"] == [unet_file, "default"]
+    assert nodes["VAELoader"]["widgets_values"] == [vae_file]
+    assert nodes["MetaCanvasMLLMLoader"]["widgets_values"] == [QWEN_FILE, "auto", "default"]
+    assert not {"CLIPLoader", "DualCLIPLoader", "CLIPTextEncode"} & set(nodes)  # the text comes from the MLLM
+    for loader in ("UNETLoader", "VAELoader", "MetaCanvasMLLMLoader"):  # download hints, as native templates have
+        (model,) = nodes[loader]["properties"]["models"]
+        assert model["name"] == nodes[loader]["widgets_values"][0] and model["url"].startswith(
+            "https://huggingface.co/"
+        )
+        assert model["url"].endswith("/" + model["name"]) and model["directory"] in (
+            "diffusion_models",
+            "vae",
+            "text_encoders",
+        )
+    # Wiring: UNET -> Apply -> (sampling); Plan -> Text Conditioning -> Attach Canvas -> ... -> the sampler's positive
+    apply, attach = nodes["MetaCanvasApply"], nodes["MetaCanvasAttachCanvas"]
+    assert _source(wf, apply, "model")[0]["type"] == "UNETLoader"
+    assert _source(wf, nodes["MetaCanvasConnectorLoader"], "model")[0]["type"] == "UNETLoader"
+    assert _source(wf, attach, "conditioning") == (nodes["MetaCanvasTextConditioning"], "positive")
+    assert nodes[sampler_type] and attach["widgets_values"] == [1.0]
+    api = to_api(wf, specs)
+    assert "Note" not in {n["class_type"] for n in api.values()}
+    assert nodes["MetaCanvasConnectorLoader"]["widgets_values"] == [UNTRAINED, "auto"]
+    note = nodes["Note"]["widgets_values"][0]
+    for needle in (unet_file, vae_file, QWEN_FILE, "models/metacanvas/", UNTRAINED, "context to 'native'"):
+        assert needle in note, needle

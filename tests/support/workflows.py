@@ -59,12 +59,276 @@ CORE_NODES = {
         },
         (),
     ),
+    # The native graphs' core nodes (ComfyUI 0.3.64's /object_info, tooltips left out).
+    "UNETLoader": (
+        {"required": {"unet_name": ([],), "weight_dtype": (["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"],)}},
+        ("MODEL",),
+    ),
+    "VAELoader": ({"required": {"vae_name": (["pixel_space"],)}}, ("VAE",)),
+    "KSampler": (
+        {
+            "required": {
+                "model": ("MODEL",),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 18446744073709551615, "control_after_generate": True}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "sampler_name": (
+                    [
+                        "euler",
+                        "euler_cfg_pp",
+                        "euler_ancestral",
+                        "euler_ancestral_cfg_pp",
+                        "heun",
+                        "heunpp2",
+                        "dpm_2",
+                        "dpm_2_ancestral",
+                        "lms",
+                        "dpm_fast",
+                        "dpm_adaptive",
+                        "dpmpp_2s_ancestral",
+                        "dpmpp_2s_ancestral_cfg_pp",
+                        "dpmpp_sde",
+                        "dpmpp_sde_gpu",
+                        "dpmpp_2m",
+                        "dpmpp_2m_cfg_pp",
+                        "dpmpp_2m_sde",
+                        "dpmpp_2m_sde_gpu",
+                        "dpmpp_2m_sde_heun",
+                        "dpmpp_2m_sde_heun_gpu",
+                        "dpmpp_3m_sde",
+                        "dpmpp_3m_sde_gpu",
+                        "ddpm",
+                        "lcm",
+                        "ipndm",
+                        "ipndm_v",
+                        "deis",
+                        "res_multistep",
+                        "res_multistep_cfg_pp",
+                        "res_multistep_ancestral",
+                        "res_multistep_ancestral_cfg_pp",
+                        "gradient_estimation",
+                        "gradient_estimation_cfg_pp",
+                        "er_sde",
+                        "seeds_2",
+                        "seeds_3",
+                        "sa_solver",
+                        "sa_solver_pece",
+                        "ddim",
+                        "uni_pc",
+                        "uni_pc_bh2",
+                    ],
+                ),
+                "scheduler": (
+                    [
+                        "simple",
+                        "sgm_uniform",
+                        "karras",
+                        "exponential",
+                        "ddim_uniform",
+                        "beta",
+                        "normal",
+                        "linear_quadratic",
+                        "kl_optimal",
+                    ],
+                ),
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "latent_image": ("LATENT",),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            }
+        },
+        ("LATENT",),
+    ),
+    "VAEDecode": ({"required": {"samples": ("LATENT",), "vae": ("VAE",)}}, ("IMAGE",)),
+    "VAEEncode": ({"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}, ("LATENT",)),
+    "CreateVideo": (
+        {
+            "required": {
+                "images": ("IMAGE",),
+                "fps": ("FLOAT", {"default": 30.0, "min": 1.0, "max": 120.0, "step": 1.0}),
+            },
+            "optional": {"audio": ("AUDIO",)},
+        },
+        ("VIDEO",),
+    ),
+    "Wan22ImageToVideoLatent": (
+        {
+            "required": {
+                "vae": ("VAE",),
+                "width": ("INT", {"default": 1280, "min": 32, "max": 16384, "step": 32}),
+                "height": ("INT", {"default": 704, "min": 32, "max": 16384, "step": 32}),
+                "length": ("INT", {"default": 49, "min": 1, "max": 16384, "step": 4}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
+            },
+            "optional": {"start_image": ("IMAGE",)},
+        },
+        ("LATENT",),
+    ),
+    "ModelSamplingSD3": (
+        {
+            "required": {
+                "model": ("MODEL",),
+                "shift": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+            }
+        },
+        ("MODEL",),
+    ),
+    "FluxKontextImageScale": ({"required": {"image": ("IMAGE",)}}, ("IMAGE",)),
+    "ReferenceLatent": (
+        {"required": {"conditioning": ("CONDITIONING",)}, "optional": {"latent": ("LATENT",)}},
+        ("CONDITIONING",),
+    ),
+    "FluxGuidance": (
+        {
+            "required": {
+                "conditioning": ("CONDITIONING",),
+                "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1}),
+            }
+        },
+        ("CONDITIONING",),
+    ),
+    "DualCFGGuider": (
+        {
+            "required": {
+                "model": ("MODEL",),
+                "cond1": ("CONDITIONING",),
+                "cond2": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "cfg_conds": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "cfg_cond2_negative": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "style": (["regular", "nested"],),
+            }
+        },
+        ("GUIDER",),
+    ),
+    "SamplerCustomAdvanced": (
+        {
+            "required": {
+                "noise": ("NOISE",),
+                "guider": ("GUIDER",),
+                "sampler": ("SAMPLER",),
+                "sigmas": ("SIGMAS",),
+                "latent_image": ("LATENT",),
+            }
+        },
+        ("LATENT", "LATENT"),
+        ("output", "denoised_output"),
+    ),
+    "KSamplerSelect": (
+        {
+            "required": {
+                "sampler_name": (
+                    [
+                        "euler",
+                        "euler_cfg_pp",
+                        "euler_ancestral",
+                        "euler_ancestral_cfg_pp",
+                        "heun",
+                        "heunpp2",
+                        "dpm_2",
+                        "dpm_2_ancestral",
+                        "lms",
+                        "dpm_fast",
+                        "dpm_adaptive",
+                        "dpmpp_2s_ancestral",
+                        "dpmpp_2s_ancestral_cfg_pp",
+                        "dpmpp_sde",
+                        "dpmpp_sde_gpu",
+                        "dpmpp_2m",
+                        "dpmpp_2m_cfg_pp",
+                        "dpmpp_2m_sde",
+                        "dpmpp_2m_sde_gpu",
+                        "dpmpp_2m_sde_heun",
+                        "dpmpp_2m_sde_heun_gpu",
+                        "dpmpp_3m_sde",
+                        "dpmpp_3m_sde_gpu",
+                        "ddpm",
+                        "lcm",
+                        "ipndm",
+                        "ipndm_v",
+                        "deis",
+                        "res_multistep",
+                        "res_multistep_cfg_pp",
+                        "res_multistep_ancestral",
+                        "res_multistep_ancestral_cfg_pp",
+                        "gradient_estimation",
+                        "gradient_estimation_cfg_pp",
+                        "er_sde",
+                        "seeds_2",
+                        "seeds_3",
+                        "sa_solver",
+                        "sa_solver_pece",
+                        "ddim",
+                        "uni_pc",
+                        "uni_pc_bh2",
+                    ],
+                )
+            }
+        },
+        ("SAMPLER",),
+    ),
+    "BasicScheduler": (
+        {
+            "required": {
+                "model": ("MODEL",),
+                "scheduler": (
+                    [
+                        "simple",
+                        "sgm_uniform",
+                        "karras",
+                        "exponential",
+                        "ddim_uniform",
+                        "beta",
+                        "normal",
+                        "linear_quadratic",
+                        "kl_optimal",
+                    ],
+                ),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            }
+        },
+        ("SIGMAS",),
+    ),
+    "RandomNoise": (
+        {
+            "required": {
+                "noise_seed": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 18446744073709551615, "control_after_generate": True},
+                )
+            }
+        },
+        ("NOISE",),
+    ),
+    "EmptySD3LatentImage": (
+        {
+            "required": {
+                "width": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16}),
+                "height": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
+            }
+        },
+        ("LATENT",),
+    ),
+    "LoadImageMask": (
+        {
+            "required": {
+                "image": (["example.png"], {"image_upload": True}),
+                "channel": (["alpha", "red", "green", "blue"],),
+            }
+        },
+        ("MASK",),
+    ),
     "Note": ({"required": {"text": ("STRING", {"multiline": True})}}, ()),
     "MarkdownNote": ({"required": {"text": ("STRING", {"multiline": True})}}, ()),
 }
 VIRTUAL_NODES = {"Note", "MarkdownNote"}
 # Combos listing model files: a shared workflow names the real model, which need not be installed here.
 MODEL_CHOICES = {
+    ("UNETLoader", "unet_name"),
+    ("VAELoader", "vae_name"),
+    ("LoadImageMask", "image"),
     ("MetaCanvasMLLMLoader", "mllm_folder"),
     ("MetaCanvasBackboneLoader", "backbone_folder"),
     ("MetaCanvasConnectorLoader", "checkpoint"),
