@@ -23,14 +23,12 @@ from typing import TYPE_CHECKING
 
 from . import cli
 from .errors import MetaCanvasInputError
+from .schedulers import SCHEDULERS
 
 if TYPE_CHECKING:
     import PIL.Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-# backbones.SCHEDULERS, spelled out so that --help need not import diffusers (a test keeps them equal).
-SCHEDULER_CHOICES = ("dpm_solver_flow", "flow_euler", "unipc_flow")
 
 
 def parser() -> cli.ArgumentParser:
@@ -48,7 +46,7 @@ def parser() -> cli.ArgumentParser:
     p.add_argument("--steps", type=cli.positive_int, default=20)
     p.add_argument("--cfg", type=float, default=4.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="dpm_solver_flow")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="dpm_solver_flow")
     p.add_argument("--no-canvas", action="store_true", help="plain backbone, for A/B comparison")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--out", type=Path, default=Path("metacanvas.png"), help="image file (.png, .jpg, .webp, ...)")

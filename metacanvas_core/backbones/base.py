@@ -27,8 +27,7 @@ from ..canvas import CanvasGrid, canvas_grid_for, interpolate_canvas
 from ..connectors import CanvasConnector, ConditionEmbedding
 from ..errors import MetaCanvasInputError
 from ..inputs import VisualInputs
-
-SCHEDULERS = ("dpm_solver_flow", "flow_euler", "unipc_flow")
+from ..schedulers import SCHEDULERS
 
 
 @dataclass(frozen=True)
