@@ -86,20 +86,17 @@ def _count(module: torch.nn.Module) -> int:
 
 def plan(config: TrainConfig) -> MemoryPlan:
     """Build the recipe's models on the meta device (no weights, no memory) and count what it trains and holds."""
-    import diffusers
     from peft import LoraConfig, inject_adapter_in_model
-    from transformers import Gemma2Config, Gemma2Model, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from ..backbones import BACKBONES
 
-    mllm_cfg = realconfigs.load(shipped_config(config.mllm))
-    cfg = realconfigs.load(shipped_config(config.backbone))
+    stem = shipped_config(config.backbone)
+    cfg = realconfigs.load(stem)
     kind = next(k for k, cls in BACKBONES.items() if cfg["model_index"]["_class_name"] in cls.pipeline_class_names)
+    mllm = realconfigs.build(shipped_config(config.mllm))
+    transformer, vae = realconfigs.build(f"{stem}/transformer"), realconfigs.build(f"{stem}/vae")
+    text_encoder = realconfigs.build(f"{stem}/text_encoder") if "text_encoder" in cfg else None
     with torch.device("meta"):
-        mllm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**mllm_cfg))
-        transformer = getattr(diffusers, cfg["transformer"]["_class_name"]).from_config(cfg["transformer"])
-        vae = getattr(diffusers, cfg["vae"]["_class_name"]).from_config(cfg["vae"])
-        text_encoder = Gemma2Model(Gemma2Config(**cfg["text_encoder"])) if "text_encoder" in cfg else None
         extra = (text_encoder, None) if kind == "sana" else ()
         backbone = BACKBONES[kind](Path(config.backbone).name, transformer, vae, cfg["scheduler"], *extra)
         source = config.context_source or ("native" if kind == "sana" else "mllm")
