@@ -1,0 +1,178 @@
+"""What MetaCanvas costs on ComfyUI's native models: the same native Wan2.2-TI2V-5B / FLUX.1-Kontext MODEL sampled by
+ComfyUI's own sampler (comfy.sample, euler, CFG so both branches run) with and without MetaCanvas Apply, timed per
+step (interleaved repeats, median), and on a GPU the peak memory of each. The connector is random and nonzero, so the
+canvas path really runs. Run with ComfyUI's Python (the pack's benchmark command starts it when it knows ComfyUI):
+
+    python -m experiments.native_step --comfyui PATH/TO/ComfyUI [--size tiny|real] [--steps N] [--repeats N]
+
+tiny: narrow models at small sizes (on CPU this measures the patch's overhead, not model time); real: random weights
+at the real configs (Wan2.2-TI2V-5B at 704×1280×121, FLUX.1-Kontext at 1024² with a 1024² reference), bf16, on a GPU.
+Target (issue 12): with ÷ without ≤ 1.05 per step; memory: + the connector's weights only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HIDDEN = 3584  # Qwen2.5-VL-7B: the canvas states' width
+SIZES = {  # (height, width, frames) of the output
+    ("wan", "tiny"): (64, 64, 9),
+    ("wan", "real"): (704, 1280, 121),
+    ("flux", "tiny"): (64, 64, 1),
+    ("flux", "real"): (1024, 1024, 1),
+}
+
+
+def comfy_modules(comfyui: Path):
+    """ComfyUI's modules, on CPU when no GPU is there; the pack imported as ComfyUI imports a custom node."""
+    sys.path.insert(0, str(comfyui))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = not torch.cuda.is_available()
+    spec = importlib.util.spec_from_file_location(
+        "metacanvas_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["metacanvas_pack"] = pack
+    spec.loader.exec_module(pack)
+    return pack
+
+
+def layout(kind: str, size: str) -> dict[str, torch.Tensor]:
+    """The model's weights as meta tensors in ComfyUI's key layout (what its model detection reads)."""
+    from metacanvas_core import realconfigs
+    from metacanvas_core.tiny import tiny_native_wan, wan_original_state
+
+    if kind == "wan":
+        model = realconfigs.build("wan2_2_ti2v_5b/transformer") if size == "real" else tiny_native_wan()
+        return {k: v.to("meta") for k, v in wan_original_state(model.state_dict()).items()}
+    one_block = json.loads((realconfigs.CONFIG_DIR / "comfyui_layouts" / "flux_dit_1_block.json").read_text())
+    depth = {"double_blocks": 19, "single_blocks": 38} if size == "real" else {"double_blocks": 1, "single_blocks": 1}
+    state = {}
+    for key, shape in one_block.items():
+        group, _, rest = key.partition(".0.")
+        for i in range(depth.get(group, 1) if rest else 1):
+            state[f"{group}.{i}.{rest}" if rest else key] = torch.empty(shape, device="meta")
+    return state
+
+
+def native_model(kind: str, size: str, device: torch.device, dtype: torch.dtype):
+    """ComfyUI's own model class for the layout (its detection picks it), random weights, in a ModelPatcher."""
+    import comfy.model_detection
+    import comfy.model_patcher
+
+    state = layout(kind, size)
+    config = comfy.model_detection.model_config_from_unet(state, "")
+    config.set_inference_dtype(dtype, None)
+    base = config.get_model(state, "", device=device)
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for p in base.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).mul_(0.02).to(p.dtype))
+    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+
+
+def conditioning(pack, model, kind: str, hw: tuple[int, int]):
+    """Random text conditioning; the same with a random plan's canvas (nonzero connector) attached; the checkpoint."""
+    from metacanvas_core.conditioning import align_canvas
+    from metacanvas_core.metacanvas import new_metacanvas
+
+    native = sys.modules["metacanvas_pack.nodes.native"]
+    runtime, widgets = sys.modules["metacanvas_pack.nodes.runtime"], sys.modules["metacanvas_pack.nodes.widgets"]
+    mc = new_metacanvas(HIDDEN, native.native_spec(model), "mllm")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in (mc.canvas_connector.align_out, mc.canvas_connector.out_proj):  # a stand-in for training
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.02)
+        grid = mc.canvas_grid(*hw)
+        aligned = align_canvas(
+            mc.canvas_connector, torch.randn(1, grid.frames * grid.height * grid.width, HIDDEN, generator=g), grid
+        )
+    extra = {"pooled_output": torch.randn(1, 768, generator=g)} if kind == "flux" else {}
+    text = [[torch.randn(1, 64, 4096, generator=g), extra]]
+    negative = [[torch.randn(1, 64, 4096, generator=g), dict(extra)]]
+    canvas = native.NativeCanvas(aligned, mc.name)
+    with_canvas = [[text[0][0], {**extra, native.CANVAS_KEY: canvas}]]
+    return text, with_canvas, negative, widgets.Loaded(mc, {"metacanvas": runtime.Managed(mc)})
+
+
+def latent_and_refs(kind: str, hw_frames: tuple[int, int, int], device: torch.device):
+    """The empty latent (Wan2.2: 48 channels, /16 spatial, /4 temporal; FLUX: 16, /8) and FLUX's reference latent."""
+    h, w, frames = hw_frames
+    if kind == "wan":
+        return torch.zeros(1, 48, (frames - 1) // 4 + 1, h // 16, w // 16), None
+    return torch.zeros(1, 16, h // 8, w // 8), torch.randn(1, 16, h // 8, w // 8)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m experiments.native_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--comfyui", type=Path, required=True, help="the ComfyUI folder (with main.py)")
+    p.add_argument("--size", choices=("tiny", "real"), default="tiny")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    pack = comfy_modules(args.comfyui)
+    import comfy.model_management
+    import comfy.sample
+
+    device = comfy.model_management.get_torch_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    apply = pack.NODE_CLASS_MAPPINGS["MetaCanvasApply"]()
+    print(f"[4] native model with ÷ without MetaCanvas Apply, per step ({args.size}, {device}, {dtype})")
+    for kind in ("wan", "flux"):
+        hwf = SIZES[kind, args.size]
+        model = native_model(kind, args.size, device, dtype)
+        plain, with_canvas, negative, loaded = conditioning(pack, model, kind, hwf[:2])
+        (patched,) = apply.apply(model, loaded)
+        latent, reference = latent_and_refs(kind, hwf, device)
+        if reference is not None:  # Kontext: the reference latent on both branches (the canvas never touches it)
+            plain, with_canvas, negative = (
+                [[t, {**d, "reference_latents": [reference]}] for t, d in c] for c in (plain, with_canvas, negative)
+            )
+        runs = {"without": (model, plain), "with": (patched, with_canvas)}
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        peaks: dict[str, int] = {}
+        noise = comfy.sample.prepare_noise(latent, 0)
+        for repeat in range(args.repeats + 1):  # the first round warms up
+            for name, (m, positive) in runs.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                comfy.sample.sample(
+                    m, noise, args.steps, 3.0, "euler", "simple", positive, negative, latent, seed=0, disable_pbar=True
+                )
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    peaks[name] = torch.cuda.max_memory_allocated()
+                if repeat:
+                    times[name].append((time.perf_counter() - start) / args.steps)
+        step = {name: statistics.median(t) for name, t in times.items()}
+        h, w, frames = hwf
+        size = f"{h}×{w}" + (f"×{frames}" if kind == "wan" else "")
+        line = (
+            f"    {kind} {size}: {step['without'] * 1e3:.1f} ms/step without, {step['with'] * 1e3:.1f} ms/step with "
+            f"= {step['with'] / step['without']:.3f}×"
+        )
+        if peaks:
+            connector = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+            line += (
+                f"; peak {peaks['without'] / 2**30:.2f} → {peaks['with'] / 2**30:.2f} GiB "
+                f"(connector weights {connector / 2**30:.2f} GiB)"
+            )
+        print(line)
+        del model, patched, runs
+        comfy.model_management.soft_empty_cache()
+
+
+if __name__ == "__main__":
+    main()
