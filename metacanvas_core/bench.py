@@ -1,6 +1,7 @@
 """Benchmarks that print figures (speed claims live here, not in tests).
 
-    python -m metacanvas_core.bench [--sana FOLDER --mllm FOLDER] [--repeats N] [--tokens N]
+    python -m metacanvas_core.bench [--sana FOLDER --mllm FOLDER|FILE [--mllm-tokenizer FOLDER]] [--repeats N]
+        [--tokens N]
 
 1. Our sampler vs diffusers' SanaPipeline, per denoising step, same model and prompt embeddings,
    canvas off and on (tiny models unless real folders are given).
@@ -29,7 +30,7 @@ from .connectors import CanvasConnector  # noqa: E402
 from .errors import MetaCanvasInputError  # noqa: E402
 
 
-def sampler_vs_pipeline(mllm: Path, sana_folder: Path, steps: int, repeats: int) -> None:
+def sampler_vs_pipeline(mllm: Path, sana_folder: Path, steps: int, repeats: int, tokenizer: Path | None = None) -> None:
     from diffusers import SanaPipeline
 
     from .backbones import load_backbone
@@ -39,7 +40,7 @@ def sampler_vs_pipeline(mllm: Path, sana_folder: Path, steps: int, repeats: int)
     from .sampling import sample
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    planner, sana = Planner.from_folder(mllm, device=device), load_backbone(sana_folder, device=device)
+    planner, sana = Planner.load(mllm, device=device, tokenizer=tokenizer), load_backbone(sana_folder, device=device)
     h, w = sana.default_size
     prompt = "a red cube left of a blue ball on a wooden table"
     conds = {}
@@ -192,7 +193,7 @@ def connector_share(tokens: int, repeats: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.ArgumentParser(prog="python -m metacanvas_core.bench", description=__doc__)
-    p.add_argument("--mllm", type=Path, help="Qwen2.5-VL folder for [1] (with --sana)")
+    cli.add_mllm_options(p, " for [1] (with --sana)")
     p.add_argument("--sana", type=Path, help="SANA diffusers folder for [1] (with --mllm)")
     p.add_argument("--steps", type=cli.positive_int, default=10)
     p.add_argument("--repeats", type=cli.positive_int, default=3)
@@ -203,17 +204,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_all(args: argparse.Namespace) -> None:
     """[1] on the given models (or tiny random ones when none are given), then [2] and [3]."""
-    real = cli.all_or_none({"--mllm": args.mllm, "--sana": args.sana})
+    real = cli.models_given(args.mllm, args.mllm_tokenizer, args.sana, "--sana")
     if not args.verbose:
         cli.quiet_libraries()
-    if real and cli.check_model_folders(args.mllm, args.sana) != "sana":
+    if real and cli.check_models(args.mllm, args.mllm_tokenizer, args.sana, "--sana") != "sana":
         raise MetaCanvasInputError(f"--sana '{args.sana}' is not a SANA pipeline folder.")
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
     )
     if real:
-        sampler_vs_pipeline(args.mllm, args.sana, args.steps, args.repeats)
+        sampler_vs_pipeline(args.mllm, args.sana, args.steps, args.repeats, args.mllm_tokenizer)
     else:
         print("(no --sana/--mllm: [1] runs the tiny random models, so it measures per-step overhead, not model time)")
         with cli.tiny_models() as tiny:

@@ -79,6 +79,30 @@ def all_or_none(options: dict[str, object]) -> bool:
     return not missing
 
 
+def add_mllm_options(parser: argparse.ArgumentParser, use: str = "") -> None:
+    """--mllm (a Hugging Face folder or ComfyUI's single file, as the MLLM Loader takes) and --mllm-tokenizer."""
+    parser.add_argument(
+        "--mllm",
+        type=Path,
+        help=f"Qwen2.5-VL: a Hugging Face folder or ComfyUI's single file "
+        f"(models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors or the bf16 one){use}",
+    )
+    parser.add_argument(
+        "--mllm-tokenizer",
+        type=Path,
+        help="tokenizer folder for a --mllm single file (which holds weights only): ComfyUI's "
+        "comfy/text_encoders/qwen25_tokenizer",
+    )
+
+
+def models_given(mllm: Path | None, tokenizer: Path | None, backbone: Path | None, backbone_option: str) -> bool:
+    """`all_or_none` for the MLLM and backbone options; a --mllm-tokenizer without a --mllm is refused too."""
+    real = all_or_none({"--mllm": mllm, backbone_option: backbone})
+    if tokenizer is not None and not real:
+        raise MetaCanvasInputError("--mllm-tokenizer goes with a --mllm single file (and a backbone).")
+    return real
+
+
 def readable_file(path: Path, what: str) -> None:
     """Refuse `path` unless it is a file this process can read, naming `what` and the reason."""
     try:
@@ -94,22 +118,48 @@ def existing_folder(path: Path, what: str) -> None:
         raise MetaCanvasInputError(f"{what} '{path}' is not a folder{'' if path.exists() else ' (it does not exist)'}.")
 
 
-def check_model_folders(mllm: Path, backbone: Path) -> str:
-    """Refuse an MLLM or backbone folder that is missing or is no loadable kind, before any model loads;
-    returns the backbone's kind ("sana", "flux_kontext", "wan")."""
+def check_models(mllm: Path, tokenizer: Path | None, backbone: Path, backbone_option: str = "--backbone") -> str:
+    """Refuse a missing or unreadable MLLM (folder or single file), tokenizer or backbone folder, before any model
+    loads; returns the backbone's kind ("sana", "flux_kontext", "wan")."""
     from .backbones import backbone_class_for
-    from .planner import read_model_config
 
-    existing_folder(mllm, "--mllm")
-    existing_folder(backbone, "--backbone")
-    try:
-        read_model_config(mllm)
-    except json.JSONDecodeError as e:
-        raise MetaCanvasInputError(f"--mllm '{mllm}': its config.json is damaged ({e}).") from None
+    check_mllm(mllm, tokenizer)
+    existing_folder(backbone, backbone_option)
     try:
         return backbone_class_for(backbone).kind
     except json.JSONDecodeError as e:
-        raise MetaCanvasInputError(f"--backbone '{backbone}': its model_index.json is damaged ({e}).") from None
+        raise MetaCanvasInputError(f"{backbone_option} '{backbone}': its model_index.json is damaged ({e}).") from None
+
+
+def check_mllm(mllm: Path, tokenizer: Path | None) -> None:
+    """A Hugging Face folder with a readable config.json, or a readable Qwen2.5-VL single file with a tokenizer:
+    its own (in its metadata) or --mllm-tokenizer's. Only headers are read."""
+    from .files import SafetensorsFile
+    from .planner import read_model_config
+    from .qwen_file import is_qwen25_vl
+
+    if mllm.is_dir():
+        if tokenizer is not None:
+            raise MetaCanvasInputError(f"--mllm-tokenizer is for a single file: the folder '{mllm}' has its own.")
+        try:
+            read_model_config(mllm)
+        except json.JSONDecodeError as e:
+            raise MetaCanvasInputError(f"--mllm '{mllm}': its config.json is damaged ({e}).") from None
+        return
+    if not mllm.exists():
+        raise MetaCanvasInputError(
+            f"--mllm '{mllm}' does not exist: give a Qwen2.5-VL folder or ComfyUI's single file (.safetensors)."
+        )
+    header = SafetensorsFile.open(mllm, "--mllm")
+    if not is_qwen25_vl(header):
+        raise MetaCanvasInputError(f"--mllm '{mllm}' holds {header.describe()}, not Qwen2.5-VL.")
+    if tokenizer is not None:
+        existing_folder(tokenizer, "--mllm-tokenizer")
+    elif "tokenizer" not in header.metadata:
+        raise MetaCanvasInputError(
+            f"--mllm '{mllm}' holds weights only: give --mllm-tokenizer ComfyUI/comfy/text_encoders/qwen25_tokenizer "
+            "(ComfyUI's Qwen2.5 tokenizer folder)."
+        )
 
 
 def positive_int(value: str) -> int:

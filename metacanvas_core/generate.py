@@ -7,6 +7,12 @@
         --mllm models/LLM/Qwen2.5-VL-7B-Instruct --backbone models/diffusers/FLUX.1-Kontext-dev \\
         --checkpoint models/metacanvas/FILE.safetensors --scheduler flow_euler --cfg 3 --image-cfg 1.5
 
+--mllm is a Hugging Face folder or ComfyUI's single file, which takes ComfyUI's tokenizer folder:
+        --mllm ComfyUI/models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors \\
+        --mllm-tokenizer ComfyUI/comfy/text_encoders/qwen25_tokenizer
+
+Paths are plain paths (absolute, or relative to the current folder): no models folder is searched.
+
 --mllm and --backbone go together. With neither (and no --checkpoint) it runs tiny random models written
 to a temporary folder (tiny FLUX-Kontext with --image, tiny SANA without): the image is then noise-like,
 it shows the pipeline works, not what trained models draw. Every input is checked before a model loads;
@@ -35,7 +41,7 @@ def parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m metacanvas_core.generate", description=__doc__)
     p.add_argument("--prompt", default="a red circle at the top left and a blue square at the bottom right")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--mllm", type=Path, help="Qwen2.5-VL folder")
+    cli.add_mllm_options(p)
     p.add_argument("--backbone", type=Path, help="diffusers pipeline folder (SANA, or FLUX.1-Kontext for editing)")
     p.add_argument("--image", type=Path, help="input image: the MLLM sees it; FLUX-Kontext edits it")
     p.add_argument("--guidance", type=float, help="FLUX embedded guidance (default: the pipeline's, 3.5)")
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate(args: argparse.Namespace) -> None:
-    real = cli.all_or_none({"--mllm": args.mllm, "--backbone": args.backbone})
+    real = cli.models_given(args.mllm, args.mllm_tokenizer, args.backbone, "--backbone")
     if args.checkpoint is not None and not real:
         raise MetaCanvasInputError(
             "--checkpoint needs the --mllm and --backbone it was trained with: it cannot run on the tiny random models."
@@ -68,7 +74,7 @@ def generate(args: argparse.Namespace) -> None:
     if not args.verbose:
         cli.quiet_libraries()
     if real:
-        cli.check_model_folders(args.mllm, args.backbone)
+        cli.check_models(args.mllm, args.mllm_tokenizer, args.backbone)
         render(args, image, args.mllm, args.backbone, args.checkpoint)
         return
     kind = "flux_kontext" if image else "sana"
@@ -123,7 +129,7 @@ def render(
     mc = load_metacanvas(checkpoint, device) if checkpoint else None
     if mc is not None and args.width and args.height:
         mc.canvas_grid(args.height, args.width)  # refuses a size the checkpoint cannot plan, before the big loads
-    planner = Planner.from_folder(mllm, dtype, device)
+    planner = Planner.load(mllm, dtype, device, tokenizer=args.mllm_tokenizer)
     backbone = load_backbone(backbone_folder, dtype, device)
     if mc is None:
         mc = new_metacanvas(planner.hidden_size, backbone.spec, default_context_source(backbone.has_text_encoder))
