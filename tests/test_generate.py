@@ -9,9 +9,14 @@ import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
+from metacanvas_core.files import SafetensorsFile
+from metacanvas_core.generate import main
 from metacanvas_core.schedulers import SCHEDULERS
 
 
@@ -95,6 +100,60 @@ def test_cli_checks_the_checkpoint_before_loading_any_model(tmp_path):
     checkpoint.write_bytes(b"half a download")
     result = run("--mllm", str(mllm), "--backbone", str(backbone), "--checkpoint", str(checkpoint))
     assert_one_line_error(result, "deserializing header")
+
+
+def bare_single_file(single_file, path):
+    """`single_file` as ComfyUI's real ones are: weights only, no tokenizer in its metadata."""
+    metadata = {k: v for k, v in SafetensorsFile.open(single_file, "MLLM").metadata.items() if k != "tokenizer"}
+    save_file(load_file(str(single_file)), str(path), metadata=metadata)
+    return path
+
+
+def test_cli_plans_from_a_comfyui_single_file_exactly_as_from_its_folder(tiny, models_dir, tmp_path, monkeypatch):
+    """The tiny planner as ComfyUI's single file (fp32 like its folder, so like is compared with like) gives the
+    folder's image bit for bit, with its own tokenizer or with --mllm-tokenizer; the scaled-fp8 file of the same
+    weights gives another image, so the planner's weights do reach the pixels. Paths relative to the current folder
+    work (the CLI has no models root: issue 17 leaves plain paths to the user)."""
+    assert {t.dtype for t in load_file(str(tiny["mllm_file"])).values()} == {torch.float32}
+    assert {t.dtype for t in load_file(str(tiny["mllm"] / "model.safetensors")).values()} == {torch.float32}
+    bare = bare_single_file(tiny["mllm_file"], tmp_path / "qwen_2.5_vl_tiny.safetensors")
+    monkeypatch.chdir(models_dir)
+    relative = {name: str(tiny[name].relative_to(models_dir)) for name in ("mllm", "mllm_file", "mllm_fp8", "sana")}
+    checkpoint = str(tiny["sana_metacanvas"].relative_to(models_dir))
+    planners = {
+        "folder": ["--mllm", relative["mllm"]],
+        "file": ["--mllm", relative["mllm_file"]],
+        "bare file": ["--mllm", str(bare), "--mllm-tokenizer", relative["mllm"]],
+        "fp8 file": ["--mllm", relative["mllm_fp8"]],
+    }
+    images = {}
+    for name, mllm in planners.items():
+        out = tmp_path / f"{name}.png"
+        args = [*mllm, "--backbone", relative["sana"], "--checkpoint", checkpoint, "--steps", "2", "--out", str(out)]
+        assert main(args) == 0, name
+        images[name] = np.asarray(Image.open(out))
+    assert np.array_equal(images["file"], images["folder"]) and np.array_equal(images["bare file"], images["folder"])
+    assert not np.array_equal(images["fp8 file"], images["folder"])
+
+
+def test_cli_refuses_a_damaged_wrong_or_tokenizerless_single_file_naming_it(tiny, tmp_path, capsys):
+    data = tiny["mllm_file"].read_bytes()
+    damaged = tmp_path / "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+    damaged.write_bytes(data[: len(data) // 2])  # an interrupted download
+    bare = bare_single_file(tiny["mllm_file"], tmp_path / "bare.safetensors")
+    nowhere = tmp_path / "nowhere"
+    cases = [
+        ([damaged], [damaged, "is not a readable .safetensors file", "truncated"]),
+        ([tiny["sana_metacanvas"]], [tiny["sana_metacanvas"], "holds a MetaCanvas checkpoint", "not Qwen2.5-VL"]),
+        ([bare], [bare, "holds weights only: give --mllm-tokenizer"]),
+        ([bare, "--mllm-tokenizer", nowhere], [nowhere, "is not a folder"]),
+        ([tiny["mllm"], "--mllm-tokenizer", tiny["mllm"]], [tiny["mllm"], "is for a single file"]),
+    ]
+    for mllm, words in cases:
+        assert main(["--mllm", *map(str, mllm), "--backbone", str(tiny["sana"])]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --mllm") and err.count("\n") == 1, err
+        assert all(str(word) in err for word in words), err
 
 
 def test_bench_refuses_a_partial_model_pair():
