@@ -56,12 +56,26 @@ def layout(kind: str, size: str) -> dict[str, torch.Tensor]:
         model = realconfigs.build("wan2_2_ti2v_5b/transformer") if size == "real" else tiny_native_wan()
         return {k: v.to("meta") for k, v in wan_original_state(model.state_dict()).items()}
     one_block = json.loads((realconfigs.CONFIG_DIR / "comfyui_layouts" / "flux_dit_1_block.json").read_text())
-    depth = {"double_blocks": 19, "single_blocks": 38} if size == "real" else {"double_blocks": 1, "single_blocks": 1}
-    state = {}
-    for key, shape in one_block.items():
-        group, _, rest = key.partition(".0.")
-        for i in range(depth.get(group, 1) if rest else 1):
-            state[f"{group}.{i}.{rest}" if rest else key] = torch.empty(shape, device="meta")
+    width, heads = one_block["img_in.weight"][0], 24
+    mlp = 4 * width
+    single = {  # BFL's SingleStreamBlock (the shipped layout holds one double block only)
+        "linear1.weight": (3 * width + mlp, width),
+        "linear1.bias": (3 * width + mlp,),
+        "linear2.weight": (width, width + mlp),
+        "linear2.bias": (width,),
+        "norm.query_norm.scale": (width // heads,),
+        "norm.key_norm.scale": (width // heads,),
+        "modulation.lin.weight": (3 * width, width),
+        "modulation.lin.bias": (3 * width,),
+    }
+    doubles, singles = (19, 38) if size == "real" else (1, 1)
+    state = {k: torch.empty(shape, device="meta") for k, shape in one_block.items() if not k.startswith("double_")}
+    for i in range(doubles):
+        for key, shape in one_block.items():
+            if key.startswith("double_blocks.0."):
+                state[key.replace(".0.", f".{i}.", 1)] = torch.empty(shape, device="meta")
+    for i in range(singles):
+        state.update({f"single_blocks.{i}.{k}": torch.empty(shape, device="meta") for k, shape in single.items()})
     return state
 
 
