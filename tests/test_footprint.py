@@ -3,6 +3,7 @@ artists download (Comfy-Org's repackaged single files, sizes from their public d
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,11 @@ def test_a_node_holds_only_its_own_models_and_fp8_only_where_offered():
     # the targets of issue 13: weights within 16 GB (T2V, fp8) and 12 GB (T2I) leave room for activations
     assert footprint.peak("native_text_to_video", "fp8") < 10 and footprint.peak("text_to_image", "fp8") < 8
     assert set(footprint.WORKFLOWS) == {p.stem for p in (Path(__file__).parents[1] / "workflows").glob("*.json")}
+
+
+def test_the_readme_vram_table_is_the_computed_one():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([\d.]+) GiB \| ([\d.]+) GiB \|$", readme, re.MULTILINE)
+    assert {name for name, *_ in rows} == set(footprint.WORKFLOWS)
+    for name, bf16, fp8 in rows:
+        assert (bf16, fp8) == (f"{footprint.peak(name, 'bf16'):.1f}", f"{footprint.peak(name, 'fp8'):.1f}"), name
