@@ -66,19 +66,53 @@ class CanvasEmbedding(nn.Module):
         return torch.cat([self.start[None], tokens.reshape(grid.numel, -1)])
 
 
-def canvas_rope_positions(prev_max: torch.Tensor, grid: CanvasGrid) -> torch.Tensor:
-    """mRoPE (t, h, w) ids of a start marker followed by the canvas, as Qwen2.5-VL gives a visual input.
+CANVAS_POSITIONS = "qwen2.5-vl"
+"""The mRoPE position scheme of the planner's sequence, recorded in every checkpoint (`MetaCanvasConfig`).
 
-    Reference computation for tests; the planner gets the same ids from the model's own
-    `get_rope_index` with the canvas typed as visual. `prev_max` is the last prompt position.
-    Returns (3, 1 + K·H·W).
+[D] The reference Qwen2.5-VL rule, as Qwen's own code computes it (transformers 4.x `get_rope_index`, Qwen's
+qwen-vl-finetune `get_rope_index_25`): text counts on from the last position + 1; a visual grid (t, h, w) typed as
+an image starts at s = last + 1 with temporal id s for every token (images get `second_per_grid_t = 0`), height id
+s + row, width id s + column; text after it continues at the grid's largest id + 1. The canvas is typed as an image,
+so a K-keyframe canvas has one temporal id for all its keyframes (they differ by their learned embeddings and their
+order under causal attention). Why this rule: the paper builds on BLIP3o, which runs Qwen2.5-VL under transformers
+4.x, so this is what its released code would have trained with. transformers 5.x changed it for multi-frame image
+grids (5.3 scaled image temporal ids by `tokens_per_second`, huggingface/transformers#45325; later releases give
+keyframe k the id s + k), so the pack computes the positions itself instead of asking the installed release. For a
+one-frame grid every release agrees, so only video canvases (K > 1) depend on the rule.
+"""
+
+
+def visual_positions(start: int, frames: int, height: int, width: int) -> torch.Tensor:
+    """(3, frames·height·width) mRoPE ids of a visual grid starting at `start` (CANVAS_POSITIONS), frame-major."""
+    _, h, w = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.stack([torch.zeros_like(h).flatten(), h.flatten(), w.flatten()]) + start
+
+
+def sequence_positions(visual: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    """(3, L) mRoPE ids of one sequence (CANVAS_POSITIONS): `visual` (L,) marks visual tokens (1) among text (0);
+    `grids` are the (t, h, w) token grids of its visual runs in order (after the vision merge)."""
+    runs = torch.unique_consecutive(visual, return_counts=True)
+    parts, position, grid = [], 0, iter(grids)
+    for kind, length in zip(*runs, strict=True):
+        if kind:
+            t, h, w = next(grid)
+            if t * h * w != int(length):
+                raise ValueError(f"a visual run of {int(length)} tokens does not fit its grid {(t, h, w)}")
+            block = visual_positions(position, t, h, w)
+        else:
+            block = torch.arange(int(length)).expand(3, -1) + position
+        parts.append(block)
+        position = int(block.max()) + 1
+    return torch.cat(parts, dim=1)
+
+
+def canvas_rope_positions(prev_max: torch.Tensor | int, grid: CanvasGrid) -> torch.Tensor:
+    """mRoPE (t, h, w) ids of a start marker followed by the canvas, after a prompt ending at `prev_max`.
+
+    The marker is text at s = prev_max + 1; the canvas is a visual grid (K, Hc, Wc) at s + 1. Returns (3, 1 + K·H·W).
     """
     s = int(prev_max) + 1
-    k, h, w = torch.meshgrid(
-        torch.arange(grid.frames), torch.arange(grid.height), torch.arange(grid.width), indexing="ij"
-    )
-    canvas = torch.stack([k.flatten(), h.flatten(), w.flatten()]) + s + 1
-    return torch.cat([torch.full((3, 1), s), canvas], dim=1)
+    return torch.cat([torch.full((3, 1), s), visual_positions(s + 1, *grid.as_thw())], dim=1)
 
 
 def interpolate_canvas(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:

@@ -3,7 +3,15 @@
 Tensors: `canvas.*` (canvas embeddings and start marker), `canvas_connector.*`,
 `context_connector.*` (MLLM-context backbones only), `condition_embedding.*` (Wan), `lora.*`
 (optional canvas LoRA, peft key names). Header metadata (strings): format, format_version and each
-field of `MetaCanvasConfig` as JSON.
+field of `MetaCanvasConfig` as JSON, among them `canvas_positions` (the planner's position scheme) and
+`visual_tokens` (the MLLM's token budget per input picture), so inference plans as training did.
+
+Checkpoints from before these two fields: without `visual_tokens` they were trained with the image processor's own
+limit and run with it (None). Without `canvas_positions` they got their canvas positions from the transformers release
+installed when they were trained; for a one-keyframe canvas (SANA, FLUX-Kontext) every release gives the pack's
+positions, so they load; a multi-keyframe (video) one is refused, since its keyframes' temporal ids depended on that
+release (0/1/2 under transformers 5.x since the fix of huggingface/transformers#45325, scaled by tokens_per_second
+in 5.3) and cannot be converted: retrain it.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .canvas import CANVAS_POSITIONS
 from .errors import MetaCanvasInputError
 from .files import SafetensorsFile
 from .metacanvas import MetaCanvas, MetaCanvasConfig
@@ -43,7 +52,26 @@ def config_from_metadata(meta: dict[str, str], path: str) -> MetaCanvasConfig:
         raise MetaCanvasInputError(f"'{path}' lacks the header fields {missing}; the file is damaged.")
     values = {k: json.loads(meta[k]) for k in fields if k in meta}
     values["canvas_grid"] = tuple(values["canvas_grid"])
+    check_canvas_positions(values.get("canvas_positions"), values["canvas_grid"][0], path)
     return MetaCanvasConfig(**values)
+
+
+def check_canvas_positions(scheme: str | None, keyframes: int, path: str) -> None:
+    """Refuse a checkpoint whose canvas positions are not the pack's (`canvas.CANVAS_POSITIONS`), naming both;
+    `scheme` None: from before the scheme was recorded (see the module docstring)."""
+    if scheme == CANVAS_POSITIONS or (scheme is None and keyframes == 1):
+        return
+    if scheme is None:
+        raise MetaCanvasInputError(
+            f"'{path}' has a {keyframes}-keyframe canvas trained before checkpoints recorded their canvas positions: "
+            "its keyframes got the temporal positions of the transformers release installed then, which differ "
+            f"between releases, and this version always uses the reference Qwen2.5-VL rule ('{CANVAS_POSITIONS}'). "
+            "Retrain it with this version (python -m metacanvas_core.train, e.g. stage S3 from its S2 checkpoint)."
+        )
+    raise MetaCanvasInputError(
+        f"'{path}' was trained with canvas positions '{scheme}', this version computes '{CANVAS_POSITIONS}' only: "
+        "load it with the MetaCanvas version that wrote it, or retrain it with this one."
+    )
 
 
 def save_metacanvas(mc: MetaCanvas, path: str | Path) -> None:

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from .backbones import BACKBONES, BackboneSpec
-from .canvas import CanvasEmbedding, CanvasGrid, canvas_grid_for
+from .canvas import CANVAS_POSITIONS, CanvasEmbedding, CanvasGrid, canvas_grid_for
 from .connectors import CanvasConnector, ConditionEmbedding, ContextConnector
 from .errors import MetaCanvasInputError
 from .inputs import NO_INPUTS, ContextSource, VisualInputs
-from .planner import CanvasLora, Plan, Planner
+from .planner import VIDEO_FRAME_TOKENS, CanvasLora, Plan, Planner
 
 UNTRAINED = "new (untrained)"
 
@@ -39,6 +39,27 @@ class MetaCanvasConfig:
     lora: dict | None  # LoraConfig kwargs of the canvas LoRA
     condition_embedding: dict | None = None  # ConditionEmbedding config (Wan: source video + masks)
     pooled_dim: int | None = None  # MLLM context on FLUX: the pooled vector stored with the checkpoint
+    canvas_positions: str = CANVAS_POSITIONS  # the planner's mRoPE position scheme (`canvas.CANVAS_POSITIONS`)
+    # MLLM tokens per picture the planner reads (`default_visual_tokens`); None: the image processor's own limit
+    # (checkpoints from before the budget, trained that way)
+    visual_tokens: int | None = None
+
+
+def default_visual_tokens(spec: BackboneSpec) -> int:
+    """The visual-token budget of a new checkpoint: MLLM tokens per input image or video frame.
+
+    Video backbones (Wan2.2): 144, the paper's for its video setup [P]. Image backbones [D]: as many tokens as one
+    canvas frame at the default size (SANA 16×16 = 256, FLUX-Kontext 32×32 = 1024): the MLLM reads an input image
+    (FLUX-Kontext's edit source) at the resolution it writes its plan at. The paper states no budget there;
+    Qwen's own default (12.8 MP, up to ~16k tokens an image) would cost 16× the canvas in the MLLM (quadratic in
+    its attention, and in training every token carries gradients to the canvas LoRA) for detail the 32×32 plan
+    cannot hold, while the DiT still sees the image at full resolution through its own reference tokens.
+    """
+    backbone = BACKBONES.get(spec.kind)
+    if backbone is not None and backbone.is_video:
+        return VIDEO_FRAME_TOKENS
+    grid = spec.canvas_grid()
+    return grid.height * grid.width
 
 
 def default_context_source(has_text_encoder: bool) -> ContextSource:
@@ -92,11 +113,13 @@ class MetaCanvas(nn.Module):
         negative_prompt: str = "",
         keyframes: int | None = None,
         negative: bool | None = None,
+        visual_tokens: int | None = None,
     ) -> Plan:
         """Make a plan with this checkpoint: its canvas (sized for height × width) and canvas LoRA in the MLLM.
 
         `negative`: also plan the negative prompt's states (default: when the checkpoint takes its context from
-        the MLLM). Differentiable in the canvas and LoRA under the caller's grad mode (training); inference
+        the MLLM). `visual_tokens`: MLLM tokens per input picture (default: the checkpoint's budget, which it was
+        trained with). Differentiable in the canvas and LoRA under the caller's grad mode (training); inference
         callers run it under `torch.no_grad()`.
         """
         backbone = BACKBONES.get(self.config.backbone)
@@ -108,7 +131,8 @@ class MetaCanvas(nn.Module):
         grid = self.canvas_grid(height, width, keyframes)
         if negative is None:
             negative = self.config.context_source == ContextSource.MLLM
-        plan = planner.plan(prompt, self.canvas(grid), grid, inputs, negative_prompt, negative, self.lora)
+        budget = visual_tokens or self.config.visual_tokens
+        plan = planner.plan(prompt, self.canvas(grid), grid, inputs, negative_prompt, negative, self.lora, budget)
         plan.size, plan.checkpoint = (height, width), self.name
         return plan
 
@@ -223,6 +247,7 @@ def new_metacanvas(
         lora=None,
         condition_embedding=dict(spec.condition) if spec.condition else None,
         pooled_dim=spec.pooled_dim if context_source == ContextSource.MLLM else None,
+        visual_tokens=default_visual_tokens(spec),
     )
     # Seeded, without touching the caller's RNG: 'new (untrained)' is the same checkpoint on every load, so a
     # graph gives the same image each run (the random parts are the canvas tokens and the context connector).

@@ -3,7 +3,12 @@
 One forward pass, no generation (paper §2.1): the chat-formatted prompt, then a start marker and the
 canvas tokens. Under causal attention the prompt never sees the canvas, so the same pass yields the
 context states (for a context connector) and the canvas states (for the canvas connector). Canvas
-tokens take the mRoPE positions of a visual input of grid (K, Hc, Wc) that follows the prompt.
+tokens take the mRoPE positions of a visual input of grid (K, Hc, Wc) that follows the prompt, computed by the
+pack itself (`canvas.CANVAS_POSITIONS`), not by the installed transformers release.
+
+Visual-token budget: every picture the MLLM reads (input images, video frames) costs at most a checkpoint's
+`visual_tokens` MLLM tokens (`MetaCanvasConfig.visual_tokens`): larger pictures are scaled down, aspect kept, by the
+image processor's own resize (its `longest_edge` pixel limit set to tokens × 28² for Qwen2.5-VL).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from PIL import Image
 
 from . import realconfigs
-from .canvas import CanvasGrid
+from .canvas import CanvasGrid, canvas_rope_positions, sequence_positions
 from .errors import MetaCanvasInputError
 from .files import SafetensorsFile
 from .inputs import NO_INPUTS, VisualInputs
@@ -26,12 +31,12 @@ from .qwen_file import is_qwen25_vl, load_qwen25_vl
 
 QWEN25_VL_MODEL_TYPE = "qwen2_5_vl"
 VIDEO_FRAMES = 8  # [D] frames of a video shown to the MLLM
-VIDEO_FRAME_TOKENS = 144  # MLLM tokens per frame in the paper's video setup [P]
+VIDEO_FRAME_TOKENS = 144  # MLLM tokens per image in the paper's video setup [P]
 QWEN_PIXELS_PER_TOKEN = 28  # Qwen2.5-VL: 14-pixel patches merged 2×2
 
 
-def video_frames_for_mllm(frames: list[Image.Image]) -> list[Image.Image]:
-    """Evenly spaced frames resized to about VIDEO_FRAME_TOKENS MLLM tokens each, keeping the aspect.
+def video_frames_for_mllm(frames: list[Image.Image], tokens: int = VIDEO_FRAME_TOKENS) -> list[Image.Image]:
+    """Evenly spaced frames resized to at most (and about) `tokens` MLLM tokens each, keeping the aspect.
 
     [D] The frames go in as a sequence of images: transformers' Qwen video processor needs
     torchvision, which this pack does not depend on.
@@ -41,8 +46,8 @@ def video_frames_for_mllm(frames: list[Image.Image]) -> list[Image.Image]:
     n = min(VIDEO_FRAMES, len(frames))
     picked = [frames[round(i * (len(frames) - 1) / max(1, n - 1))] for i in range(n)]
     w, h = picked[0].size
-    rows = max(1, round((VIDEO_FRAME_TOKENS * h / w) ** 0.5))
-    cols = max(1, round(VIDEO_FRAME_TOKENS / rows))
+    rows = max(1, min(tokens, round((tokens * h / w) ** 0.5)))
+    cols = max(1, tokens // rows)
     size = (cols * QWEN_PIXELS_PER_TOKEN, rows * QWEN_PIXELS_PER_TOKEN)
     return [f.convert("RGB").resize(size, Image.BICUBIC) for f in picked]
 
@@ -210,13 +215,26 @@ class Planner:
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
-    def _prompt_inputs(self, prompt: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    def image_size_limits(self, visual_tokens: int | None) -> dict[str, int]:
+        """The image processor's pixel limits (`shortest_edge`, `longest_edge`) under a budget of `visual_tokens` MLLM
+        tokens per picture (None: the processor's own); never above the processor's own maximum."""
+        own = self.image_processor.size
+        if visual_tokens is None:
+            return {"shortest_edge": own["shortest_edge"], "longest_edge": own["longest_edge"]}
+        side = self.image_processor.patch_size * self.image_processor.merge_size
+        longest = min(own["longest_edge"], visual_tokens * side * side)
+        return {"shortest_edge": min(own["shortest_edge"], longest), "longest_edge": longest}
+
+    def _prompt_inputs(
+        self, prompt: str, images: list[Image.Image], visual_tokens: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """Token ids of the chat-formatted prompt with image placeholders expanded, plus pixel inputs."""
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
         inputs: dict[str, torch.Tensor] = {}
         if images:
-            vision = self.image_processor(images=images, return_tensors="pt")
+            size = self.image_size_limits(visual_tokens)
+            vision = self.image_processor(images=images, return_tensors="pt", size=size)
             merge = self.image_processor.merge_size**2
             pad = "<|image_pad|>"
             parts = text.split(pad)
@@ -230,9 +248,10 @@ class Planner:
         inputs["input_ids"] = self.tokenizer(text, return_tensors="pt").input_ids
         return inputs
 
-    def seen(self, inputs: VisualInputs) -> list[Image.Image]:
-        """The pictures the MLLM reads for `inputs`: the images, then up to VIDEO_FRAMES frames of the video."""
-        return list(inputs.images) + video_frames_for_mllm(list(inputs.video))
+    def seen(self, inputs: VisualInputs, visual_tokens: int | None = None) -> list[Image.Image]:
+        """The pictures the MLLM reads for `inputs`: the images, then up to VIDEO_FRAMES frames of the video (each
+        frame sized to `visual_tokens` tokens; VIDEO_FRAME_TOKENS without a budget)."""
+        return list(inputs.images) + video_frames_for_mllm(list(inputs.video), visual_tokens or VIDEO_FRAME_TOKENS)
 
     def plan(
         self,
@@ -243,15 +262,17 @@ class Planner:
         negative_prompt: str = "",
         with_negative_context: bool = False,
         lora: CanvasLora | None = None,
+        visual_tokens: int | None = None,
     ) -> Plan:
         """Run the planner. `canvas_embeddings` is `CanvasEmbedding(grid)`: start marker, then the canvas.
 
-        A video reaches the MLLM as up to VIDEO_FRAMES evenly spaced frames of about
-        VIDEO_FRAME_TOKENS tokens each, after the images. Differentiable in `canvas_embeddings` (and the
-        LoRA) under the caller's grad mode: inference callers run it under `torch.no_grad()`.
+        A video reaches the MLLM as up to VIDEO_FRAMES evenly spaced frames, after the images; every picture costs at
+        most `visual_tokens` MLLM tokens (None: the image processor's own limit; video frames VIDEO_FRAME_TOKENS).
+        Differentiable in `canvas_embeddings` (and the LoRA) under the caller's grad mode: inference callers run it
+        under `torch.no_grad()`.
         """
-        seen = self.seen(inputs)
-        hidden, n_prompt = self.forward(prompt, seen, canvas_embeddings, grid, lora)
+        seen = self.seen(inputs, visual_tokens)
+        hidden, n_prompt = self.forward(prompt, seen, canvas_embeddings, grid, lora, visual_tokens)
         plan = Plan(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -262,37 +283,42 @@ class Planner:
             inputs=inputs,
         )
         if with_negative_context:
-            neg = self.prompt_states(negative_prompt, inputs)
+            neg = self.prompt_states(negative_prompt, inputs, visual_tokens)
             plan.negative_context = neg
             plan.negative_mask = torch.ones(1, neg.shape[1], dtype=torch.long, device=neg.device)
         return plan
 
-    def prompt_states(self, prompt: str, inputs: VisualInputs = NO_INPUTS) -> torch.Tensor:
+    def prompt_states(
+        self, prompt: str, inputs: VisualInputs = NO_INPUTS, visual_tokens: int | None = None
+    ) -> torch.Tensor:
         """The last hidden states (1, L, D) of a prompt (with its inputs) alone: no canvas, no LoRA."""
-        return self.forward(prompt, self.seen(inputs))[0]
+        return self.forward(prompt, self.seen(inputs, visual_tokens), visual_tokens=visual_tokens)[0]
 
-    def sequence(self, prompt: str, images: list[Image.Image], grid: CanvasGrid | None) -> dict:
+    def sequence(
+        self, prompt: str, images: list[Image.Image], grid: CanvasGrid | None, visual_tokens: int | None = None
+    ) -> dict:
         """The token sequence: ids, mRoPE position ids (3, 1, L), prompt length and vision inputs.
 
-        With a `grid`, a start marker and the canvas placeholders follow the prompt; the canvas is
-        typed visual so the model's own `get_rope_index` gives it the positions of a (K, Hc, Wc) grid.
+        With a `grid`, a start marker and the canvas placeholders follow the prompt. Positions are the pack's own
+        (`canvas.CANVAS_POSITIONS`): the input images are visual grids, the canvas one of (K, Hc, Wc) after the marker.
         """
-        inputs = self._prompt_inputs(prompt, images)
+        inputs = self._prompt_inputs(prompt, images, visual_tokens)
         ids = inputs.pop("input_ids")
         n_prompt = ids.shape[1]
-        mm = (ids == self.model.config.image_token_id).long()
-        grids = inputs.get("image_grid_thw")
+        merge = self.model.config.vision_config.spatial_merge_size
+        grids = [(t, h // merge, w // merge) for t, h, w in inputs.get("image_grid_thw", torch.empty(0, 3)).tolist()]
+        positions = sequence_positions((ids[0] == self.model.config.image_token_id).long(), grids)
         if grid is not None:
             ids = torch.cat([ids, torch.tensor([[self.canvas_start_id] + [self.canvas_token_id] * grid.numel])], 1)
-            mm = torch.cat([mm, torch.tensor([[0] + [1] * grid.numel])], 1)
-            merge = self.model.config.vision_config.spatial_merge_size
-            canvas_thw = torch.tensor([[grid.frames, grid.height * merge, grid.width * merge]])
-            grids = canvas_thw if grids is None else torch.cat([grids, canvas_thw])
+            positions = torch.cat([positions, canvas_rope_positions(positions.max(), grid)], 1)
         device = self.device
-        ids, mm = ids.to(device), mm.to(device)
-        position_ids, _ = self.model.model.get_rope_index(ids, mm, image_grid_thw=grids)
         vision = {k: v.to(device) for k, v in inputs.items()}
-        return {"ids": ids, "position_ids": position_ids, "n_prompt": n_prompt, "vision": vision}
+        return {
+            "ids": ids.to(device),
+            "position_ids": positions[:, None].to(device),
+            "n_prompt": n_prompt,
+            "vision": vision,
+        }
 
     def forward(
         self,
@@ -301,12 +327,15 @@ class Planner:
         canvas_embeddings: torch.Tensor | None = None,
         grid: CanvasGrid | None = None,
         lora: CanvasLora | None = None,
+        visual_tokens: int | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Last hidden states (1, L, D) of prompt [+ start marker + canvas of `grid`], and the prompt length.
 
-        Differentiable in `canvas_embeddings`.
+        Differentiable in `canvas_embeddings`. The states are the text model's `last_hidden_state`, read from its
+        output as the call passes (the call itself goes through the top model, where peft decides where the canvas
+        LoRA is active); the other layers' states are not kept.
         """
-        seq = self.sequence(prompt, images, grid if canvas_embeddings is not None else None)
+        seq = self.sequence(prompt, images, grid if canvas_embeddings is not None else None, visual_tokens)
         ids, n_prompt = seq["ids"], seq["n_prompt"]
         embeds = self.model.get_input_embeddings()(ids[:, :n_prompt])
         if canvas_embeddings is not None:
@@ -314,17 +343,22 @@ class Planner:
                 raise ValueError(f"canvas embeddings have {canvas_embeddings.shape[0]} rows, expected {grid.numel + 1}")
             embeds = torch.cat([embeds, canvas_embeddings.to(embeds.device, embeds.dtype)[None]], 1)
         self.model.model.rope_deltas = None  # never let a stale multimodal call leak positions
-        with self._lm(lora) as lm:
-            out = lm(
-                input_ids=ids,
-                inputs_embeds=embeds,
-                position_ids=seq["position_ids"],
-                attention_mask=torch.ones_like(ids),
-                output_hidden_states=True,
-                logits_to_keep=1,
-                **seq["vision"],
-            )
-        return out.hidden_states[-1], n_prompt
+        last: list[torch.Tensor] = []
+        text_model = self.model.model.language_model
+        handle = text_model.register_forward_hook(lambda _m, _a, out: last.append(out.last_hidden_state))
+        try:
+            with self._lm(lora) as lm:
+                lm(
+                    input_ids=ids,
+                    inputs_embeds=embeds,
+                    position_ids=seq["position_ids"],
+                    attention_mask=torch.ones_like(ids),
+                    logits_to_keep=1,
+                    **seq["vision"],
+                )
+        finally:
+            handle.remove()
+        return last[0], n_prompt
 
     def add_canvas_lora(self, lora: CanvasLora) -> torch.nn.Module:
         """Wrap the model with `lora` as a peft Activated LoRA invoked by the canvas start marker.

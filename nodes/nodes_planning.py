@@ -82,6 +82,16 @@ class MetaCanvasPlan:
                         "tooltip": "Video canvas keyframes, interpolated linearly to every latent frame. 0 = the checkpoint's (3 for Wan2.2, the paper's best; 1 flickers more). Ignored by image backbones.",
                     },
                 ),
+                "visual_tokens": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 16384,
+                        "step": 1,
+                        "tooltip": "The MLLM's budget per input picture (image or video frame), in its tokens (28×28 pixels each): larger pictures are scaled down to fit. 0 = the checkpoint's, what it was trained with (new checkpoints: 144 for Wan2.2 as in the paper, one canvas frame for image backbones: 1024 for FLUX-Kontext, 256 for SANA). Another value plans with inputs the checkpoint never saw at that size.",
+                    },
+                ),
             },
         }
 
@@ -101,12 +111,14 @@ class MetaCanvasPlan:
         video: torch.Tensor | None = None,
         image_role: str = ImageRole.REFERENCES.value,
         keyframes: int = 0,
+        visual_tokens: int = 0,
     ):
         inputs = VisualInputs(images_to_pil(images), images_to_pil(video, "video"), image_role)
         device = load(*mllm.managed(), *metacanvas.managed())
         mc, planner = metacanvas.on(device), mllm.on(device)
+        budget = visual_tokens or None  # 0: the checkpoint's
         with torch.no_grad():
-            return (mc.plan(planner, prompt, height, width, inputs, negative_prompt, keyframes or None),)
+            return (mc.plan(planner, prompt, height, width, inputs, negative_prompt, keyframes or None, None, budget),)
 
 
 NODE_CLASS_MAPPINGS = {"MetaCanvasPlan": MetaCanvasPlan}

@@ -45,15 +45,6 @@ def test_canvas_mrope_positions_are_a_visual_grid(planner, with_image):
     assert torch.equal(pos[:, :n], planner.sequence("a cat on the left", images, None)["position_ids"][:, 0])
 
 
-def test_keyframe_canvas_positions(planner):
-    grid = CanvasGrid(3, 2, 5)
-    seq = planner.sequence("a dog runs", [], grid)
-    pos = seq["position_ids"][:, 0, seq["n_prompt"] :]
-    assert torch.equal(pos, canvas_rope_positions(seq["position_ids"][:, 0, : seq["n_prompt"]].max(), grid))
-    t, h, w = pos[:, 1:]
-    assert t.unique().numel() == 3 and h.unique().numel() == 2 and w.unique().numel() == 5
-
-
 def test_interpolation_to_token_grid():
     x = torch.randn(2, 1, 4, 4, 8)
     assert interpolate_canvas(x, (1, 4, 4)) is x
