@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -179,9 +180,12 @@ class _DropTorchvisionFallback(logging.Filter):
 
 
 def quiet_libraries() -> None:
-    """No progress bars from huggingface_hub, transformers and diffusers, and no torchvision-fallback warning;
-    every other warning stays. Imports diffusers' logging (torch with it), so call it after the input checks."""
+    """No progress bars from huggingface_hub, transformers and diffusers, and none of two notices the user cannot
+    act on: the torchvision fallback, and transformers' deprecation of `is_gradient_checkpointing`, which peft
+    reads when it adds the canvas LoRA. Every other warning stays. Imports diffusers' logging (torch with it), so
+    call it after the input checks."""
     logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallback())
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
     import diffusers.utils.logging
     import huggingface_hub.utils
     import transformers.utils.logging

@@ -9,8 +9,9 @@ DIR receives metrics.jsonl, checkpoints/step_*/ (resumable states), `<name>.safe
 MetaCanvas checkpoint for models/metacanvas/) and, when DiT weights were trained, backbone/ (a
 diffusers pipeline folder for models/diffusers/). See docs/TRAINING.md.
 
-Quiet by default (--verbose: loading logs and progress bars). A mistake in the input (recipe, data, option)
-is one line on stderr and exit status 2; --debug shows its traceback.
+Quiet by default (--verbose: loading logs and progress bars); library warnings other than known noise stay
+(`cli.quiet_libraries`). A mistake in the input (recipe, data, option, an unreadable file) is one line on
+stderr and exit status 2; --debug shows its traceback.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
+
+from . import cli
+from .errors import MetaCanvasInputError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,54 +39,34 @@ def recipe_path(value: str) -> Path:
     return named if named.is_file() else path
 
 
-def quiet(verbose: bool) -> None:
-    """Loading logs, library warnings and progress bars only when asked for."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    if verbose:
-        return
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore")
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m metacanvas_core.train", description=__doc__)
     p.add_argument("config", help="recipe file, or the name of one in metacanvas_core/recipes")
     p.add_argument("--output-dir", type=Path, help="where the run writes (required to train)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the recipe's)")
+    p.add_argument("--max-steps", type=cli.positive_int, help="stop after this many steps (default: the recipe's)")
     p.add_argument("--resume", type=Path, help="an output folder (its latest state) or a checkpoints/step_* folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (JSON value)")
     p.add_argument("--plan", action="store_true", help="print the recipe's memory plan per GPU instead of training")
-    p.add_argument("--gpus", type=int, default=8, help="GPU count of the memory plan (default 8)")
-    p.add_argument("--verbose", action="store_true", help="loading logs and progress bars")
-    p.add_argument("--debug", action="store_true", help="tracebacks for input errors too")
+    p.add_argument("--gpus", type=cli.positive_int, default=8, help="GPU count of the memory plan (default 8)")
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from .errors import MetaCanvasInputError
+def train(args: argparse.Namespace) -> None:
+    """Check the recipe and options, then print the memory plan or train and say where the results are."""
     from .training.config import load_config
 
     config = load_config(recipe_path(args.config), args.set)
+    if not args.plan and args.output_dir is None:
+        raise MetaCanvasInputError("--output-dir is required to train (or give --plan).")
+    if args.verbose:  # the trainer's own loading logs (resumed from ...)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    else:
+        cli.quiet_libraries()
     if args.plan:
         from .training.memory import plan
 
-        if args.gpus < 1:
-            raise MetaCanvasInputError("--gpus must be at least 1")
         print(plan(config).table(args.gpus))
-        return 0
-    if args.output_dir is None:
-        raise MetaCanvasInputError("--output-dir is required to train (or give --plan).")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise MetaCanvasInputError("--max-steps must be at least 1")
+        return
     from .training.trainer import Trainer
 
     start = time.perf_counter()
@@ -100,21 +83,11 @@ def run(args: argparse.Namespace) -> int:
                 f"samples: {trainer.samples} (top row: training images; bottom row: samples for their captions, "
                 "which should show the same coloured shape at the same place)"
             )
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    quiet(args.verbose)
-    from .errors import MetaCanvasInputError
-
-    try:
-        return run(args)
-    except MetaCanvasInputError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: train(args), debug=args.debug)
 
 
 if __name__ == "__main__":
