@@ -10,6 +10,11 @@
    config with random weights and 1 or 3 layers of each kind; a full step is extrapolated per layer.
 3. Whole graph in a real ComfyUI vs the same core calls made directly: `tests/test_comfyui_e2e.py`
    drives the server; this command reports where COMFYUI_HARNESS is set (otherwise says so).
+4. MetaCanvas on ComfyUI's native Wan2.2-5B and FLUX-Kontext: the native model sampled by ComfyUI's own sampler with
+   ÷ without MetaCanvas Apply, per step (and peak memory on a GPU), run in ComfyUI's Python
+   (`experiments/native_step.py`) when --comfyui (or COMFYUI_HARNESS) names a ComfyUI: tiny models on a CPU, random
+   weights at the real configs and sizes on a GPU.
+5. Memory: the weights each node of each shipped workflow holds on the GPU, from the real configs (footprint.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from . import cli, realconfigs  # noqa: E402
+from . import cli, footprint, realconfigs  # noqa: E402
 from .connectors import CanvasConnector  # noqa: E402
 from .errors import MetaCanvasInputError  # noqa: E402
 
@@ -198,12 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=cli.positive_int, default=10)
     p.add_argument("--repeats", type=cli.positive_int, default=3)
     p.add_argument("--tokens", type=cli.positive_int, default=256, help="image tokens for the connector share")
+    p.add_argument("--comfyui", type=Path, help="a ComfyUI folder (with main.py) for [4]")
+    p.add_argument(
+        "--comfyui-python", type=Path, help="ComfyUI's Python for [4] (default: this one; a harness: its venv's)"
+    )
     args = p.parse_args(argv)
     return cli.run(lambda: run_all(args), debug=args.debug)
 
 
 def run_all(args: argparse.Namespace) -> None:
-    """[1] on the given models (or tiny random ones when none are given), then [2] and [3]."""
+    """[1] on the given models (or tiny random ones when none are given), then [2] to [5]."""
     real = cli.models_given(args.mllm, args.mllm_tokenizer, args.sana, "--sana")
     if not args.verbose:
         cli.quiet_libraries()
@@ -224,6 +234,36 @@ def run_all(args: argparse.Namespace) -> None:
         print("[3] ComfyUI vs direct: run `python -m pytest tests/test_comfyui_e2e.py -k timing -s`")
     else:
         print("[3] ComfyUI vs direct: skipped (set COMFYUI_HARNESS to a prepared ComfyUI harness)")
+    native_step(args.comfyui, args.comfyui_python, args.steps, args.repeats)
+    print("[5] weights on the GPU per workflow node (GiB; real configs on the meta device; activations not counted)")
+    print(footprint.table())
+
+
+def native_step(comfyui: Path | None, python: Path | None, steps: int, repeats: int) -> None:
+    """[4]: experiments/native_step.py in ComfyUI's Python (this package never imports ComfyUI itself)."""
+    checkout = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    harness = os.environ.get("COMFYUI_HARNESS")
+    if comfyui is None and harness:
+        comfyui, python = Path(harness) / "ComfyUI", python or Path(harness) / "venv" / "bin" / "python"
+        stubs = Path(harness) / "cuda_stubs"  # the harness's CPU machines load CUDA stub libraries
+        if stubs.is_dir():
+            env["LD_LIBRARY_PATH"] = f"{stubs}:{env.get('LD_LIBRARY_PATH', '')}"
+    if comfyui is None:
+        print("[4] native model with ÷ without MetaCanvas: skipped (give --comfyui PATH/TO/ComfyUI)")
+        return
+    if not (comfyui / "main.py").is_file():
+        raise MetaCanvasInputError(f"--comfyui '{comfyui}' is not a ComfyUI folder (no main.py).")
+    if not (checkout / "experiments" / "native_step.py").is_file():
+        raise MetaCanvasInputError("[4] needs a checkout of the pack (experiments/native_step.py is not installed).")
+    size = "real" if torch.cuda.is_available() else "tiny"
+    cmd = [str(python or sys.executable), "-m", "experiments.native_step", "--comfyui", str(comfyui), "--size", size]
+    cmd += ["--steps", str(min(steps, 4)), "--repeats", str(repeats)]
+    done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("[4]", "    "))]
+    print("\n".join(lines))
+    if done.returncode != 0:
+        raise RuntimeError(f"[4] failed in ComfyUI's Python:\n{done.stderr[-3000:]}")
 
 
 if __name__ == "__main__":

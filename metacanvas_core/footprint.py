@@ -118,7 +118,7 @@ def _native(kind: str, dit: str, vae: str, encodes: bool) -> tuple[Step, ...]:
     mc = f"MetaCanvas {kind} mllm"
     steps = [PLAN, Step("Text Conditioning + Attach Canvas", (mc,))]
     if encodes:
-        steps.append(Step("VAE Encode / Wan Inputs", (vae,)))
+        steps.append(Step("VAE Encode" if kind == "flux_kontext" else "Wan22ImageToVideoLatent / Wan Inputs", (vae,)))
     steps += [Step("KSampler (MetaCanvas Apply)", (dit, mc), fp8=(dit,)), Step("VAE Decode", (vae,))]
     return tuple(steps)
 

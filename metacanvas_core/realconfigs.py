@@ -50,4 +50,6 @@ def build(name: str) -> nn.Module:
             return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**settings))
         if part == "text_encoder" and stem == "sana_1600m_512px":  # SANA's Gemma-2 (saved via .get_decoder())
             return transformers.Gemma2Model(transformers.Gemma2Config(**config[part]))
-        return getattr(diffusers, config[part]["_class_name"]).from_config(config[part])
+        cls = getattr(diffusers, config[part]["_class_name"])
+        accepted = cls._get_init_keys(cls)  # the published file may hold keys later versions dropped (Wan's VAE)
+        return cls.from_config({k: v for k, v in config[part].items() if k in accepted or k.startswith("_")})

@@ -51,3 +51,11 @@ def test_the_readme_vram_table_is_the_computed_one():
     assert {name for name, *_ in rows} == set(footprint.WORKFLOWS)
     for name, bf16, fp8 in rows:
         assert (bf16, fp8) == (f"{footprint.peak(name, 'bf16'):.1f}", f"{footprint.peak(name, 'fp8'):.1f}"), name
+
+
+def test_the_table_lists_every_workflow_and_node():
+    table = footprint.table()
+    for name, steps in footprint.WORKFLOWS.items():
+        assert f"  {name} " in table
+        for step in steps:
+            assert f"    {step.node} " in table
