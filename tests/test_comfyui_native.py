@@ -184,7 +184,7 @@ if IN_HARNESS:
         )
 
     @pytest.fixture(scope="module", autouse=True)
-    def model_folders(models_dir):
+    def model_folders(models_dir, pack):
         """ComfyUI's folder_paths (importable here) reading the tiny models, as extra_model_paths.yaml would."""
         import folder_paths
         from metacanvas_pack.nodes.runtime import models_dirs
@@ -455,3 +455,15 @@ if IN_HARNESS:
             patcher.unpatch_model(torch.device("cpu"))
         assert torch.equal(streamed.canvas, full.canvas) and torch.equal(streamed.context, full.context)
         print(f"streamed planner: {len(cast)} layers cast per call under a budget of {budget / 2**20:.2f} MiB")
+
+    def test_the_native_benchmark_measures_both_models():
+        """The benchmark's [4] (experiments/native_step.py) runs ComfyUI's sampler with and without MetaCanvas Apply on
+        native Wan2.2 and FLUX and prints a ratio per model (figures belong to the benchmark, not to this test)."""
+        cmd = [sys.executable, "-m", "experiments.native_step", "--comfyui", str(Path(HARNESS) / "ComfyUI")]
+        done = subprocess.run(
+            [*cmd, "--steps", "1", "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        lines = [line for line in done.stdout.splitlines() if "ms/step with" in line]
+        assert [line.split()[0] for line in lines] == ["wan", "flux"], done.stdout
+        assert all(line.rstrip().endswith("×") for line in lines), done.stdout
