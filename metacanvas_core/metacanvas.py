@@ -12,7 +12,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from . import realconfigs
 from .backbones import BACKBONES, BackboneSpec
+from .backbones.wan import WanBackbone
 from .canvas import CANVAS_POSITIONS, CanvasEmbedding, CanvasGrid, canvas_grid_for
 from .connectors import CanvasConnector, ConditionEmbedding, ContextConnector
 from .errors import MetaCanvasInputError
@@ -262,3 +264,45 @@ def new_metacanvas(
     if pooled is not None and mc.pooled is not None:
         mc.pooled.copy_(pooled.reshape(mc.pooled.shape))
     return mc
+
+
+def wan22_canvas_connector(
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    width: int | None = None,
+    frames: int = 121,
+    seed: int = 0,
+) -> tuple[CanvasConnector, tuple[int, int, int]]:
+    """The canvas connector of Wan2.2-TI2V-5B + Qwen2.5-VL-7B (shipped configs; built as `new_metacanvas` builds it)
+    with random weights, its zero-initialised projections included, so it computes as a trained one; and the DiT
+    token grid (T, H, W) of a `frames`-frame video at Wan2.2's 704×1280 (121: the paper's 5 s at 24 fps). For the
+    benchmark (`connectors.measure_fuse`).
+
+    `width`: a narrower DiT (a multiple of 32: Algorithm 1's heads of 32) to measure on a CPU and extrapolate; the
+    MLLM side stays 3584. `device` "meta": shapes only, no memory (`measure_fuse` then reports memory, not time).
+    """
+    config = realconfigs.load("wan2_2_ti2v_5b")
+    dit, vae = config["transformer"], config["vae"]
+    spec = WanBackbone.spec_for(
+        width or dit["num_attention_heads"] * dit["attention_head_dim"],
+        dit["text_dim"],
+        dit["in_channels"],
+        tuple(dit["patch_size"]),
+        vae["scale_factor_spatial"],
+    )
+    heads, head_dim = spec.attention_heads
+    mllm = realconfigs.load("qwen2_5_vl_7b_instruct")["hidden_size"]
+    meta = torch.device(device).type == "meta"
+    with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
+        torch.manual_seed(seed)
+        connector = CanvasConnector(mllm, spec.width, heads, head_dim)
+        if not meta:
+            for layer in (connector.align_out, connector.out_proj):
+                nn.init.normal_(layer.weight, std=0.02)
+    height, width_px = spec.default_size
+    grid = (
+        (frames - 1) // vae["scale_factor_temporal"] + 1,
+        height // spec.pixel_stride,
+        width_px // spec.pixel_stride,
+    )
+    return connector.to(device, dtype).eval(), grid

@@ -65,7 +65,7 @@ def sample(
         token_grid = backbone.token_grid(height, width, frames)
         rows = slice(1, 2) if batched else slice(0, 1)
         canvas = CanvasInjection.on_tokens(
-            cond.connector, cond.canvas.to(device), token_grid, rows, canvas_strength, canvas_mask
+            cond.connector, cond.canvas.to(device), token_grid, rows, canvas_strength, canvas_mask, backbone.dtype
         )
     if batched:  # [negative, positive] in one call
         both = Branch(TextContext.cat([negative, positive]), canvas, refs, guidance)

@@ -112,13 +112,17 @@ class CanvasInjection:
         rows,
         strength: float | torch.Tensor = 1.0,
         mask: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> CanvasInjection:
         """The aligned canvas (b, K, Hc, Wc, D) interpolated to a token grid (T, H, W).
 
         `mask`: (b or 1, frames or 1, height, width) in 0..1 at any resolution, resized to the token grid (area
-        average over each token's pixels; frames linearly onto the latent frames, ends aligned).
+        average over each token's pixels; frames linearly onto the latent frames, ends aligned). `dtype`: what the
+        interpolated canvas is kept in (default: the aligned canvas's); the backbone's compute dtype costs nothing in
+        precision, since the fuse block adds it to the patch tokens in that dtype.
         """
         canvas = interpolate_canvas(aligned, token_grid)
+        canvas = canvas if dtype is None else canvas.to(dtype)
         b = canvas.shape[0]
         strength = torch.as_tensor(strength, dtype=torch.float32).reshape(-1).expand(b).to(canvas.device)
         if mask is not None:
@@ -141,26 +145,26 @@ class CanvasInjection:
         return latents + residual
 
     def residual(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """The fuse block's residual (b, T, H, W, D) for the patch tokens (B, T, H, W, D) of `rows`.
+        """The fuse block's residual (b, T, H, W, D) for the patch tokens (B, T, H, W, D) of `rows`, in their dtype.
 
-        `timestep` (B,) is the connector's clock, σ·1000. The fuse block runs frame by frame, `(b t) (h w) d`.
+        `timestep` (B,) is the connector's clock, σ·1000, in float32 on every backbone (the fuse block keeps it so).
+        The fuse block runs frame by frame, `(b t) (h w) d`, a chunk of frames at a time (`CanvasConnector.fuse`).
         """
         if self.in_latents:
             raise MetaCanvasInputError(
                 "this MetaCanvas checkpoint adds its canvas before patchify (a connector ablation): only the SANA "
                 "backbone takes it."
             )
-        dtype = next(self.connector.parameters()).dtype  # the connector keeps its own precision
-        x = tokens[self.rows].to(dtype)
+        x = tokens[self.rows]
         b, t, h, w, _ = x.shape
         r = self.connector.fuse(
             rearrange(x, "b t h w d -> (b t) (h w) d"),
-            rearrange(self.canvas.to(tokens.device, dtype), "b t h w d -> (b t) (h w) d"),
-            timestep[self.rows].repeat_interleave(t).to(dtype),
+            rearrange(self.canvas.to(tokens.device), "b t h w d -> (b t) (h w) d"),
+            timestep[self.rows].float().repeat_interleave(t),
             h,
             w,
         )
-        r = rearrange(r, "(b t) (h w) d -> b t h w d", b=b, t=t, h=h).to(tokens.dtype)
+        r = rearrange(r, "(b t) (h w) d -> b t h w d", b=b, t=t, h=h)
         return self._dial(r, None if self.mask is None else self.mask[..., None])
 
     def _dial(self, r: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -172,10 +176,10 @@ class CanvasInjection:
         return r
 
     def add_to(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (B, T, H, W, D) plus the residual on `rows`; other rows untouched."""
-        residual = torch.zeros_like(tokens)
-        residual[self.rows] = self.residual(tokens, timestep)
-        return tokens + residual
+        """Patch tokens (B, T, H, W, D) plus the residual on `rows`; other rows untouched (bit for bit)."""
+        out = tokens.clone()
+        out[self.rows] = tokens[self.rows] + self.residual(tokens, timestep)
+        return out
 
 
 def mask_on_tokens(mask: torch.Tensor, token_grid: tuple[int, int, int]) -> torch.Tensor:

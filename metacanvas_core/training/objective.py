@@ -27,7 +27,7 @@ from ..inputs import ContextSource
 from ..metacanvas import MetaCanvas
 from ..planner import Planner
 from .batches import Batch
-from .config import TrainConfig
+from .config import CANVAS_PARTS, TrainConfig
 from .data import _seed
 
 
@@ -62,6 +62,10 @@ class FlowMatchingObjective(nn.Module):
         self.frozen = frozen
         self.config = config
         self.canvas_grad = any(p in config.trainable for p in ("canvas", "mllm_lora"))
+        # A canvas that adds exact zeros and trains nothing (stage S2: the connector is still zero-initialised and
+        # frozen) changes no loss and no gradient: its plan, projection and fuse block are skipped.
+        canvas_trains = any(p in config.trainable for p in CANVAS_PARTS)
+        self.canvas_inert = not canvas_trains and mc.canvas_connector.adds_nothing
         self.num_train_timesteps = int(frozen.backbone.scheduler_config.get("num_train_timesteps", 1000))
         self._text_cache: dict[tuple[str, bool], TextContext] = {}
 
@@ -103,7 +107,7 @@ class FlowMatchingObjective(nn.Module):
         target = noise - x0
         t = sigma * self.num_train_timesteps
 
-        use_canvas = c.canvas_on and bool(kept)
+        use_canvas = c.canvas_on and bool(kept) and not self.canvas_inert
         plans = []
         if use_canvas:
             with torch.set_grad_enabled(self.canvas_grad and train):
@@ -157,7 +161,8 @@ class FlowMatchingObjective(nn.Module):
                 if j < len(prompt_states):
                     states.append(prompt_states[j].detach())
                 else:
-                    states.append(planner.prompt_states(batch.texts[i] if i in kept else "", batch.inputs[i]))
+                    text = batch.texts[i] if i in kept else ""
+                    states.append(planner.prompt_states(text, batch.inputs[i], mc.config.visual_tokens))
         return mllm_context(mc.context_connector, [s.to(backbone.device) for s in states], text_pooled(mc, backbone))
 
     def references(self, batch: Batch, i: int):
