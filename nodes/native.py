@@ -202,6 +202,8 @@ class MetaCanvasPatch:
         if run.reference is not None or run.source is not None:
             condition = self.mc.condition_embedding(self._condition(run, frames, x)).to(x.device)
         p = self.spec.pixel_stride // WAN22_VAE_STRIDE
+        if rows:
+            _check_wan_latent_size(h, w, p)
         canvas = self._injection(with_canvas, chunk, (frames, h // p, w // p), rows, x.device)
 
         def add(_module, _args, out):
@@ -230,6 +232,19 @@ class MetaCanvasPatch:
             c[:, :z, n_ref:] = run.source[:, :, :frames].to(x.device)
             c[:, z + 1, n_ref:] = 1
         return c
+
+
+def _check_wan_latent_size(h: int, w: int, patch: int) -> None:
+    """The canvas lies on whole DiT patches: a latent whose size the patches do not tile (ComfyUI's Wan pads it)
+    has no canvas position for the padded tokens; refused naming the input and its valid neighbours."""
+    stride = patch * WAN22_VAE_STRIDE
+    for name, value in (("width", w * WAN22_VAE_STRIDE), ("height", h * WAN22_VAE_STRIDE)):
+        if value % stride:
+            raise MetaCanvasInputError(
+                f"{name} {value}: MetaCanvas on Wan2.2 needs a latent {name} that is a multiple of {stride} pixels "
+                f"(whole 2×2 DiT patches for the canvas): set the {name} of Wan22ImageToVideoLatent (or of the latent "
+                f"you sample) to {max(stride, value // stride * stride)} or {(value // stride + 1) * stride}."
+            )
 
 
 def _transformer_options(args, kwargs) -> dict:
