@@ -161,11 +161,19 @@ class ComfyServer:
     startup_s: float
 
     @classmethod
-    def start(cls, work: Path, model_folders: dict[str, Path], extra_args: tuple[str, ...] = ()) -> ComfyServer:
-        """Start main.py --cpu on a free port; `model_folders`: model kind → folder, read as extra model paths."""
+    def start(
+        cls, work: Path, model_folders: dict[str, Path | list[Path]], extra_args: tuple[str, ...] = ()
+    ) -> ComfyServer:
+        """Start main.py --cpu on a free port; `model_folders`: model kind → folder (or folders, searched in order),
+        read as extra model paths."""
         harness = harness_root()
         yaml = work / "extra_model_paths.yaml"
-        lines = ["metacanvas_e2e:"] + [f"  {kind}: {folder}" for kind, folder in model_folders.items()]
+        lines = ["metacanvas_e2e:"]
+        for kind, folders in model_folders.items():
+            if isinstance(folders, (list, tuple)):  # extra_model_paths.yaml: several folders, one per line
+                lines += [f"  {kind}: |"] + [f"    {folder}" for folder in folders]
+            else:
+                lines.append(f"  {kind}: {folders}")
         yaml.write_text("\n".join(lines) + "\n")
         dirs = {name: work / name for name in ("output", "input", "temp", "user")}
         for d in dirs.values():
@@ -270,6 +278,30 @@ class ComfyServer:
             time.sleep(0.005)
         raise TimeoutError(f"prompt {pid} did not finish in {timeout} s")
 
+    def submit(self, api: dict) -> tuple[int, dict]:
+        """POST /prompt: (HTTP status, body); a prompt refused at validation answers 400 with node_errors."""
+        return self.http("POST", "/prompt", {"prompt": api, "client_id": "e2e"})
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        """The /history entry of a queued prompt once it has finished, successfully or not."""
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout:
+            _, hist = self.http("GET", f"/history/{prompt_id}")
+            if prompt_id in hist:
+                return hist[prompt_id]
+            if not alive(self.pid):
+                raise HarnessError(f"ComfyUI died while running prompt {prompt_id}:\n{self.log_tail()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+    def healthy(self) -> None:
+        """The server answers and its queue is empty (nothing left running or stuck after a bad prompt)."""
+        assert alive(self.pid), f"ComfyUI is gone:\n{self.log_tail()}"
+        status, stats = self.http("GET", "/system_stats")
+        assert status == 200 and stats["system"]["comfyui_version"], stats
+        status, queue = self.http("GET", "/queue")
+        assert status == 200 and queue["queue_running"] == [] and queue["queue_pending"] == [], queue
+
     # --- the harness's Python ---------------------------------------------------------------
     def python(self, code: str, *args: str) -> str:
         """Run code in the harness's venv (it has PyAV, ComfyUI's video library); return its stdout."""
@@ -311,3 +343,46 @@ def load_saved(folder: Path, images: list[dict]):
             assert im.format == "PNG" and im.mode == "RGB", (item, im.mode)
             arrays.append(np.asarray(im).copy())
     return np.stack(arrays)
+
+
+def execution_errors(entry: dict) -> list[dict]:
+    """The execution_error messages of a /history entry (node_id, node_type, exception_type, exception_message)."""
+    return [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+
+
+def validation_messages(body: dict, node: str) -> str:
+    """A 400 answer's node_errors for one node, as one string (the input names and the nodes' own messages)."""
+    errors = body.get("node_errors", {}).get(node, {}).get("errors", [])
+    return " | ".join(
+        f"{e.get('message')}: {e.get('details')} (input {e.get('extra_info', {}).get('input_name')})" for e in errors
+    )
+
+
+def write_png(path: Path, width: int, height: int, seed: int) -> Path:
+    """A seeded random RGB PNG (a small input image for LoadImage)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def artifacts_dir(tmp_path_factory, name: str) -> Path:
+    """Where a module keeps editor screenshots and saved outputs: $COMFYUI_E2E_OUT/<name>, else a pytest folder."""
+    out = os.environ.get("COMFYUI_E2E_OUT")
+    path = Path(out) / name if out else tmp_path_factory.mktemp(name)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def rewire(api: dict, node: str, through: str) -> dict:
+    """The prompt without `node`: what read its first output now reads its input `through` (what bypassing a node
+    in the editor sends; the input must have the output's type)."""
+    api = json.loads(json.dumps(api))
+    source = api.pop(node)["inputs"][through]
+    for other in api.values():
+        for name, value in other["inputs"].items():
+            if value == [node, 0]:
+                other["inputs"][name] = source
+    return api
