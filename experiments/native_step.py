@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -47,45 +46,48 @@ def comfy_modules(comfyui: Path):
     return pack
 
 
-def layout(kind: str, size: str) -> dict[str, torch.Tensor]:
-    """The model's weights as meta tensors in ComfyUI's key layout (what its model detection reads)."""
+def flux_config(size: str) -> dict:
+    """ComfyUI's Flux settings from the shipped FLUX.1-Kontext config (tiny: 2 heads, one block of each kind)."""
+    from metacanvas_core import realconfigs
+
+    c = realconfigs.load("flux_1_kontext_dev")["transformer"]
+    heads, depth, single = (
+        (c["num_attention_heads"], c["num_layers"], c["num_single_layers"]) if size == "real" else (2, 1, 1)
+    )
+    return {
+        "image_model": "flux",
+        "in_channels": c["in_channels"] // 4,  # diffusers counts the 2×2-packed channels
+        "out_channels": c["in_channels"] // 4,
+        "vec_in_dim": c["pooled_projection_dim"],
+        "context_in_dim": c["joint_attention_dim"],
+        "hidden_size": heads * c["attention_head_dim"],
+        "mlp_ratio": 4.0,
+        "num_heads": heads,
+        "depth": depth,
+        "depth_single_blocks": single,
+        "axes_dim": list(c["axes_dims_rope"]),
+        "theta": 10000,
+        "patch_size": 2,
+        "qkv_bias": True,
+        "guidance_embed": c["guidance_embeds"],
+    }
+
+
+def native_model(kind: str, size: str, device: torch.device, dtype: torch.dtype):
+    """ComfyUI's own model class (Wan: picked by its detection from the weights' layout), random weights."""
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.supported_models
+
     from metacanvas_core import realconfigs
     from metacanvas_core.tiny import tiny_native_wan, wan_original_state
 
     if kind == "wan":
         model = realconfigs.build("wan2_2_ti2v_5b/transformer") if size == "real" else tiny_native_wan()
-        return {k: v.to("meta") for k, v in wan_original_state(model.state_dict()).items()}
-    one_block = json.loads((realconfigs.CONFIG_DIR / "comfyui_layouts" / "flux_dit_1_block.json").read_text())
-    width, heads = one_block["img_in.weight"][0], 24
-    mlp = 4 * width
-    single = {  # BFL's SingleStreamBlock (the shipped layout holds one double block only)
-        "linear1.weight": (3 * width + mlp, width),
-        "linear1.bias": (3 * width + mlp,),
-        "linear2.weight": (width, width + mlp),
-        "linear2.bias": (width,),
-        "norm.query_norm.scale": (width // heads,),
-        "norm.key_norm.scale": (width // heads,),
-        "modulation.lin.weight": (3 * width, width),
-        "modulation.lin.bias": (3 * width,),
-    }
-    doubles, singles = (19, 38) if size == "real" else (1, 1)
-    state = {k: torch.empty(shape, device="meta") for k, shape in one_block.items() if not k.startswith("double_")}
-    for i in range(doubles):
-        for key, shape in one_block.items():
-            if key.startswith("double_blocks.0."):
-                state[key.replace(".0.", f".{i}.", 1)] = torch.empty(shape, device="meta")
-    for i in range(singles):
-        state.update({f"single_blocks.{i}.{k}": torch.empty(shape, device="meta") for k, shape in single.items()})
-    return state
-
-
-def native_model(kind: str, size: str, device: torch.device, dtype: torch.dtype):
-    """ComfyUI's own model class for the layout (its detection picks it), random weights, in a ModelPatcher."""
-    import comfy.model_detection
-    import comfy.model_patcher
-
-    state = layout(kind, size)
-    config = comfy.model_detection.model_config_from_unet(state, "")
+        state = {k: v.to("meta") for k, v in wan_original_state(model.state_dict()).items()}
+        config = comfy.model_detection.model_config_from_unet(state, "")
+    else:
+        state, config = {}, comfy.supported_models.Flux(flux_config(size))
     config.set_inference_dtype(dtype, None)
     base = config.get_model(state, "", device=device)
     g = torch.Generator(device).manual_seed(0)
