@@ -225,6 +225,8 @@ class ComfyServer:
         if first is not None:
             cmd += ["--load", str(first), "--api-out", str(artifacts / f"{first.stem}_api.json")]
             cmd += ["--out", str(artifacts / f"{first.stem}_editor.png")]
+        else:  # browser_check.py's screenshot goes to ./browser_check.png unless told
+            cmd += ["--out", str(artifacts / "editor.png")]
         cmd += ["--js", EDITOR_JS % json.dumps(sources)]
         for node in nodes:
             cmd += ["--node", node]
