@@ -520,18 +520,18 @@ def write_tiny_native(models: Path, seed: int = 0) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     paths = {
-        "wan": models / "diffusion_models" / "tiny-wan2.2_ti2v_5B.safetensors",
-        "wan_vae": models / "vae" / "tiny-wan2.2_vae.safetensors",
-        "flux": models / "diffusion_models" / "tiny-flux1-dev-kontext.safetensors",
-        "flux_ae": models / "vae" / "tiny-flux-ae.safetensors",
+        "native_wan": models / "diffusion_models" / "tiny-wan2.2_ti2v_5B.safetensors",
+        "native_wan_vae": models / "vae" / "tiny-wan2.2_vae.safetensors",
+        "native_flux": models / "diffusion_models" / "tiny-flux1-dev-kontext.safetensors",
+        "native_flux_ae": models / "vae" / "tiny-flux-ae.safetensors",
     }
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     state = wan_original_state(tiny_native_wan(seed).state_dict())
-    save_file({k: v.contiguous() for k, v in state.items()}, str(paths["wan"]))
-    save_file(_random_layout("wan2_2_vae", seed, torch.float16), str(paths["wan_vae"]))
-    save_file(_random_layout("flux_dit_1_block", seed, torch.bfloat16), str(paths["flux"]))
-    save_file(_random_layout("flux_ae", seed, torch.float16), str(paths["flux_ae"]))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(paths["native_wan"]))
+    save_file(_random_layout("wan2_2_vae", seed, torch.float16), str(paths["native_wan_vae"]))
+    save_file(_random_layout("flux_dit_1_block", seed, torch.bfloat16), str(paths["native_flux"]))
+    save_file(_random_layout("flux_ae", seed, torch.float16), str(paths["native_flux_ae"]))
     return paths
 
 
