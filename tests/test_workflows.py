@@ -56,14 +56,16 @@ def test_text_to_image_content(specs):
         "MetaCanvasSampler",
         "MetaCanvasDecode",
         "SaveImage",
+        "MetaCanvasPlanPreview",
+        "PreviewImage",
         "Note",
     }
     assert by_type["MetaCanvasMLLMLoader"]["widgets_values"] == [QWEN_FILE, "auto", "default"]
     assert by_type["MetaCanvasBackboneLoader"]["widgets_values"] == ["Sana_1600M_512px_diffusers", "auto", True]
     assert by_type["MetaCanvasConnectorLoader"]["widgets_values"] == ["new (untrained)", "auto"]
-    prompt, negative, width, height, image_role, keyframes = by_type["MetaCanvasPlan"]["widgets_values"]
+    prompt, negative, width, height, image_role, keyframes, visual_tokens = by_type["MetaCanvasPlan"]["widgets_values"]
     assert len(prompt) > 80 and negative == "" and (width, height) == (512, 512)
-    assert (image_role, keyframes) == ("references", 0)
+    assert (image_role, keyframes, visual_tokens) == ("references", 0, 0)
     sampler = by_type["MetaCanvasSampler"]["widgets_values"][1:]
     assert sampler == ["fixed", 20, 4.5, 512, 512, "dpm_solver_flow", True, 1, 24.0, 1.0]
     assert by_type["SaveImage"]["widgets_values"] == ["MetaCanvas"]
@@ -139,6 +141,23 @@ def _source(wf, node, input_name):
     return src_node, src_node["outputs"][src_slot]["name"]
 
 
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_shows_the_plan(path, specs):
+    """Every shipped workflow shows the plan next to the result: MetaCanvas Plan Preview (the Plan's canvas, aligned by
+    the Connector Loader's checkpoint, over the decoded image or frames) into a core Preview Image."""
+    wf = load(path)
+    nodes = {n["type"]: n for n in wf["nodes"]}
+    preview, shown = nodes["MetaCanvasPlanPreview"], nodes["PreviewImage"]
+    assert _source(wf, preview, "plan") == (nodes["MetaCanvasPlan"], "plan")
+    assert _source(wf, preview, "metacanvas") == (nodes["MetaCanvasConnectorLoader"], "metacanvas")
+    decoded = _source(wf, preview, "image")
+    assert (decoded[0]["type"], decoded[1]) in {("MetaCanvasDecode", "image"), ("VAEDecode", "IMAGE")}
+    assert preview["widgets_values"] == [0.5] and _source(wf, shown, "images") == (preview, "preview")
+    # added after every other node and link, so saved copies of the workflow keep their ids
+    assert preview["id"] == wf["last_node_id"] - 1 and shown["id"] == wf["last_node_id"]
+    assert max(link[0] for link in wf["links"]) == wf["last_link_id"]
+
+
 def test_every_workflow_has_its_content_checked():
     native = {f"{name}.json" for name in NATIVE}
     assert {p.name for p in WORKFLOWS} == set(CONTENT) | {"text_to_image.json"} | native
@@ -153,8 +172,9 @@ def test_workflow_content(name, specs, pack):
     assert nodes["MetaCanvasMLLMLoader"]["widgets_values"] == [QWEN_FILE, "auto", "default"]
     assert nodes["MetaCanvasBackboneLoader"]["widgets_values"] == [backbone, "auto", True]
     assert nodes["MetaCanvasConnectorLoader"]["widgets_values"] == [UNTRAINED, "auto"]
-    prompt, _negative, plan_w, plan_h, image_role, keyframes = nodes["MetaCanvasPlan"]["widgets_values"]
+    prompt, _negative, plan_w, plan_h, image_role, keyframes, visual_tokens = nodes["MetaCanvasPlan"]["widgets_values"]
     assert len(prompt) > 80 and (plan_w, plan_h) == (width, height) and (image_role, keyframes) == (role, 0)
+    assert visual_tokens == 0  # the checkpoint's budget
     seed, *values = nodes["MetaCanvasSampler"]["widgets_values"]
     assert isinstance(seed, int) and values == sampler_values
     # The node's own checks (what the server runs before anything is queued) accept the shipped values.

@@ -1,6 +1,7 @@
 """The shipped native workflows (workflows/native_*.json), written from one description so they stay alike:
 core loaders with Comfy-Org's file names (and download hints), MetaCanvas Apply on the native MODEL, the plan's text
-and canvas as native CONDITIONING, core samplers, core VAE Decode and Save nodes.
+and canvas as native CONDITIONING, core samplers, core VAE Decode and Save nodes, and the plan shown over the result
+(MetaCanvas Plan Preview into a core Preview Image).
 
     cd tests && python -m support.native_workflows     (rewrites workflows/native_*.json)
 """
@@ -123,6 +124,17 @@ def _planning(g: Graph, unet_file: str, width: int, height: int, task: str, imag
     return {"mllm": mllm, "unet": unet, "loader": loader, "plan": plan, "text": text, "attach": attach, "apply": apply}
 
 
+def _plan_preview(g: Graph, p: dict, decode: Node, pos: tuple[int, int]) -> None:
+    """MetaCanvas Plan Preview (the plan over the decoded result) into a core Preview Image, below the result.
+    Added last, so the nodes and links before it keep their ids."""
+    preview = g.add("MetaCanvasPlanPreview", pos, (330, 110))
+    g.link(p["plan"], "plan", preview, "plan")
+    g.link(p["loader"], "metacanvas", preview, "metacanvas")
+    g.link(decode, "IMAGE", preview, "image")
+    show = g.add("PreviewImage", (pos[0] + 370, pos[1]), (330, 330))
+    g.link(preview, "preview", show, "images")
+
+
 def _wan(task: str, specs) -> dict:
     g = Graph(specs)
     images = video = None
@@ -194,6 +206,7 @@ def _wan(task: str, specs) -> dict:
     save = g.add("SaveVideo", (2220, 60), (330, 420), filename_prefix="video/MetaCanvas", format="auto", codec="auto")
     g.link(create, "VIDEO", save, "video")
     g.note((820, 520), (1100, 300), TASK_NOTES[task] + "\n\n" + NOTE_COMMON.format(**WAN_NOTE))
+    _plan_preview(g, p, decode, (1960, 520))
     return g.workflow()
 
 
@@ -242,6 +255,7 @@ def _kontext(specs) -> dict:
     save = g.add("SaveImage", (2260, 160), (330, 400), filename_prefix="MetaCanvas")
     g.link(decode, "IMAGE", save, "images")
     g.note((820, 520), (1100, 320), TASK_NOTES["image_editing"] + "\n\n" + NOTE_COMMON.format(**FLUX_NOTE))
+    _plan_preview(g, p, decode, (2260, 600))
     return g.workflow()
 
 
