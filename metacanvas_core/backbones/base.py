@@ -177,8 +177,9 @@ class CanvasInjection:
 
     def add_to(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, T, H, W, D) plus the residual on `rows`; other rows untouched (bit for bit)."""
+        residual = self.residual(tokens, timestep)  # first: the copy below is not held while the fuse block runs
         out = tokens.clone()
-        out[self.rows] = tokens[self.rows] + self.residual(tokens, timestep)
+        out[self.rows] += residual
         return out
 
 
