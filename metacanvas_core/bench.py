@@ -15,6 +15,10 @@
    (`experiments/native_step.py`) when --comfyui (or COMFYUI_HARNESS) names a ComfyUI: tiny models on a CPU, random
    weights at the real configs and sizes on a GPU.
 5. Memory: the weights each node of each shipped workflow holds on the GPU, from the real configs (footprint.py).
+6. The canvas connector at the paper's video size (Wan2.2-5B, 704×1280×121): the fuse block's peak activation memory
+   (tensor bytes tracked exactly, on the meta device) and its time as a share of one Wan2.2-5B step at that size.
+   On a GPU both are measured at the real width in bf16; on a CPU they are measured at two reduced widths over the
+   full token grid in fp32 and extrapolated to width 3072 (cost = a·w² + b·w per layer), and printed as such.
 """
 
 from __future__ import annotations
@@ -237,6 +241,76 @@ def run_all(args: argparse.Namespace) -> None:
     native_step(args.comfyui, args.comfyui_python, args.steps, args.repeats)
     print("[5] weights on the GPU per workflow node (GiB; real configs on the meta device; activations not counted)")
     print(footprint.table())
+    connector_at_video_size(args.repeats)
+
+
+WAN_VIDEO = (704, 1280, 121)
+CPU_WIDTHS = (384, 768)  # reduced DiT widths for the CPU extrapolation (multiples of 128: Wan's heads)
+
+
+def _wan_step_seconds(width: int, layers: int, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
+    """One Wan2.2-5B transformer call at 704×1280×121 with `layers` blocks of width `width` (random weights)."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = {k: v for k, v in realconfigs.load("wan2_2_ti2v_5b")["transformer"].items() if not k.startswith("_")}
+    real = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    cfg.update(num_layers=layers, num_attention_heads=width // cfg["attention_head_dim"])
+    cfg["ffn_dim"] = cfg["ffn_dim"] * width // real
+    with torch.device(device):
+        model = WanTransformer3DModel.from_config(cfg).eval()
+    torch.nn.Module.to(model, dtype=dtype)  # all in `dtype` (diffusers' `to` warns of its fp32 norms: timing only)
+    h, w, frames = WAN_VIDEO
+    x = torch.randn(1, cfg["in_channels"], (frames - 1) // 4 + 1, h // 16, w // 16, device=device, dtype=dtype)
+    text = torch.randn(1, 512, cfg["text_dim"], device=device, dtype=dtype)
+    t = torch.tensor([500.0], device=device)
+    with torch.no_grad():
+        seconds = _interleaved({"step": lambda: model(x, t, text)}, repeats)["step"]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return seconds
+
+
+def connector_at_video_size(repeats: int) -> None:
+    """[6]: the fuse block at 704×1280×121 — peak memory exactly, time vs one Wan2.2-5B step (measured or fitted)."""
+    from .connectors import measure_fuse
+    from .metacanvas import wan22_canvas_connector
+
+    layers = realconfigs.load("wan2_2_ti2v_5b")["transformer"]["num_layers"]
+    meta, grid = wan22_canvas_connector("meta")
+    print(f"[6] canvas connector at 704×1280×121 (token grid {grid[0]}×{grid[1]}×{grid[2]}), Wan2.2-5B + Qwen2.5-VL-7B")
+    for dtype in (torch.bfloat16, torch.float32):
+        peak = measure_fuse(meta, grid, dtype).peak_bytes
+        print(f"    peak of the fuse block, {str(dtype)[6:]}: {peak / 2**20:.0f} MiB (exact tensor bytes, chunked)")
+    if torch.cuda.is_available():
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        connector, _ = wan22_canvas_connector(device, dtype)
+        cost = measure_fuse(connector, grid, dtype, repeats)
+        step = _wan_step_seconds(3072, layers, device, dtype, repeats)
+        print(
+            f"    measured, bf16: connector {cost.seconds * 1e3:.0f} ms (CUDA peak {cost.cuda_peak_bytes / 2**20:.0f} "
+            f"MiB), Wan2.2-5B step {step * 1e3:.0f} ms: {100 * cost.seconds / step:.2f}% of a step"
+        )
+        return
+    connector_s, layer_s = [], []
+    for width in CPU_WIDTHS:
+        connector, _ = wan22_canvas_connector("cpu", torch.float32, width=width)
+        connector_s.append(measure_fuse(connector, grid, torch.float32, repeats=1).seconds)
+        layer_s.append(_wan_step_seconds(width, 1, torch.device("cpu"), torch.float32, repeats=1))
+        print(
+            f"    measured, CPU fp32, width {width}: connector {connector_s[-1]:.2f} s, one DiT layer {layer_s[-1]:.2f} s"
+        )
+
+    def fit(seconds: list[float]) -> float:
+        """a·w² + b·w through the two measured widths, at width 3072."""
+        (w1, w2), (s1, s2) = CPU_WIDTHS, seconds
+        a = (s2 / w2 - s1 / w1) / (w2 - w1)
+        return a * 3072**2 + (s1 / w1 - a * w1) * 3072
+
+    connector, step = fit(connector_s), layers * fit(layer_s)
+    print(
+        f"    extrapolated to width 3072 (CPU, fp32; not measured): connector {connector:.1f} s, Wan2.2-5B step "
+        f"{step:.0f} s ({layers} layers): {100 * connector / step:.2f}% of a step"
+    )
 
 
 def native_step(comfyui: Path | None, python: Path | None, steps: int, repeats: int) -> None:

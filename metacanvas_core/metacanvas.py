@@ -305,4 +305,4 @@ def wan22_canvas_connector(
         height // spec.pixel_stride,
         width_px // spec.pixel_stride,
     )
-    return connector.to(device, dtype).eval(), grid
+    return nn.Module.to(connector, device, dtype).eval(), grid  # plain `to`: it has no fp32-only modules to warn of
