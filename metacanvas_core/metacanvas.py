@@ -93,17 +93,16 @@ class MetaCanvas(nn.Module):
     def canvas_grid(self, height: int, width: int, keyframes: int | None = None) -> CanvasGrid:
         """The canvas for an output of height × width: the token grid divided by the canvas factor,
         with `keyframes` (default: the checkpoint's) for video."""
-        s = self.config.pixel_stride
+        s, f = self.config.pixel_stride, self.config.canvas_factor
+        step = s * f  # a whole canvas cell per f × f DiT tokens
         for name, value in (("width", width), ("height", height)):
-            if value % s or value <= 0:
+            if value % step or value <= 0:
                 raise MetaCanvasInputError(
-                    f"{name} {value} is not a positive multiple of {s}, the pixel stride of the "
-                    f"{self.config.backbone} backbone this checkpoint is for: use {max(s, value // s * s)} or "
-                    f"{(value // s + 1) * s}."
+                    f"{name} {value} is not a positive multiple of {step} (the {self.config.backbone} backbone's "
+                    f"pixel stride {s} × this checkpoint's canvas factor {f}): set {name} to "
+                    f"{max(step, value // step * step)} or {(value // step + 1) * step}."
                 )
-        return canvas_grid_for(
-            (1, height // s, width // s), self.config.canvas_factor, keyframes or self.config.canvas_grid[0]
-        )
+        return canvas_grid_for((1, height // s, width // s), f, keyframes or self.config.canvas_grid[0])
 
     def plan(
         self,

@@ -57,3 +57,17 @@ def test_interpolation_to_token_grid():
     assert video.shape == (1, 5, 2, 2, 1)
     frames = video[0, :, 0, 0, 0]
     assert frames[0] == 0 and frames[-1] == 1 and torch.all(frames[1:] >= frames[:-1])  # linear ramp in time
+
+
+def test_a_size_the_canvas_cannot_take_names_the_input_and_its_neighbours():
+    """Wan2.2: pixel stride 32 × canvas factor 2, so 96 passes the stride but not the canvas (issue 17)."""
+    from metacanvas_core.backbones.wan import WanBackbone
+    from metacanvas_core.metacanvas import new_metacanvas
+
+    with torch.device("meta"):
+        mc = new_metacanvas(64, WanBackbone.spec_for(3072, 4096, 48, (1, 2, 2), 16), "native")
+    assert mc.canvas_grid(704, 1280) == CanvasGrid(3, 11, 20)
+    with pytest.raises(MetaCanvasInputError, match=r"^height 96 is not a positive multiple of 64 .* 64 or 128\.$"):
+        mc.canvas_grid(96, 1280)
+    with pytest.raises(MetaCanvasInputError, match=r"^width 80 .* set width to 64 or 128\.$"):
+        mc.canvas_grid(704, 80)

@@ -177,7 +177,9 @@ def tiny(api: dict, seed: int | None = None, width: int | None = None) -> dict:
 
 def test_editor_loads_the_workflow(api_prompt):
     kinds = sorted(node["class_type"] for node in api_prompt.values())
-    assert kinds == sorted(PACK_NODES + ["SaveImage"])  # the Note is the editor's own, never sent
+    assert kinds == sorted(
+        PACK_NODES + ["SaveImage", "MetaCanvasPlanPreview", "PreviewImage"]
+    )  # the Note is the editor's own, never sent
     sampler = api_prompt[next(iter(ids(api_prompt, {"MetaCanvasSampler"})))]["inputs"]
     assert (sampler["steps"], sampler["cfg"], sampler["scheduler"], sampler["use_canvas"]) == (
         20,
@@ -210,7 +212,7 @@ def test_seed_change_reruns_only_the_sampler(server, api_prompt, artifacts):
     print(f"seed change: cached {sorted(from_cache, key=int)} of {sorted(base, key=int)}")
     assert ids(base, PLANNING | {"MetaCanvasProject"}) <= from_cache, f"cached: {from_cache}\n{report}"
     assert not ids(base, {"MetaCanvasSampler", "MetaCanvasDecode", "SaveImage"}) & from_cache, f"cached: {from_cache}"
-    (first,), (second,) = (list((artifacts / d).glob("*.png")) for d in ("seed1", "seed2"))
+    (first,), (second,) = (list((artifacts / d).glob("MetaCanvas*.png")) for d in ("seed1", "seed2"))
     assert first.read_bytes() != second.read_bytes(), "a new seed gave the same image"
 
 
@@ -244,9 +246,9 @@ def test_workflow_runs(name, server, editor, inputs, artifacts):
     assert sorted(node["class_type"] for node in api.values()) == sent
     ui = {n["type"]: n["widgets_values"] for n in wf["nodes"]}
     plan, sampler = (api[one(api, k)]["inputs"] for k in ("MetaCanvasPlan", "MetaCanvasSampler"))
-    assert [plan[k] for k in ("prompt", "negative_prompt", "width", "height", "image_role", "keyframes")] == ui[
-        "MetaCanvasPlan"
-    ]
+    assert [
+        plan[k] for k in ("prompt", "negative_prompt", "width", "height", "image_role", "keyframes", "visual_tokens")
+    ] == ui["MetaCanvasPlan"]
     names = (
         "seed",
         "steps",
@@ -310,7 +312,7 @@ def test_old_saved_workflow_loads_and_runs(server, editor, artifacts):
     rc, report, entry = server.run_prompt(tiny(old), OLD_STYLE, artifacts / OLD_STYLE)
     assert rc == 0, report
     assert cached(entry) == set(), f"the old-style prompt came from the cache:\n{report}"
-    (new_png,), (old_png,) = (list((artifacts / d).glob("*.png")) for d in ("new_style", OLD_STYLE))
+    (new_png,), (old_png,) = (list((artifacts / d).glob("MetaCanvas*.png")) for d in ("new_style", OLD_STYLE))
     with Image.open(new_png) as a, Image.open(old_png) as b:
         assert a.size == b.size == (IMAGE_SIZE, IMAGE_SIZE)
         assert np.array_equal(np.asarray(a), np.asarray(b)), "the old-style workflow made a different image"

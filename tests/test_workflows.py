@@ -158,6 +158,30 @@ def test_workflow_shows_the_plan(path, specs):
     assert max(link[0] for link in wf["links"]) == wf["last_link_id"]
 
 
+FILE_LOADERS = {"MetaCanvasMLLMLoader", "UNETLoader", "VAELoader"}  # loaders of single files the editor can fetch
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_every_file_loader_carries_its_download_hint(path):
+    """As ComfyUI's own templates: the editor offers a missing file from `properties.models` (name, url, folder). The
+    pack's diffusers folders cannot be fetched as one file: their Notes link them, and name the native template."""
+    wf = load(path)
+    loaders = [n for n in wf["nodes"] if n["type"] in FILE_LOADERS]
+    assert {n["type"] for n in loaders} >= {"MetaCanvasMLLMLoader"}
+    for node in loaders:
+        (model,) = node["properties"]["models"]
+        assert model["name"] == node["widgets_values"][0], node["type"]
+        assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
+        assert model["directory"] in ("text_encoders", "diffusion_models", "vae")
+    note = next(n for n in wf["nodes"] if n["type"] == "Note")["widgets_values"][0]
+    assert QWEN_FILE in note
+    backbone = next((n for n in wf["nodes"] if n["type"] == "MetaCanvasBackboneLoader"), None)
+    if backbone is not None:
+        assert "https://huggingface.co/" in note
+        if path.stem != "text_to_image":  # Wan/FLUX also run natively: the Note says which template
+            assert f"native_{path.stem}" in note
+
+
 def test_every_workflow_has_its_content_checked():
     native = {f"{name}.json" for name in NATIVE}
     assert {p.name for p in WORKFLOWS} == set(CONTENT) | {"text_to_image.json"} | native

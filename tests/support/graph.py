@@ -51,6 +51,6 @@ def run_in_process(pack, api: dict, input_dir: Path, done: dict | None = None) -
         return done[nid]
 
     for nid, node in api.items():
-        if node["class_type"] not in ("SaveImage", "SaveVideo"):
+        if node["class_type"] not in ("SaveImage", "SaveVideo", "PreviewImage"):
             outputs(nid)
     return done

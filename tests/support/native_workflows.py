@@ -159,7 +159,7 @@ def _wan(task: str, specs) -> dict:
     role = "first frame" if task == "image_to_video" else "references"
     length = 81 if task == "video_editing" else 121
     p = _planning(g, FILES["wan"][0], 1280, 704, task, images, video, role)
-    shift = g.add("ModelSamplingSD3", (440, 340), (330, 60), shift=8.0)
+    shift = g.add("ModelSamplingSD3", (440, 360), (330, 60), shift=8.0)
     g.link(p["apply"], "model", shift, "model")
     vae = g.add(
         "VAELoader",
@@ -169,14 +169,14 @@ def _wan(task: str, specs) -> dict:
         vae_name=FILES["wan_vae"][0],
     )
     latent = g.add(
-        "Wan22ImageToVideoLatent", (1260, 360), (300, 170), width=1280, height=704, length=length, batch_size=1
+        "Wan22ImageToVideoLatent", (1260, 360), (300, 200), width=1280, height=704, length=length, batch_size=1
     )
     g.link(vae, "VAE", latent, "vae")
     if start is not None:
         g.link(start, "IMAGE", latent, "start_image")
     positive: tuple[Node, str] = (p["attach"], "positive")
     if task in ("video_editing", "in_context_video"):
-        inputs = g.add("MetaCanvasWanInputs", (1260, 560), (300, 90))
+        inputs = g.add("MetaCanvasWanInputs", (1260, 610), (300, 90))
         g.link(p["attach"], "positive", inputs, "positive")
         g.link(vae, "VAE", inputs, "vae")
         g.link(p["plan"], "plan", inputs, "plan")
@@ -205,7 +205,7 @@ def _wan(task: str, specs) -> dict:
         g.link(parts, "fps", create, "fps")  # the edit keeps the source's timing
     save = g.add("SaveVideo", (2220, 60), (330, 420), filename_prefix="video/MetaCanvas", format="auto", codec="auto")
     g.link(create, "VIDEO", save, "video")
-    g.note((820, 520), (1100, 300), TASK_NOTES[task] + "\n\n" + NOTE_COMMON.format(**WAN_NOTE))
+    g.note((820, 760), (1100, 300), TASK_NOTES[task] + "\n\n" + NOTE_COMMON.format(**WAN_NOTE))
     _plan_preview(g, p, decode, (1960, 520))
     return g.workflow()
 
@@ -254,7 +254,7 @@ def _kontext(specs) -> dict:
     g.link(vae, "VAE", decode, "vae")
     save = g.add("SaveImage", (2260, 160), (330, 400), filename_prefix="MetaCanvas")
     g.link(decode, "IMAGE", save, "images")
-    g.note((820, 520), (1100, 320), TASK_NOTES["image_editing"] + "\n\n" + NOTE_COMMON.format(**FLUX_NOTE))
+    g.note((820, 760), (1100, 320), TASK_NOTES["image_editing"] + "\n\n" + NOTE_COMMON.format(**FLUX_NOTE))
     _plan_preview(g, p, decode, (2260, 600))
     return g.workflow()
 
