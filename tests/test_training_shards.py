@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -111,3 +112,36 @@ def test_training_streams_webdataset_shards(tiny, tmp_path):
     resumed = Trainer(TrainConfig(**base), tmp_path / "part", resume=tmp_path / "part", progress=False)
     assert trace[2:] == resumed.train()  # exact: the shard cursor and waiting samples came back
     assert (tmp_path / "full" / "shards.safetensors").is_file()
+
+
+def _mp4(frames: int, size: tuple[int, int], seed: int) -> bytes:
+    """A short H.264 clip (PyAV through imageio), frames of distinct flat colours."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    clip = np.stack([np.full((*size, 3), rng.integers(0, 255, 3), dtype=np.uint8) for _ in range(frames)])
+    return iio.imwrite("<bytes>", clip, extension=".mp4", codec="libx264", fps=8, plugin="pyav")
+
+
+def test_video_shards_decode_clips_and_name_bad_ones(tmp_path):
+    """Video kinds read `<key>.mp4` (+ the edit source `<key>.src.mp4`) from the shard: the first `frames` frames,
+    cover-cropped to the bucket; a clip too short or not a video is refused naming the field (the source adds the
+    shard and key, as for images above)."""
+    with wds.TarWriter(str(tmp_path / "video-00000.tar")) as sink:
+        sink.write({"__key__": "clip0", "mp4": _mp4(9, (64, 64), 0), "src.mp4": _mp4(9, (48, 80), 1), "txt": "a car"})
+        sink.write({"__key__": "short", "mp4": _mp4(3, (64, 64), 2), "src.mp4": _mp4(9, (64, 64), 3), "txt": "a"})
+        sink.write({"__key__": "broken", "mp4": b"not a video", "src.mp4": _mp4(9, (64, 64), 4), "txt": "a"})
+    samples = {}
+    for kind, keys in (("t2v", {}), ("video_edit", {"input_key": "src.mp4"})):
+        decode = Decoder(kind, {"video_key": "mp4", "caption_key": "txt", **keys}, BUCKETS, frames=5)
+        tar = list(wds.WebDataset(str(tmp_path / "video-00000.tar"), shardshuffle=False))
+        samples[kind] = decode(tar[0])
+        for bad in tar[1:]:
+            with pytest.raises(ValueError, match="video_key: cannot decode the .mp4 file"):
+                decode(bad)
+    clip = samples["t2v"]
+    assert clip.kind == "t2v" and clip.text == "a car" and tuple(clip.target.shape) == (5, 64, 64, 3)
+    assert not torch.equal(clip.target[0], clip.target[1])  # five different frames, in order
+    (source_clip,) = samples["video_edit"].inputs
+    assert tuple(source_clip.shape) == (5, 64, 64, 3)  # the 48×80 source cover-cropped to the target's bucket
