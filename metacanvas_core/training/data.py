@@ -231,15 +231,17 @@ def load_frames(path: Path, count: int, height: int, width: int) -> list[Image.I
 
 
 def read_video(uri: Path | bytes, count: int, extension: str | None = None) -> list[Image.Image]:
-    """The first `count` frames of a video file (or its bytes, with `extension` such as ".mp4"), read with imageio."""
+    """The first `count` frames of a video file (or its bytes, with `extension` such as ".mp4"), read with imageio's
+    PyAV plugin (named, so imageio does not import its other plugins to guess)."""
     try:
+        import av  # noqa: F401  (the plugin's library: missing, imageio would fail on the first file instead)
         import imageio.v3 as iio
     except ImportError:
         raise OSError(
             "reading video files needs imageio (pip install imageio[pyav]); or use a folder of frames"
         ) from None
     frames = []
-    for frame in iio.imiter(uri, extension=extension):
+    for frame in iio.imiter(uri, extension=extension, plugin="pyav"):
         frames.append(Image.fromarray(frame).convert("RGB"))
         if len(frames) == count:
             return frames
