@@ -15,7 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import MetaCanvasInputError
+from .inputs import WeightDtype
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_WEIGHT_DTYPES = {
+    WeightDtype.DEFAULT: None,
+    WeightDtype.FP8_E4M3FN: torch.float8_e4m3fn,
+    WeightDtype.FP8_E5M2: torch.float8_e5m2,
+}
+
+
+def fp8_dtype(weight_dtype: WeightDtype | str) -> torch.dtype | None:
+    """The float8 dtype a `weight_dtype` choice keeps Linear weights in (None: as stored); refuses other names."""
+    try:
+        return _WEIGHT_DTYPES[WeightDtype(weight_dtype)]
+    except ValueError:
+        raise MetaCanvasInputError(f"weight_dtype '{weight_dtype}' is not one of {WeightDtype.values()}.") from None
 
 
 class ScaledFP8Linear(nn.Linear):
@@ -47,6 +63,15 @@ class ScaledFP8Linear(nn.Linear):
             w = fn(w)
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
         return F.linear(x, w.to(x.dtype), bias)
+
+
+def keep_linears_in_fp8(model: nn.Module, weight_dtype: torch.dtype, skip: tuple[str, ...] = ()) -> None:
+    """Every plain Linear of a loaded model (but those named in `skip`) becomes a ScaledFP8Linear with scale 1, in
+    place: ComfyUI's weight_dtype fp8 for a model loaded in bf16/fp16."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and name not in skip:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, ScaledFP8Linear.from_linear(module, weight_dtype))
 
 
 class _CastOnForward:

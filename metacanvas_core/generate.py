@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from . import cli
 from .errors import MetaCanvasInputError
+from .inputs import WeightDtype
 from .schedulers import SCHEDULERS
 
 if TYPE_CHECKING:
@@ -42,6 +43,13 @@ def parser() -> cli.ArgumentParser:
     p.add_argument("--prompt", default="a red circle at the top left and a blue square at the bottom right")
     p.add_argument("--negative-prompt", default="")
     cli.add_mllm_options(p)
+    p.add_argument(
+        "--mllm-weight-dtype",
+        choices=WeightDtype.values(),
+        default=WeightDtype.DEFAULT.value,
+        help="the MLLM's linear weights in memory, as the MLLM Loader's weight_dtype: default keeps the file's own "
+        "(a scaled fp8 file stays fp8); fp8_e4m3fn/fp8_e5m2 halve a bf16 planner's memory (computed in --dtype)",
+    )
     p.add_argument("--backbone", type=Path, help="diffusers pipeline folder (SANA, or FLUX.1-Kontext for editing)")
     p.add_argument("--image", type=Path, help="input image: the MLLM sees it; FLUX-Kontext edits it")
     p.add_argument("--guidance", type=float, help="FLUX embedded guidance (default: the pipeline's, 3.5)")
@@ -129,7 +137,7 @@ def render(
     mc = load_metacanvas(checkpoint, device) if checkpoint else None
     if mc is not None and args.width and args.height:
         mc.canvas_grid(args.height, args.width)  # refuses a size the checkpoint cannot plan, before the big loads
-    planner = Planner.load(mllm, dtype, device, tokenizer=args.mllm_tokenizer)
+    planner = Planner.load(mllm, dtype, device, args.mllm_tokenizer, args.mllm_weight_dtype)
     backbone = load_backbone(backbone_folder, dtype, device)
     if mc is None:
         mc = new_metacanvas(planner.hidden_size, backbone.spec, default_context_source(backbone.has_text_encoder))

@@ -1,4 +1,5 @@
-"""The vocabulary every layer shares: image roles, context sources, and the visual inputs of a request.
+"""The vocabulary every layer shares: image roles, context sources, weight dtypes, and the visual inputs of a
+request.
 
 Low level on purpose (no torch, no model code): the planner, the backbones, the trainer and the nodes
 all speak it, so none of them has to import another to know what "first frame" or "mllm" means.
@@ -35,6 +36,14 @@ class ContextSource(_Choice):
 
     NATIVE = "native"  # the backbone's own text encoder (Gemma-2, umT5, T5 + CLIP)
     MLLM = "mllm"  # the MLLM's prompt states through the context connector (the paper's Wan/FLUX path)
+
+
+class WeightDtype(_Choice):
+    """How the planner's Linear weights are kept in memory (ComfyUI's `weight_dtype` choice of its core loaders)."""
+
+    DEFAULT = "default"  # as stored: a bf16 file stays bf16 (in the compute dtype), a scaled fp8 file stays fp8
+    FP8_E4M3FN = "fp8_e4m3fn"  # kept in fp8 (scale 1), computed in the compute dtype: half the memory of bf16
+    FP8_E5M2 = "fp8_e5m2"
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,10 @@ from PIL import Image
 
 from . import realconfigs
 from .canvas import CanvasGrid, canvas_rope_positions, sequence_positions
+from .casting import fp8_dtype, keep_linears_in_fp8
 from .errors import MetaCanvasInputError
 from .files import SafetensorsFile
-from .inputs import NO_INPUTS, VisualInputs
+from .inputs import NO_INPUTS, VisualInputs, WeightDtype
 from .qwen_file import is_qwen25_vl, load_qwen25_vl
 
 QWEN25_VL_MODEL_TYPE = "qwen2_5_vl"
@@ -141,19 +142,27 @@ class Planner:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         tokenizer: str | Path | None = None,
-        weight_dtype: str = "default",
+        weight_dtype: WeightDtype | str = WeightDtype.DEFAULT,
     ) -> Planner:
         """Qwen2.5-VL from a Hugging Face folder or a ComfyUI single file (see `from_single_file`)."""
         if Path(path).is_dir():
-            return cls.from_folder(path, dtype, device)
+            return cls.from_folder(path, dtype, device, weight_dtype)
         return cls.from_single_file(path, tokenizer, dtype, device, weight_dtype)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def from_folder(
+        cls,
+        folder: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        weight_dtype: WeightDtype | str = WeightDtype.DEFAULT,
+    ) -> Planner:
+        """Qwen2.5-VL from a Hugging Face folder; `weight_dtype` fp8 keeps its Linear weights (but the never-used
+        `lm_head`) in fp8 after loading, computed in `dtype`."""
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        folder = Path(folder)
+        folder, fp8 = Path(folder), fp8_dtype(weight_dtype)
         if not folder.is_dir():
             raise MetaCanvasInputError(f"MLLM folder '{folder}' does not exist.")
         model_type = read_model_config(folder).get("model_type")
@@ -167,6 +176,8 @@ class Planner:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             folder, dtype=dtype, use_safetensors=True, local_files_only=True
         )
+        if fp8 is not None:
+            keep_linears_in_fp8(model, fp8, skip=("lm_head",))
         model.to(device).eval().requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if tokenizer.chat_template is None and (folder / "chat_template.json").is_file():
@@ -181,7 +192,7 @@ class Planner:
         tokenizer: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
-        weight_dtype: str = "default",
+        weight_dtype: WeightDtype | str = WeightDtype.DEFAULT,
     ) -> Planner:
         """Qwen2.5-VL from ComfyUI's single file (bf16, fp16 or scaled fp8; `qwen_file.py`).
 

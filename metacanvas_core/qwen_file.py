@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from . import realconfigs
-from .casting import FP8_DTYPES, ScaledFP8Linear
+from .casting import FP8_DTYPES, ScaledFP8Linear, fp8_dtype
 from .errors import MetaCanvasInputError
 from .files import SafetensorsFile
+from .inputs import WeightDtype
 
 SHIPPED_BY_WIDTH = {2048: "qwen2_5_vl_3b_instruct", 3584: "qwen2_5_vl_7b_instruct"}
 MARKERS = ("model.layers.0.self_attn.k_proj.bias", "visual.patch_embed.proj.weight", "model.embed_tokens.weight")
 IGNORED = ("scaled_fp8",)  # ComfyUI's marker tensor
-WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def is_qwen25_vl(header: SafetensorsFile) -> bool:
@@ -56,19 +56,20 @@ def config_for(header: SafetensorsFile) -> dict:
     return realconfigs.load(SHIPPED_BY_WIDTH[width])
 
 
-def load_qwen25_vl(header: SafetensorsFile, dtype: torch.dtype, weight_dtype: str = "default") -> nn.Module:
+def load_qwen25_vl(
+    header: SafetensorsFile, dtype: torch.dtype, weight_dtype: WeightDtype | str = WeightDtype.DEFAULT
+) -> nn.Module:
     """The model of a checked single file, in `dtype` (fp8 layers stay fp8; `weight_dtype` fp8 makes them so)."""
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise MetaCanvasInputError(f"weight_dtype '{weight_dtype}' is not one of {list(WEIGHT_DTYPES)}.")
+    fp8 = fp8_dtype(weight_dtype)
     config = Qwen2_5_VLConfig(**config_for(header))
     with init_empty_weights(include_buffers=False):  # parameters on meta (filled below), RoPE buffers real
         model = Qwen2_5_VLForConditionalGeneration(config)
     state = {transformers_key(k): v for k, v in load_file(str(header.path)).items() if k not in IGNORED}
-    _quantise(model, state, WEIGHT_DTYPES[weight_dtype])
+    _quantise(model, state, fp8)
     state = {k: v if v.dtype in FP8_DTYPES or k.endswith(".scale_weight") else v.to(dtype) for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.endswith(".scale_input")}
     expected = set(model.state_dict()) - {"lm_head.weight"}

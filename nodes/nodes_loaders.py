@@ -11,10 +11,10 @@ from metacanvas_core.backbones import load_backbone
 from metacanvas_core.checkpoint import load_metacanvas
 from metacanvas_core.errors import MetaCanvasInputError
 from metacanvas_core.files import SafetensorsFile
-from metacanvas_core.inputs import ContextSource
+from metacanvas_core.inputs import ContextSource, WeightDtype
 from metacanvas_core.metacanvas import UNTRAINED, default_context_source, new_metacanvas
 from metacanvas_core.planner import Planner
-from metacanvas_core.qwen_file import WEIGHT_DTYPES, is_qwen25_vl
+from metacanvas_core.qwen_file import is_qwen25_vl
 
 from .runtime import (
     Managed,
@@ -61,10 +61,10 @@ class MetaCanvasMLLMLoader:
                     },
                 ),
                 "weight_dtype": (
-                    list(WEIGHT_DTYPES),
+                    WeightDtype.values(),
                     {
                         "default": "default",
-                        "tooltip": "Weights in memory. default = as stored (an fp8 scaled file stays fp8). fp8_e4m3fn / fp8_e5m2 keep a bf16 single file's linear layers in fp8 (half the memory; computed in the compute precision), as the core loaders do.",
+                        "tooltip": "Weights in memory. default = as stored (an fp8 scaled file stays fp8). fp8_e4m3fn / fp8_e5m2 keep the linear layers of a bf16 file or folder in fp8 (half the memory; computed in the compute precision), as the core loaders do.",
                     },
                 ),
             }

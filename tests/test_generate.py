@@ -112,7 +112,8 @@ def bare_single_file(single_file, path):
 def test_cli_plans_from_a_comfyui_single_file_exactly_as_from_its_folder(tiny, models_dir, tmp_path, monkeypatch):
     """The tiny planner as ComfyUI's single file (fp32 like its folder, so like is compared with like) gives the
     folder's image bit for bit, with its own tokenizer or with --mllm-tokenizer; the scaled-fp8 file of the same
-    weights gives another image, so the planner's weights do reach the pixels. Paths relative to the current folder
+    weights gives another image, so the planner's weights do reach the pixels; --mllm-weight-dtype fp8 keeps the
+    folder and the file of the same weights in the same fp8 (the same image, not the fp32 one). Paths relative to the current folder
     work (the CLI has no models root: issue 17 leaves plain paths to the user)."""
     assert {t.dtype for t in load_file(str(tiny["mllm_file"])).values()} == {torch.float32}
     assert {t.dtype for t in load_file(str(tiny["mllm"] / "model.safetensors")).values()} == {torch.float32}
@@ -125,6 +126,8 @@ def test_cli_plans_from_a_comfyui_single_file_exactly_as_from_its_folder(tiny, m
         "file": ["--mllm", relative["mllm_file"]],
         "bare file": ["--mllm", str(bare), "--mllm-tokenizer", relative["mllm"]],
         "fp8 file": ["--mllm", relative["mllm_fp8"]],
+        "folder kept in fp8": ["--mllm", relative["mllm"], "--mllm-weight-dtype", "fp8_e4m3fn"],
+        "file kept in fp8": ["--mllm", relative["mllm_file"], "--mllm-weight-dtype", "fp8_e4m3fn"],
     }
     images = {}
     for name, mllm in planners.items():
@@ -134,6 +137,8 @@ def test_cli_plans_from_a_comfyui_single_file_exactly_as_from_its_folder(tiny, m
         images[name] = np.asarray(Image.open(out))
     assert np.array_equal(images["file"], images["folder"]) and np.array_equal(images["bare file"], images["folder"])
     assert not np.array_equal(images["fp8 file"], images["folder"])
+    assert np.array_equal(images["folder kept in fp8"], images["file kept in fp8"])
+    assert not np.array_equal(images["folder kept in fp8"], images["folder"])
 
 
 def test_cli_refuses_a_damaged_wrong_or_tokenizerless_single_file_naming_it(tiny, tmp_path, capsys):

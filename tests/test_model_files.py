@@ -76,6 +76,21 @@ def test_weight_dtype_fp8_keeps_a_full_file_in_fp8(tiny, planner):
     assert 0 < error < 0.1, error
 
 
+def test_weight_dtype_fp8_keeps_a_folder_in_fp8_as_it_does_the_same_weights_single_file(tiny, image):
+    """A Hugging Face folder honours weight_dtype too (it was ignored): the same fp8 weights and plan as the single
+    file holding the same weights, bit for bit; the never-used lm_head is left as it is."""
+    folder = Planner.load(tiny["mllm"], weight_dtype="fp8_e5m2")
+    single = Planner.load(tiny["mllm_file"], weight_dtype="fp8_e5m2")
+    layers = {n: m for n, m in folder.model.named_modules() if isinstance(m, ScaledFP8Linear)}
+    assert layers.keys() == {n for n, m in single.model.named_modules() if isinstance(m, ScaledFP8Linear)}
+    assert "lm_head" not in layers and all(m.weight.dtype == torch.float8_e5m2 for m in layers.values())
+    assert any(n.startswith("model.visual.") for n in layers)  # the vision tower's layers too
+    for a, b in zip(plans(folder, [image]), plans(single, [image]), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(MetaCanvasInputError, match=r"weight_dtype 'fp4' is not one of \['default', 'fp8_e4m3fn'"):
+        Planner.load(tiny["mllm"], weight_dtype="fp4")
+
+
 def test_wrong_and_damaged_mllm_files_are_named(tiny, tmp_path):
     qwen_image = tmp_path / "qwen_image_fp8.safetensors"
     save_file(
