@@ -509,7 +509,9 @@ def test_trained_checkpoint_changes_the_image(server, api_prompt, models_dir, ar
     """python -m metacanvas_core.train tiny_sana_t2i for 3 steps, as a user runs it, against the e2e models' tiny
     Qwen and SANA (--set mllm/backbone); its checkpoint copied to models/metacanvas/ appears in the Connector
     Loader's list (object_info is computed again on each request), and text_to_image with it saves an image that
-    is not the "new (untrained)" one (same seed, prompt, sizes, 2 steps)."""
+    is not the "new (untrained)" one (same seed, prompt, sizes, 2 steps). The Sampler's dial as an artist sets it:
+    canvas_strength 0, and an all-zero mask from a core Solid Mask, give the untrained image exactly; an all-one
+    mask gives the trained one exactly."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "metacanvas_core.train", "tiny_sana_t2i", "--output-dir", str(out)]
     cmd += ["--max-steps", "3"]
@@ -534,10 +536,23 @@ def test_trained_checkpoint_changes_the_image(server, api_prompt, models_dir, ar
         assert TRAINED_NAME in choices and "new (untrained)" in choices, choices
 
         images = {}
-        for label, checkpoint in (("untrained", "new (untrained)"), ("trained", TRAINED_NAME)):
+        runs = {
+            "untrained": ("new (untrained)", 1.0, None),
+            "trained": (TRAINED_NAME, 1.0, None),
+            "strength_0": (TRAINED_NAME, 0.0, None),
+            "zero_mask": (TRAINED_NAME, 1.0, 0.0),
+            "one_mask": (TRAINED_NAME, 1.0, 1.0),
+        }
+        for label, (checkpoint, strength, mask) in runs.items():
             api = tiny(api_prompt, seed=7)
             api[one(api, "MetaCanvasConnectorLoader")]["inputs"]["checkpoint"] = checkpoint
-            assert api[one(api, "MetaCanvasSampler")]["inputs"]["use_canvas"] is True
+            sampler = api[one(api, "MetaCanvasSampler")]["inputs"]
+            assert sampler["use_canvas"] is True
+            sampler["canvas_strength"] = strength
+            if mask is not None:
+                solid = {"value": mask, "width": IMAGE_SIZE, "height": IMAGE_SIZE}
+                api["9003"] = {"class_type": "SolidMask", "inputs": solid}  # a core node's MASK
+                sampler["canvas_mask"] = ["9003", 0]
             save = one(api, "SaveImage")
             api[save]["inputs"]["filename_prefix"] = f"ckpt_{label}"
             rc, report, entry = server.run_prompt(api, f"ckpt_{label}", artifacts / f"ckpt_{label}")
@@ -549,6 +564,9 @@ def test_trained_checkpoint_changes_the_image(server, api_prompt, models_dir, ar
     assert images["trained"].std() > 0, "the trained checkpoint's image is one constant colour"
     diff = np.abs(images["trained"].astype(int) - images["untrained"].astype(int))
     assert diff.max() > 0, "the trained checkpoint made the same image as the untrained connector"
+    assert np.array_equal(images["strength_0"], images["untrained"]), "strength 0 is not the plain image"
+    assert np.array_equal(images["zero_mask"], images["untrained"]), "an all-zero mask is not the plain image"
+    assert np.array_equal(images["one_mask"], images["trained"]), "an all-one mask changed the canvas"
     print(
         f"trained 3 steps in {train_s:.1f}s; trained vs untrained image: {int((diff > 0).sum())} of {diff.size} "
         f"values differ, mean |diff| {diff.mean():.2f}, max {diff.max()}"

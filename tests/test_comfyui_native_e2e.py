@@ -18,6 +18,8 @@ stay inside the model folders (issue 17), all through the server's own API.
   changed) makes the output differ from the plain graph; on image-to-video the given first frame stays exactly
   the plain graph's (latent and pixels: the Wan VAE decodes causally), on image editing the whole image changes.
   Its checkpoint lives in a folder elsewhere, reached through a symlinked folder inside models/metacanvas.
+- Attach Canvas's dial with that connector: strength 0 and an all-zero mask from a core Solid Mask sample the plain
+  graph's latent exactly, an all-one mask the undialled canvas's, strength 2 another one.
 - A seed-only change re-runs only the sampler and what follows (the plan is cached).
 - Bad input is refused with a message naming it and the server stays up: a Wan checkpoint on FLUX-Kontext, a plan
   size no backbone takes (validation), a plan or latent size Wan's canvas cannot take, a source video shorter than
@@ -82,6 +84,7 @@ SIZE, LENGTH, STEPS = 64, 5, 2
 IMAGES = ("e2e_native_a.png", "e2e_native_b.png")  # same size: in_context_video's Image Batch keeps them as they are
 VIDEO, VIDEO_FRAMES, VIDEO_FPS = "e2e_native_source.mp4", 9, 16
 FRAMES_NODE, LATENT_NODE = "9001", "9002"  # added: core SaveImage on VAE Decode, core SaveLatent on the sampler
+MASK_NODE = "9003"  # added: a core Solid Mask on Attach Canvas's canvas_mask
 CANVAS_NODES = {"MetaCanvasApply": "model", "MetaCanvasAttachCanvas": "conditioning", "MetaCanvasWanInputs": "positive"}
 SAMPLERS = {"KSampler", "SamplerCustomAdvanced"}
 EXTRA_OUTPUTS = {"MetaCanvasPlanPreview"}  # MetaCanvas nodes beside the graph's own path (not in the plain graph)
@@ -508,6 +511,34 @@ def test_a_random_connector_changes_the_output(name, backbone, runs, editor, ran
         assert not np.array_equal(trained.frames, untrained_plain.frames), "the canvas changed nothing"
         changed = _differ(trained.frames, untrained_plain.frames)
     print(f"{name} with a random connector vs the plain graph: {changed}")
+
+
+def test_strength_and_mask_through_the_server(runs, editor, random_connectors):
+    """Attach Canvas's dial as an artist sets it, on native image-to-video with the random connector (latents):
+    canvas_strength 0, and an all-zero mask from a core Solid Mask, sample the plain graph's latent exactly; an
+    all-one mask samples the undialled canvas's exactly; strength 2 samples another latent than strength 1."""
+    name = "native_image_to_video"
+
+    def dialled(strength: float, mask: float | None) -> dict:
+        api = shipped(editor, name)
+        api[one(api, "MetaCanvasConnectorLoader")]["inputs"]["checkpoint"] = random_connectors["wan"]
+        attach = api[one(api, "MetaCanvasAttachCanvas")]["inputs"]
+        attach["canvas_strength"] = strength
+        if mask is not None:
+            api[MASK_NODE] = {"class_type": "SolidMask", "inputs": {"value": mask, "width": SIZE, "height": SIZE}}
+            attach["canvas_mask"] = [MASK_NODE, 0]
+        return latent_only(api)
+
+    plain_latent = _plain(runs, editor, name).latent
+    latent = {
+        (strength, mask): runs(f"{name}_dial_{strength}_{mask}", lambda s=strength, m=mask: dialled(s, m)).latent
+        for strength, mask in ((1.0, None), (0.0, None), (1.0, 0.0), (1.0, 1.0), (2.0, None))
+    }
+    assert not torch.equal(latent[1.0, None], plain_latent), "the random connector changed nothing"
+    assert torch.equal(latent[0.0, None], plain_latent), "strength 0 is not the plain graph"
+    assert torch.equal(latent[1.0, 0.0], plain_latent), "an all-zero mask is not the plain graph"
+    assert torch.equal(latent[1.0, 1.0], latent[1.0, None]), "an all-one mask changed the canvas"
+    assert not torch.equal(latent[2.0, None], latent[1.0, None]), "strength 2 is strength 1"
 
 
 def test_seed_change_reruns_only_the_sampler(runs, editor):
