@@ -25,7 +25,6 @@ from . import realconfigs
 from .inputs import ContextSource
 
 GIB = 1024**3
-PRECISIONS = ("bf16", "fp8")
 
 
 @dataclass(frozen=True)

@@ -69,11 +69,9 @@ class Plan:
     prompt: str
     negative_prompt: str
     context: torch.Tensor  # (1, L, D) last hidden states of the prompt tokens
-    context_mask: torch.Tensor  # (1, L)
     canvas: torch.Tensor  # (1, K·Hc·Wc, D) frame-major
     grid: CanvasGrid
     negative_context: torch.Tensor | None = None  # (1, L', D), only for MLLM-context backbones
-    negative_mask: torch.Tensor | None = None
     # What the MLLM saw besides the prompt; backbones that take images or video themselves get it too.
     inputs: VisualInputs = field(default_factory=VisualInputs)
     size: tuple[int, int] | None = None  # (height, width) of the output the canvas was sized for
@@ -288,15 +286,12 @@ class Planner:
             prompt=prompt,
             negative_prompt=negative_prompt,
             context=hidden[:, :n_prompt],
-            context_mask=torch.ones(1, n_prompt, dtype=torch.long, device=hidden.device),
             canvas=hidden[:, n_prompt + 1 :],
             grid=grid,
             inputs=inputs,
         )
         if with_negative_context:
-            neg = self.prompt_states(negative_prompt, inputs, visual_tokens)
-            plan.negative_context = neg
-            plan.negative_mask = torch.ones(1, neg.shape[1], dtype=torch.long, device=neg.device)
+            plan.negative_context = self.prompt_states(negative_prompt, inputs, visual_tokens)
         return plan
 
     def prompt_states(

@@ -332,7 +332,7 @@ def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
     """Wan2.2-TI2V pipeline folder in the real layout: a 2-layer transformer (width 32, text_dim 32), a
     Wan2.2-style VAE (residual, patchified, stride 4×16×16, 8 latent channels), UniPC flow scheduler,
     per-token timesteps, and a 2-layer umT5 (the native text encoder; the paper's context is the MLLM's)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
@@ -349,22 +349,7 @@ def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     ).eval()
-    vae = AutoencoderKLWan(
-        base_dim=8,
-        decoder_base_dim=8,
-        z_dim=8,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        is_residual=True,
-        patch_size=2,
-        in_channels=12,
-        out_channels=12,
-        scale_factor_spatial=16,
-        scale_factor_temporal=4,
-        latents_mean=[0.1 * i for i in range(8)],
-        latents_std=[1.0 + 0.1 * i for i in range(8)],
-    ).eval()
+    vae = tiny_wan_vae(8)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
     text_encoder, tokenizer = _tiny_t5(32, umt5=True, seed=seed)
     pipe = WanPipeline(
@@ -377,6 +362,28 @@ def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def tiny_wan_vae(z_dim: int):
+    """A Wan2.2-style VAE (patchified 2×2, residual, 16× spatial and 4× temporal compression) at width 8."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=z_dim,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        patch_size=2,
+        in_channels=12,
+        out_channels=12,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=[0.1 * i for i in range(z_dim)],
+        latents_std=[1.0 + 0.1 * i for i in range(z_dim)],
+    ).eval()
 
 
 def write_tiny_metacanvas(path: Path, mllm_folder: Path, backbone_folder: Path, seed: int = 0) -> Path:

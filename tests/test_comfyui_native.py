@@ -51,7 +51,7 @@ if IN_HARNESS:
     from metacanvas_core.backbones import Branch, CanvasInjection, TextContext
     from metacanvas_core.backbones.wan import WanBackbone
     from metacanvas_core.conditioning import align_canvas
-    from metacanvas_core.tiny import tiny_native_wan, wan_original_state
+    from metacanvas_core.tiny import tiny_native_wan, tiny_wan_vae, wan_original_state
 
     PROMPT = "a red ball rolls from the left to the right"
 
@@ -318,8 +318,6 @@ if IN_HARNESS:
         """The same plan, latents and timestep: the residual native Wan gets inside ComfyUI equals the one the pack's
         WanBackbone adds to the same weights (diffusers). Both run `add_to_patch_embedding` on patch embeddings of the
         same fp32 Conv3d weights; measured bit-equal here, asserted to 1e-6 (the convolutions are different calls)."""
-        from diffusers import AutoencoderKLWan
-
         model, diffusers_wan = wan
         mc = metacanvas(pack, mllm, model, True)
         plan = plan_for(pack, mllm, mc, 64, 64)
@@ -330,21 +328,7 @@ if IN_HARNESS:
             sigma = torch.tensor([0.7])
             context = torch.randn(1, 5, 4096, generator=torch.Generator().manual_seed(2))
             # The pack's side: WanBackbone.predict on the diffusers transformer.
-            vae = AutoencoderKLWan(
-                base_dim=8,
-                z_dim=48,
-                dim_mult=[1, 1, 1, 1],
-                num_res_blocks=1,
-                is_residual=True,
-                patch_size=2,
-                in_channels=12,
-                out_channels=12,
-                scale_factor_spatial=16,
-                scale_factor_temporal=4,
-                latents_mean=[0.0] * 48,
-                latents_std=[1.0] * 48,
-            )
-            backbone = WanBackbone("tiny", diffusers_wan, vae, {})
+            backbone = WanBackbone("tiny", diffusers_wan, tiny_wan_vae(48), {})
             canvas = CanvasInjection.on_tokens(mcm.canvas_connector, aligned, (3, 2, 2), slice(0, 1))
             text = TextContext(context, torch.ones(1, 5, dtype=torch.long))
             block = diffusers_wan.blocks[0]

@@ -37,7 +37,6 @@ DIT_PATTERNS = {
 }
 CANVAS_PARTS = ("canvas", "canvas_connector", "mllm_lora")
 SOURCE_KINDS = ("manifest", "synthetic", "webdataset")
-NON_NEGATIVE = ("eval_samples", "save_every")
 
 
 @dataclass

@@ -72,7 +72,6 @@ BACKBONE_KINDS: dict[str, tuple[str, ...]] = {
     "flux_kontext": ("edit",),  # FLUX-Kontext edits: every sample needs an input image
     "wan": tuple(RECORD_KINDS),
 }
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 RECON_PROMPT = "Reconstruct this image."  # [D] the prompt of a recon record without one
 
 
