@@ -90,6 +90,7 @@ class CanvasRun:
     canvases: dict
     reference: torch.Tensor | None = None
     source: torch.Tensor | None = None
+    condition: torch.Tensor | None = None  # Wan's condition embedding of those inputs: made once, at the first call
 
 
 class MetaCanvasPatch:
@@ -198,9 +199,9 @@ class MetaCanvasPatch:
         if n_ref:  # reference frames before the video, clean (timestep 0), as the pack's Wan takes them
             args[0] = torch.cat([run.reference.to(x.device, x.dtype).expand(b, -1, -1, -1, -1), x], 2)
             args[1] = torch.cat([per_frame.new_zeros(b, n_ref), per_frame], 1)
-        condition = None
-        if run.reference is not None or run.source is not None:
-            condition = self.mc.condition_embedding(self._condition(run, frames, x)).to(x.device)
+        if run.condition is None and (run.reference is not None or run.source is not None):
+            run.condition = self.mc.condition_embedding(self._condition(run, frames, x)).to(x.device)
+        condition = run.condition
         p = self.spec.pixel_stride // WAN22_VAE_STRIDE
         if rows:
             _check_wan_latent_size(h, w, p)
