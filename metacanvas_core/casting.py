@@ -2,11 +2,15 @@
 
 - `ScaledFP8Linear`: a Linear stored in float8 with a per-tensor scale, as in ComfyUI's `*_fp8_scaled` files
   (the real weight is `weight.float() * scale_weight`); made in the input's dtype at each forward.
-- `make_castable`: every leaf module holding weights learns ComfyUI's lowvram protocol: when its
-  `comfy_cast_weights` flag is on (ComfyUI's memory manager turns it on for layers it leaves on the offload
-  device), the weights are cast to the input's device at each forward instead of being moved once. So a model
-  larger than the free VRAM is streamed layer by layer by ComfyUI's own manager. The flag is a plain attribute:
-  this module never imports ComfyUI; with the flag off a module computes exactly as before.
+- `make_castable`: a loaded model's modules learn ComfyUI's lowvram protocol, each as ComfyUI's own ops would
+  build it: a layer holding a `weight` (and `bias`) gets the `comfy_cast_weights` flag, which ComfyUI's memory
+  manager turns on for layers it leaves on the offload device (and reads `<layer>.weight` / `.bias` of to plan
+  the load); with it on, the weights are cast to the input's device at each forward instead of being moved once.
+  So a model larger than the free VRAM is streamed layer by layer by ComfyUI's own manager. Any other module
+  with weights of its own (a canvas's tokens, a block's modulation table) carries no flag, since the manager has
+  no `weight` to read there; it casts its own weights at every call, as ComfyUI's models cast such tensors
+  themselves. The flag is a plain attribute: this module never imports ComfyUI; with the flag off a layer
+  computes exactly as before.
 """
 
 from __future__ import annotations
@@ -74,53 +78,71 @@ def keep_linears_in_fp8(model: nn.Module, weight_dtype: torch.dtype, skip: tuple
             setattr(model.get_submodule(parent), child, ScaledFP8Linear.from_linear(module, weight_dtype))
 
 
+def _cast_own_weights(module: nn.Module, forward, args: tuple, kwargs: dict, always: bool):
+    """Run `forward` (the module's own) with its own weights cast to its first tensor input's device (fp8 to the input's dtype)
+    and passed through ComfyUI's weight patches of lowvram layers (`<name>_function`); as is without a tensor input
+    or when not `always` and the flag is off."""
+    x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if x is None or not (always or module.comfy_cast_weights):
+        return forward(*args, **kwargs)
+    own = dict(module._parameters)
+    try:
+        for name, p in own.items():
+            if p is not None:
+                value = p.to(x.device, x.dtype if p.dtype in FP8_DTYPES else p.dtype)
+                for fn in getattr(module, f"{name}_function", None) or ():
+                    value = fn(value)
+                module._parameters[name] = value
+        return forward(*args, **kwargs)
+    finally:
+        module._parameters.update(own)
+
+
 class _CastOnForward:
-    """Mixin: with `comfy_cast_weights` on, the module's own weights are cast to its input's device for the call."""
+    """Mixin of a layer whose weights are `weight` and `bias` (bias None if it has none, as ComfyUI's ops have it):
+    with `comfy_cast_weights` on, they are cast to the input's device for the call."""
 
     comfy_cast_weights = False
 
     def forward(self, *args, **kwargs):
-        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if not self.comfy_cast_weights or x is None:
-            return super().forward(*args, **kwargs)
-        own = dict(self._parameters)
-        try:
-            for name, p in own.items():
-                if p is not None:
-                    value = p.to(x.device, x.dtype if p.dtype in FP8_DTYPES else p.dtype)
-                    for fn in getattr(self, f"{name}_function", ()):  # ComfyUI's weight patches on lowvram layers
-                        value = fn(value)
-                    self._parameters[name] = value
-            return super().forward(*args, **kwargs)
-        finally:
-            self._parameters.update(own)
+        return _cast_own_weights(self, super().forward, args, kwargs, always=False)
 
 
-_CASTABLE: dict[type, type] = {}
+class _CastAlways:
+    """Mixin of a module with weights the memory manager does not read (no flag): cast to the input's device at every
+    call, a no-op once they are there."""
+
+    def forward(self, *args, **kwargs):
+        return _cast_own_weights(self, super().forward, args, kwargs, always=True)
+
+
+_CASTABLE: dict[tuple[type, type], type] = {}
+_LAYER_WEIGHTS = {"weight", "bias"}
+
+
+def _castable(cls: type, mixin: type) -> type:
+    if (cls, mixin) not in _CASTABLE:
+        _CASTABLE[cls, mixin] = type(f"Castable{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    return _CASTABLE[cls, mixin]
 
 
 def make_castable(model: nn.Module) -> nn.Module:
-    """Give every module that holds weights of its own the cast-on-forward protocol (in place; names, weights and,
-    with the flag off, results unchanged).
-
-    Leaf modules follow the flag, as ComfyUI sets it. A module with weights of its own and children (e.g. a DiT
-    block's `scale_shift_table`) is one ComfyUI's partial loading never moves, so it always casts its own weights
-    (a no-op once they are on the input's device).
-    """
+    """Give every module that holds weights of its own a cast-on-forward (in place; names, weights and, with the flag
+    off, results unchanged): a leaf layer whose weights are `weight`/`bias` the flag the memory manager drives, any
+    other (other names, or children too: modules ComfyUI's partial loading never moves) a cast at every call."""
     for module in model.modules():
-        if hasattr(module, "comfy_cast_weights") or not any(True for _ in module.parameters(recurse=False)):
+        own = {name for name, _ in module.named_parameters(recurse=False)}
+        if isinstance(module, (_CastOnForward, _CastAlways, ScaledFP8Linear)) or not own:
             continue
-        cls = type(module)
-        if cls not in _CASTABLE:
-            _CASTABLE[cls] = type(f"Castable{cls.__name__}", (_CastOnForward, cls), {"__module__": __name__})
-        module.__class__ = _CASTABLE[cls]
-        if any(True for _ in module.children()):
-            module.comfy_cast_weights = True
+        layer = "weight" in own and own <= _LAYER_WEIGHTS and not any(True for _ in module.children())
+        module.__class__ = _castable(type(module), _CastOnForward if layer else _CastAlways)
+        if layer and not hasattr(module, "bias"):
+            module.bias = None  # the manager reads `<layer>.bias` of every flagged layer
     return model
 
 
 def set_cast(model: nn.Module, on: bool) -> None:
-    """Turn the cast-on-forward of every castable module on or off (what ComfyUI's lowvram loading does)."""
+    """Turn the cast-on-forward of every flagged layer on or off (what ComfyUI's lowvram loading does)."""
     for module in model.modules():
         if isinstance(module, _CastOnForward):
             module.comfy_cast_weights = on

@@ -120,16 +120,33 @@ def test_wrong_and_damaged_mllm_files_are_named(tiny, tmp_path):
 
 def test_castable_modules_compute_the_same_with_cast_on(tiny, image):
     """ComfyUI's lowvram protocol: with `comfy_cast_weights` on, each layer casts its weights to the input's device at
-    every call; the result is unchanged (CPU here: the cast is the identity; streaming is checked in a real ComfyUI)."""
+    every call; the result is unchanged (CPU here: the cast is the identity; streaming is checked in a real ComfyUI).
+    Only layers that have the `weight` and `bias` ComfyUI's manager reads of every flagged module carry the flag."""
     planner = Planner.load(tiny["mllm_fp8"])
     before = plans(planner, [image])
     make_castable(planner.model)
     weighted = [m for m in planner.model.modules() if next(m.parameters(recurse=False), None) is not None]
-    assert weighted and all(hasattr(m, "comfy_cast_weights") for m in weighted)
+    flagged = [m for m in weighted if hasattr(m, "comfy_cast_weights")]
+    assert flagged and all(hasattr(m, "weight") and hasattr(m, "bias") for m in flagged)
+    assert any(
+        type(m).__name__ == "CastableQwen2_5_VLRMSNorm" and m.bias is None for m in flagged
+    )  # no bias of its own
     set_cast(planner.model, True)
     for a, b in zip(before, plans(planner, [image]), strict=True):
         assert torch.equal(a, b)
     set_cast(planner.model, False)
+
+
+def test_modules_without_a_layer_weight_carry_no_cast_flag():
+    """A canvas's tokens, attention's in_proj_weight, a block's modulation table: no `weight` for the manager to read,
+    so no flag (ComfyUI 0.3.76+ reads `<module>.weight` of every flagged module); they cast themselves at each call."""
+    mc = make_castable(new_metacanvas(64, SPEC, "mllm"))
+    assert not hasattr(mc.canvas, "comfy_cast_weights")
+    unflagged = [m for m in mc.modules() if next(m.parameters(recurse=False), None) is not None]
+    unflagged = [m for m in unflagged if not hasattr(m, "comfy_cast_weights")]
+    assert {"CastableCanvasEmbedding", "CastableMultiheadAttention"} <= {type(m).__name__ for m in unflagged}
+    grid = mc.canvas.grid
+    assert torch.equal(mc.canvas(grid), torch.cat([mc.canvas.start[None], mc.canvas.tokens.reshape(grid.numel, -1)]))
 
 
 # --- model names stay inside the model folders (the loaders' validation) ----------------------------------------
