@@ -46,48 +46,58 @@ def comfy_modules(comfyui: Path):
     return pack
 
 
-def flux_config(size: str) -> dict:
-    """ComfyUI's Flux settings from the shipped FLUX.1-Kontext config (tiny: 2 heads, one block of each kind)."""
-    from metacanvas_core import realconfigs
+def flux_from_diffusers(model) -> dict:
+    """A diffusers FluxTransformer2DModel's weights in ComfyUI's (BFL's) layout, through ComfyUI's own key map."""
+    import comfy.utils
 
-    c = realconfigs.load("flux_1_kontext_dev")["transformer"]
-    heads, depth, single = (
-        (c["num_attention_heads"], c["num_layers"], c["num_single_layers"]) if size == "real" else (2, 1, 1)
-    )
-    return {
-        "image_model": "flux",
-        "in_channels": c["in_channels"] // 4,  # diffusers counts the 2×2-packed channels
-        "out_channels": c["in_channels"] // 4,
-        "vec_in_dim": c["pooled_projection_dim"],
-        "context_in_dim": c["joint_attention_dim"],
-        "hidden_size": heads * c["attention_head_dim"],
-        "mlp_ratio": 4.0,
-        "num_heads": heads,
-        "depth": depth,
-        "depth_single_blocks": single,
-        "axes_dim": list(c["axes_dims_rope"]),
-        "theta": 10000,
-        "patch_size": 2,
-        "qkv_bias": True,
-        "guidance_embed": c["guidance_embeds"],
-    }
+    c = model.config
+    layout = {"depth": c.num_layers, "depth_single_blocks": c.num_single_layers, "hidden_size": model.inner_dim}
+    state, pieces, source = {}, {}, model.state_dict()
+    for dkey, target in comfy.utils.flux_to_diffusers(layout, output_prefix="").items():
+        if dkey not in source:
+            continue
+        if isinstance(target, str):
+            state[target] = source[dkey]
+        elif target[1] is None:  # (BFL key, None, fn): a whole weight, transformed (scale/shift swapped)
+            state[target[0]] = target[2](source[dkey])
+        else:  # (BFL key, (dim, offset, size)[, fn]): one part of a fused weight (e.g. q of qkv)
+            fn = target[2] if len(target) > 2 else (lambda a: a)
+            pieces.setdefault(target[0], []).append((target[1], fn(source[dkey])))
+    for key, parts in pieces.items():
+        state[key] = torch.cat([value for _, value in sorted(parts, key=lambda p: p[0][1])], parts[0][0][0])
+    return state
+
+
+def comfy_model_config(state: dict):
+    """ComfyUI's own model config for weights in its layout, from its own detection, so every field a release
+    requires is there. FLUX: releases before 0.3.76 fix the width at 3072 with 24 heads instead of reading them; the
+    width is read from `img_in` and the heads are width / head size, as later releases detect them."""
+    import comfy.model_detection
+
+    config = comfy.model_detection.detect_unet_config(state, "")
+    if config.get("image_model") == "flux":
+        hidden = state["img_in.weight"].shape[0]
+        config.update(hidden_size=hidden, num_heads=hidden // sum(config["axes_dim"]))
+    return comfy.model_detection.model_config_from_unet_config(config, state)
 
 
 def native_model(kind: str, size: str, device: torch.device, dtype: torch.dtype):
-    """ComfyUI's own model class (Wan: picked by its detection from the weights' layout), random weights."""
-    import comfy.model_detection
+    """ComfyUI's own model class, picked and configured by its detection from the weights' layout, random weights
+    (FLUX tiny: 2 heads, one block of each kind)."""
     import comfy.model_patcher
-    import comfy.supported_models
 
     from metacanvas_core import realconfigs
     from metacanvas_core.tiny import tiny_native_wan, wan_original_state
 
     if kind == "wan":
         model = realconfigs.build("wan2_2_ti2v_5b/transformer") if size == "real" else tiny_native_wan()
-        state = {k: v.to("meta") for k, v in wan_original_state(model.state_dict()).items()}
-        config = comfy.model_detection.model_config_from_unet(state, "")
+        state = wan_original_state(model.state_dict())
     else:
-        state, config = {}, comfy.supported_models.Flux(flux_config(size))
+        tiny = {"num_attention_heads": 2, "num_layers": 1, "num_single_layers": 1} if size == "tiny" else {}
+        model = realconfigs.build("flux_1_kontext_dev/transformer", **tiny)
+        state = flux_from_diffusers(model)
+    state = {k: v.to("meta") for k, v in state.items()}
+    config = comfy_model_config(state)
     config.set_inference_dtype(dtype, None)
     base = config.get_model(state, "", device=device)
     g = torch.Generator(device).manual_seed(0)

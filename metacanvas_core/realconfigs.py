@@ -35,9 +35,10 @@ TRANSFORMERS_MODELS = {
 }
 
 
-def build(name: str) -> nn.Module:
+def build(name: str, **overrides) -> nn.Module:
     """A real model on the meta device (its shapes, no weights, no memory): a shipped config's stem, or
-    'stem/part' for a part of a shipped diffusers pipeline config (e.g. 'wan2_2_ti2v_5b/transformer')."""
+    'stem/part' for a part of a shipped diffusers pipeline config (e.g. 'wan2_2_ti2v_5b/transformer');
+    `overrides` change config values (a narrower model of the same kind)."""
     import diffusers
     import transformers
 
@@ -46,10 +47,11 @@ def build(name: str) -> nn.Module:
     with torch.device("meta"):
         if not part:
             model_cls, config_cls = TRANSFORMERS_MODELS[stem]
-            settings = {k: v for k, v in config.items() if not k.startswith("_")}
+            settings = {k: v for k, v in config.items() if not k.startswith("_")} | overrides
             return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**settings))
         if part == "text_encoder" and stem == "sana_1600m_512px":  # SANA's Gemma-2 (saved via .get_decoder())
-            return transformers.Gemma2Model(transformers.Gemma2Config(**config[part]))
+            return transformers.Gemma2Model(transformers.Gemma2Config(**config[part], **overrides))
         cls = getattr(diffusers, config[part]["_class_name"])
         accepted = cls._get_init_keys(cls)  # the published file may hold keys later versions dropped (Wan's VAE)
-        return cls.from_config({k: v for k, v in config[part].items() if k in accepted or k.startswith("_")})
+        settings = {k: v for k, v in config[part].items() if k in accepted or k.startswith("_")} | overrides
+        return cls.from_config(settings)

@@ -81,58 +81,28 @@ if IN_HARNESS:
         assert type(model.model).__name__ == "WAN22"
         return model, diffusers_wan
 
-    FLUX_CONFIG = {
-        "image_model": "flux",
-        "in_channels": 16,
-        "out_channels": 16,
-        "vec_in_dim": 32,
-        "context_in_dim": 4096,
-        "hidden_size": 128,
-        "mlp_ratio": 4.0,
-        "num_heads": 2,
-        "depth": 1,
-        "depth_single_blocks": 1,
-        "axes_dim": [16, 24, 24],
-        "theta": 10000,
-        "patch_size": 2,
-        "qkv_bias": True,
-        "guidance_embed": True,
-    }
-
-    def native_flux(config=FLUX_CONFIG, seed=4):
-        """ComfyUI's Flux model class at a small width (its loader fixes 3072), weights from a seeded diffusers
-        FluxTransformer2DModel through ComfyUI's own diffusers→BFL key map."""
+    def native_flux(guidance: bool = True, seed: int = 4):
+        """ComfyUI's Flux, configured by its own detection from the weights (one head of 128, one block of each kind),
+        weights from a seeded diffusers FluxTransformer2DModel through ComfyUI's own diffusers→BFL key map."""
         from diffusers import FluxTransformer2DModel
+
+        from experiments.native_step import comfy_model_config, flux_from_diffusers
 
         torch.manual_seed(seed)
         d = FluxTransformer2DModel(
             patch_size=1,
             in_channels=64,
-            num_layers=config["depth"],
-            num_single_layers=config["depth_single_blocks"],
-            attention_head_dim=config["hidden_size"] // config["num_heads"],
-            num_attention_heads=config["num_heads"],
-            joint_attention_dim=config["context_in_dim"],
-            pooled_projection_dim=config["vec_in_dim"],
-            guidance_embeds=config["guidance_embed"],
-            axes_dims_rope=config["axes_dim"],
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=128,
+            num_attention_heads=1,
+            joint_attention_dim=4096,
+            pooled_projection_dim=32,
+            guidance_embeds=guidance,
+            axes_dims_rope=(16, 56, 56),
         )
-        key_map = comfy.utils.flux_to_diffusers(config, output_prefix="")
-        state, pieces, source = {}, {}, d.state_dict()
-        for dkey, target in key_map.items():
-            if dkey not in source:
-                continue
-            if isinstance(target, str):
-                state[target] = source[dkey]
-            elif target[1] is None:  # (BFL key, None, fn): a whole weight, transformed (scale/shift swapped)
-                state[target[0]] = target[2](source[dkey])
-            else:  # (BFL key, (dim, offset, size)[, fn]): one part of a fused weight (e.g. q of qkv)
-                fn = target[2] if len(target) > 2 else (lambda a: a)
-                pieces.setdefault(target[0], []).append((target[1], fn(source[dkey])))
-        for key, parts in pieces.items():
-            dim = parts[0][0][0]
-            state[key] = torch.cat([value for _, value in sorted(parts, key=lambda p: p[0][1])], dim)
-        model_config = comfy.supported_models.Flux(dict(config))
+        state = flux_from_diffusers(d)
+        model_config = comfy_model_config(state)
         model_config.set_inference_dtype(torch.float32, None)
         base = model_config.get_model({})
         missing, unexpected = base.diffusion_model.load_state_dict(state, strict=False)
@@ -398,10 +368,10 @@ if IN_HARNESS:
     def test_apply_refuses_models_it_cannot_patch(pack, mllm, wan):
         from metacanvas_core.errors import MetaCanvasInputError
 
-        schnell = native_flux({**FLUX_CONFIG, "guidance_embed": False})
+        schnell = native_flux(guidance=False)
         model, _ = wan
         mc = metacanvas(pack, mllm, model, False)
-        with pytest.raises(MetaCanvasInputError, match=r"this MODEL is Flux \(Flux\)"):
+        with pytest.raises(MetaCanvasInputError, match=r"this MODEL is Flux \(FluxSchnell\)"):
             apply(pack, schnell, mc)
         flux_mc = metacanvas(pack, mllm, native_flux(), False)
         with pytest.raises(MetaCanvasInputError, match="made for a flux_kontext backbone.*is wan"):
