@@ -158,12 +158,8 @@ class Managed:
 
 
 def patcher_extension():
-    extension = _comfy("comfy.patcher_extension")
-    if extension is None:
-        raise MetaCanvasInputError(
-            "this ComfyUI has no comfy.patcher_extension (ComfyUI 0.3.48 or newer has it): update ComfyUI."
-        )
-    return extension
+    """comfy.patcher_extension (its presence is checked at start-up: compat.py)."""
+    return importlib.import_module("comfy.patcher_extension")
 
 
 def _buffers_to(patcher, device_to, *_args) -> None:

@@ -421,3 +421,23 @@ if IN_HARNESS:
         lines = [line for line in done.stdout.splitlines() if "ms/step with" in line]
         assert [line.split()[0] for line in lines] == ["wan", "flux"], done.stdout
         assert all(line.rstrip().endswith("×") for line in lines), done.stdout
+
+    def test_the_interfaces_the_pack_relies_on_are_checked(pack, mllm, wan, monkeypatch, caplog):
+        """Every interface of compat.INTERFACES is there on this release; with one taken away, the pack logs one line
+        naming the release and the missing name, and its nodes refuse with that line when they run."""
+        compat = sys.modules["metacanvas_pack.nodes.compat"]
+        assert compat.missing_interfaces() == []
+        assert compat.checked(pack.NODE_CLASS_MAPPINGS) is pack.NODE_CLASS_MAPPINGS
+        monkeypatch.delattr(comfy.patcher_extension.WrappersMP, "OUTER_SAMPLE")
+        with caplog.at_level("WARNING"):
+            refusing = compat.checked(pack.NODE_CLASS_MAPPINGS)
+        version = compat.comfyui_version()
+        line = f"cannot run on ComfyUI {version}: it lacks comfy.patcher_extension.WrappersMP.OUTER_SAMPLE"
+        assert [r.getMessage() for r in caplog.records if line in r.getMessage()], caplog.text
+        apply = refusing["MetaCanvasApply"]
+        assert apply.INPUT_TYPES() == pack.NODE_CLASS_MAPPINGS["MetaCanvasApply"].INPUT_TYPES()
+        from metacanvas_core.errors import MetaCanvasInputError
+
+        mc = metacanvas(pack, mllm, wan[0], False)
+        with pytest.raises(MetaCanvasInputError, match=line.replace(".", r"\.")):
+            run(apply, model=wan[0], metacanvas=mc)
