@@ -92,6 +92,15 @@ class MetaCanvasPlan:
                         "tooltip": "The MLLM's budget per input picture (image or video frame), in its tokens (28×28 pixels each): larger pictures are scaled down to fit. 0 = the checkpoint's, what it was trained with (new checkpoints: 144 for Wan2.2 as in the paper, one canvas frame for image backbones: 1024 for FLUX-Kontext, 256 for SANA). Another value plans with inputs the checkpoint never saw at that size.",
                     },
                 ),
+                **{
+                    f"image_{n}": (
+                        "IMAGE",
+                        {
+                            "tooltip": f"Reference-images-to-video: reference image {n}, after those of 'images' (each of any size: no batching node needed)."
+                        },
+                    )
+                    for n in (2, 3)
+                },
             },
         }
 
@@ -112,8 +121,15 @@ class MetaCanvasPlan:
         image_role: str = ImageRole.REFERENCES.value,
         keyframes: int = 0,
         visual_tokens: int = 0,
+        image_2: torch.Tensor | None = None,
+        image_3: torch.Tensor | None = None,
     ):
-        inputs = VisualInputs(images_to_pil(images), images_to_pil(video, "video"), image_role)
+        pictures = [
+            p
+            for name, batch in (("images", images), ("image_2", image_2), ("image_3", image_3))
+            for p in images_to_pil(batch, name)
+        ]
+        inputs = VisualInputs(pictures, images_to_pil(video, "video"), image_role)
         device = load(*mllm.managed(), *metacanvas.managed())
         mc, planner = metacanvas.on(device), mllm.on(device)
         budget = visual_tokens or None  # 0: the checkpoint's

@@ -44,7 +44,7 @@ IMAGE_SIZE, VIDEO_SIZE, VIDEO_LENGTH = 64, 128, 5
 INPUT_IMAGES = {"e2e_landscape.png": (80, 48), "e2e_square.png": (64, 64)}  # different sizes: Image Batch resizes
 SAME_SIZE_PAIR = ("e2e_landscape.png", "e2e_landscape_b.png")  # Image Batch passes these through unchanged
 INPUT_VIDEO, INPUT_VIDEO_FRAMES, INPUT_VIDEO_FPS = "e2e_source.mp4", 9, 16  # not 24: video editing keeps its rate
-CORE_NODES = ["SaveImage", "SaveVideo", "LoadImage", "LoadVideo", "GetVideoComponents", "ImageFromBatch", "ImageBatch"]
+CORE_NODES = ["SaveImage", "SaveVideo", "LoadImage", "LoadVideo", "GetVideoComponents", "ImageFromBatch"]
 PACK_NODES = [
     "MetaCanvasMLLMLoader",
     "MetaCanvasBackboneLoader",

@@ -116,7 +116,7 @@ CONTENT = {
         "references",
         VIDEO_SAMPLER + [121, 24.0, 1.0],
         "SaveVideo",
-        {"images": ("ImageBatch", "IMAGE")},
+        {"images": ("LoadImage", "IMAGE"), "image_2": ("LoadImage", "IMAGE")},
         False,
     ),
     "image_editing.json": (
@@ -208,7 +208,7 @@ def test_workflow_content(name, specs, pack):
 
     # Wiring: media into the Plan, Project (-> Edit Guidance) -> Sampler -> Decode -> the core save node.
     plan, sampler, decode = nodes["MetaCanvasPlan"], nodes["MetaCanvasSampler"], nodes["MetaCanvasDecode"]
-    for input_name in ("images", "video"):
+    for input_name in ("images", "image_2", "image_3", "video"):
         fed = _source(wf, plan, input_name)
         expected = feeds.get(input_name)
         assert (fed and (fed[0]["type"], fed[1])) == expected, f"Plan.{input_name} fed by {fed and fed[0]['type']}"
@@ -235,10 +235,6 @@ def test_workflow_content(name, specs, pack):
         assert _source(wf, sampler, "frame_rate") == (components, "fps")
     else:
         assert _source(wf, sampler, "frame_rate") is None
-    if feeds.get("images", ("",))[0] == "ImageBatch":
-        batch = nodes["ImageBatch"]
-        assert [_source(wf, batch, i)[0]["type"] for i in ("image1", "image2")] == ["LoadImage", "LoadImage"]
-
     # The Note says where every file goes and what 'new (untrained)' gives.
     note = nodes["Note"]["widgets_values"][0]
     for needle in ("models/LLM/", "models/diffusers/", "models/metacanvas/", UNTRAINED, QWEN, backbone):
@@ -251,7 +247,7 @@ def test_workflow_content(name, specs, pack):
     xs = [nodes[t]["pos"][0] for t in chain]
     assert xs == sorted(xs) and nodes["MetaCanvasMLLMLoader"]["pos"][0] < xs[0]
     for n in wf["nodes"]:
-        if n["type"] in ("LoadImage", "LoadVideo", "GetVideoComponents", "ImageFromBatch", "ImageBatch"):
+        if n["type"] in ("LoadImage", "LoadVideo", "GetVideoComponents", "ImageFromBatch"):
             assert n["pos"][0] + n["size"][0] < plan["pos"][0], f"{n['type']} is not left of the Plan"
     if edit_guidance:
         assert xs[2] <= nodes["MetaCanvasEditGuidance"]["pos"][0] < xs[3]

@@ -29,7 +29,7 @@ def as_saved(frames) -> np.ndarray:
 
 def run_in_process(pack, api: dict, input_dir: Path, done: dict | None = None) -> dict:
     """The API prompt's nodes called directly in this process, as ComfyUI calls them: the pack's node functions;
-    core LoadImage and a same-size ImageBatch (a concatenation) done as ComfyUI does them; output nodes skipped.
+    core LoadImage done as ComfyUI does it; output nodes skipped.
     Returns {node id: outputs} (pass `done` to reuse what earlier calls computed)."""
     done = {} if done is None else done
     classes = pack.NODE_CLASS_MAPPINGS
@@ -43,9 +43,6 @@ def run_in_process(pack, api: dict, input_dir: Path, done: dict | None = None) -
             kw = {k: value(v) for k, v in raw.items() if k != "upload"}
             if kind == "LoadImage":
                 done[nid] = (load_image(input_dir / kw["image"]),)
-            elif kind == "ImageBatch":
-                assert kw["image1"].shape[1:] == kw["image2"].shape[1:], "in-process ImageBatch: same sizes only"
-                done[nid] = (torch.cat([kw["image1"], kw["image2"]]),)
             else:
                 done[nid] = run(classes[kind], **kw)
         return done[nid]

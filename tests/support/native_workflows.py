@@ -82,13 +82,14 @@ TASK_NOTES = {
     "text_to_video": "MetaCanvas text-to-video on native Wan2.2-TI2V-5B. 704x1280 (or 1280x704), 121 frames at 24 fps; the canvas is 3 keyframes of 11x20, spread over the 31 latent frames.",
     "image_to_video": "MetaCanvas image-to-video on native Wan2.2-TI2V-5B. The image goes to the core Wan22ImageToVideoLatent (kept exactly as the first frame: the canvas never touches it) and to the Plan (image_role 'first frame') so the MLLM plans from it.",
     "video_editing": "MetaCanvas video editing on native Wan2.2-TI2V-5B. Write the prompt as an edit instruction. ImageFromBatch keeps the first frames the latent's length needs (keep its length equal to Wan22ImageToVideoLatent's); MetaCanvas Wan Inputs encodes them with the Wan2.2 VAE for the DiT (through the checkpoint's condition embedding: zero until trained), the MLLM sees 8 of them. The video keeps the source's frame rate.",
-    "in_context_video": "MetaCanvas reference-images-to-video on native Wan2.2-TI2V-5B. 1 to 3 reference images (Image Batch): the MLLM reads them, and MetaCanvas Wan Inputs puts them before the video as clean frames (timestep 0) through the checkpoint's condition embedding.",
+    "in_context_video": "MetaCanvas reference-images-to-video on native Wan2.2-TI2V-5B. 1 to 3 reference images (the Plan's images, image_2 and image_3; each of any size): the MLLM reads them, and MetaCanvas Wan Inputs puts them before the video as clean frames (timestep 0) through the checkpoint's condition embedding.",
     "image_editing": "MetaCanvas image editing on native FLUX.1-Kontext-dev (gated, non-commercial licence: accept it on Hugging Face). The image goes to the Plan (the MLLM reads it) and, scaled by FluxKontextImageScale and VAE-encoded, to ReferenceLatent (the DiT's reference tokens: the canvas never touches them). DualCFGGuider: cfg_conds = text guidance, cfg_cond2_negative = image guidance against a branch without the image (MetaQuery's 1.5); FluxGuidance 2.5 is Kontext's embedded guidance.",
 }
 
 
 def _planning(g: Graph, unet_file: str, width: int, height: int, task: str, images=None, video=None, role="references"):
-    """MLLM + checkpoint + Plan + Text Conditioning + Attach Canvas + Apply; returns the nodes later parts link to."""
+    """MLLM + checkpoint + Plan + Text Conditioning + Attach Canvas + Apply; returns the nodes later parts link to.
+    `images`: (node, output) of each picture, into the Plan's images, image_2, image_3."""
     mllm = g.add("MetaCanvasMLLMLoader", (20, 60), (380, 110), hint("qwen"), mllm_folder=FILES["qwen"][0])
     unet_key = "wan" if "wan" in unet_file else "kontext"
     unet = g.add("UNETLoader", (20, 220), (380, 90), hint(unet_key), unet_name=unet_file)
@@ -107,8 +108,8 @@ def _planning(g: Graph, unet_file: str, width: int, height: int, task: str, imag
     )
     g.link(mllm, "mllm", plan, "mllm")
     g.link(loader, "metacanvas", plan, "metacanvas")
-    if images is not None:
-        g.link(images[0], images[1], plan, "images")
+    for name, (node, output) in zip(("images", "image_2", "image_3"), images or (), strict=False):
+        g.link(node, output, plan, name)
     if video is not None:
         g.link(video[0], video[1], plan, "video")
     text = g.add("MetaCanvasTextConditioning", (1260, 60), (300, 80))
@@ -141,14 +142,11 @@ def _wan(task: str, specs) -> dict:
     start = None
     if task == "image_to_video":
         start = g.add("LoadImage", (20, 360), (380, 330), image="example.png")
-        images = (start, "IMAGE")
+        images = [(start, "IMAGE")]
     elif task == "in_context_video":
         first = g.add("LoadImage", (20, 360), (380, 330), image="reference_1.png")
         second = g.add("LoadImage", (20, 720), (380, 330), image="reference_2.png")
-        batch = g.add("ImageBatch", (440, 380), (330, 60))
-        g.link(first, "IMAGE", batch, "image1")
-        g.link(second, "IMAGE", batch, "image2")
-        images = (batch, "IMAGE")
+        images = [(first, "IMAGE"), (second, "IMAGE")]
     elif task == "video_editing":
         load = g.add("LoadVideo", (20, 360), (380, 330), file="source_video.mp4")
         parts = g.add("GetVideoComponents", (440, 380), (330, 90))
@@ -213,7 +211,7 @@ def _wan(task: str, specs) -> dict:
 def _kontext(specs) -> dict:
     g = Graph(specs)
     image = g.add("LoadImage", (20, 360), (380, 330), image="example.png")
-    p = _planning(g, FILES["kontext"][0], 1024, 1024, "image_editing", (image, "IMAGE"))
+    p = _planning(g, FILES["kontext"][0], 1024, 1024, "image_editing", [(image, "IMAGE")])
     vae = g.add("VAELoader", (20, 720), (380, 60), hint("ae"), vae_name=FILES["ae"][0])
     scale = g.add("FluxKontextImageScale", (440, 380), (330, 50))
     g.link(image, "IMAGE", scale, "image")

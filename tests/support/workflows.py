@@ -86,7 +86,6 @@ CORE_NODES = {
     "SaveImage": ({"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})}}, ()),
     "PreviewImage": ({"required": {"images": ("IMAGE",)}}, ()),
     "LoadImage": ({"required": {"image": ([], {"image_upload": True})}}, ("IMAGE", "MASK")),
-    "ImageBatch": ({"required": {"image1": ("IMAGE",), "image2": ("IMAGE",)}}, ("IMAGE",)),
     "ImageFromBatch": (  # comfy_extras/nodes_images.py
         {
             "required": {
