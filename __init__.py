@@ -16,4 +16,8 @@ if _here not in sys.path:
 if __package__:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
-    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    # Served by ComfyUI under /extensions/<this folder's name>/: web/docs/<node class>.md is each node's page in the
+    # editor's help panel.
+    WEB_DIRECTORY = "./web"
+
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

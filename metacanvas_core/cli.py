@@ -182,8 +182,8 @@ class _DropTorchvisionFallback(logging.Filter):
 def quiet_libraries() -> None:
     """No progress bars from huggingface_hub, transformers and diffusers, and none of two notices the user cannot
     act on: the torchvision fallback, and transformers' deprecation of `is_gradient_checkpointing`, which peft
-    reads when it adds the canvas LoRA. Every other warning stays. Imports diffusers' logging (torch with it), so
-    call it after the input checks."""
+    reads when it adds the canvas LoRA (training). Every other warning stays. Imports diffusers' logging (torch with
+    it), so call it after the input checks."""
     logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallback())
     warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
     import diffusers.utils.logging

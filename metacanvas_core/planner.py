@@ -9,18 +9,25 @@ pack itself (`canvas.CANVAS_POSITIONS`), not by the installed transformers relea
 Visual-token budget: every picture the MLLM reads (input images, video frames) costs at most a checkpoint's
 `visual_tokens` MLLM tokens (`MetaCanvasConfig.visual_tokens`): larger pictures are scaled down, aspect kept, by the
 image processor's own resize (its `longest_edge` pixel limit set to tokens × 28² for Qwen2.5-VL).
+
+Canvas LoRA: trained as peft's Activated LoRA (aLoRA) invoked by the start marker; applied at inference in plain torch
+(`activated_lora`, the same arithmetic), so peft is a training dependency only and the node pack does not install it
+(peft pulls accelerate, which pulls torch, and a resolver may then replace the user's CUDA build).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from . import realconfigs
 from .canvas import CanvasGrid, canvas_rope_positions, sequence_positions
@@ -53,13 +60,94 @@ def video_frames_for_mllm(frames: list[Image.Image], tokens: int = VIDEO_FRAME_T
     return [f.convert("RGB").resize(size, Image.BICUBIC) for f in picked]
 
 
+# The LoraConfig settings a canvas LoRA may have: those `activated_lora` applies as peft does (training refuses a
+# recipe with others, so no checkpoint has one). Defaults as in peft's LoraConfig.
+CANVAS_LORA_SETTINGS = ("r", "lora_alpha", "lora_dropout", "target_modules")
+PEFT_LORA_DEFAULTS = {"r": 8, "lora_alpha": 8}
+TEXT_MODEL_PREFIX = "model.language_model."  # Qwen2.5-VL's text layers: where the canvas positions are
+_PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+
+
 @dataclass
 class CanvasLora:
-    """A canvas-only LoRA for the MLLM (peft Activated LoRA invoked by the canvas start marker)."""
+    """A canvas-only LoRA for the MLLM (peft Activated LoRA invoked by the canvas start marker): trained with peft,
+    applied without it at inference (`activated_lora`)."""
 
     name: str
     config: dict  # r, lora_alpha, lora_dropout, target_modules
-    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    state_dict: dict[str, torch.Tensor] = field(repr=False)  # peft's key names (get_peft_model_state_dict)
+
+    @property
+    def scaling(self) -> float:
+        """What peft multiplies B(A(x)) by: lora_alpha / r."""
+        settings = {**PEFT_LORA_DEFAULTS, **self.config}
+        return settings["lora_alpha"] / settings["r"]
+
+    def weights(self, model: nn.Module, mllm: str) -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+        """Each Linear layer of `model` the LoRA adapts, with its A (r, in) and B (out, r), checked against it.
+
+        A layer peft targets but the state leaves out has B = 0 in peft (its initial value) and is skipped here."""
+        unknown = sorted(set(self.config) - set(CANVAS_LORA_SETTINGS))
+        if unknown:
+            raise MetaCanvasInputError(
+                f"canvas LoRA '{self.name}' sets {unknown}; MetaCanvas applies {', '.join(CANVAS_LORA_SETTINGS)} only."
+            )
+        r = {**PEFT_LORA_DEFAULTS, **self.config}["r"]
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in self.state_dict.items():
+            m = _PEFT_KEY.fullmatch(key)
+            if m is None:
+                raise MetaCanvasInputError(
+                    f"canvas LoRA '{self.name}' holds '{key}', which is not a LoRA A or B weight."
+                )
+            pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
+        modules = dict(model.named_modules())
+        out = {}
+        for name, ab in pairs.items():
+            layer = modules.get(name)
+            fits = (
+                isinstance(layer, nn.Linear)
+                and name.startswith(TEXT_MODEL_PREFIX)
+                and ab.keys() == {"A", "B"}
+                and ab["A"].shape == (r, layer.in_features)
+                and ab["B"].shape == (layer.out_features, r)
+            )
+            if not fits:
+                raise MetaCanvasInputError(
+                    f"canvas LoRA '{self.name}' does not fit MLLM '{mllm}': its weights for '{name}' are not those "
+                    f"of a rank-{r} LoRA on a Linear layer of the language model."
+                )
+            out[name] = (layer, ab["A"], ab["B"])
+        return out
+
+
+@contextmanager
+def activated_lora(model: nn.Module, lora: CanvasLora, start: int, device: torch.device, mllm: str) -> Iterator[None]:
+    """`lora` on `model`'s calls inside the block, on sequence positions `start` on (the canvas start marker and the
+    canvas), as peft's aLoRA computes it at inference (peft/tuners/lora/variants.py, ALoraLinearVariant.forward):
+    each adapted layer's output gains B(A(x)) · lora_alpha / r on those positions, in float32 (peft keeps adapter
+    weights of fp16/bf16/fp8 models in float32), cast back to the layer's dtype; no dropout (eval). A forward hook per
+    layer, removed on exit; the model's own weights are untouched."""
+    handles = []
+    scaling = lora.scaling
+
+    def hook(a: torch.Tensor, b: torch.Tensor) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
+        def add(_module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            x = args[0][:, start:]
+            tail = out[:, start:].reshape(-1, out.shape[-1])
+            delta = F.linear(F.linear(x.reshape(-1, x.shape[-1]).to(a.dtype), a), b) * scaling
+            return torch.cat([out[:, :start], (tail + delta).to(out.dtype).view(out.shape[0], -1, out.shape[-1])], 1)
+
+        return add
+
+    try:
+        for layer, a, b in lora.weights(model, mllm).values():
+            a, b = (w.to(device, torch.float32) for w in (a, b))
+            handles.append(layer.register_forward_hook(hook(a, b)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
@@ -75,7 +163,8 @@ class Plan:
     # What the MLLM saw besides the prompt; backbones that take images or video themselves get it too.
     inputs: VisualInputs = field(default_factory=VisualInputs)
     size: tuple[int, int] | None = None  # (height, width) of the output the canvas was sized for
-    checkpoint: str = ""  # the MetaCanvas checkpoint whose canvas tokens the MLLM read
+    checkpoint: str = ""  # the MetaCanvas checkpoint whose canvas tokens the MLLM read (its name, for messages)
+    identity: str = ""  # and what it is (`MetaCanvas.identity`: its content hash)
 
     def to(self, device: torch.device | str) -> Plan:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
@@ -119,7 +208,7 @@ class Planner:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.folder = folder
-        self._peft = None  # a PeftModel around `model`, made the first time a canvas LoRA is used
+        self._peft = None  # a PeftModel around `model`, made when a canvas LoRA first runs through peft (`_lm`)
         # Where inputs go and the computation runs. Where the weights are loaded to at first; a memory manager that
         # streams weights (ComfyUI's partial loading) sets it to the compute device.
         self.device: torch.device = model.get_input_embeddings().weight.device
@@ -338,8 +427,8 @@ class Planner:
         """Last hidden states (1, L, D) of prompt [+ start marker + canvas of `grid`], and the prompt length.
 
         Differentiable in `canvas_embeddings`. The states are the text model's `last_hidden_state`, read from its
-        output as the call passes (the call itself goes through the top model, where peft decides where the canvas
-        LoRA is active); the other layers' states are not kept.
+        output as the call passes (the call itself goes through the top model, where the canvas LoRA is active from
+        the start marker on); the other layers' states are not kept.
         """
         seq = self.sequence(prompt, images, grid if canvas_embeddings is not None else None, visual_tokens)
         ids, n_prompt = seq["ids"], seq["n_prompt"]
@@ -353,7 +442,7 @@ class Planner:
         text_model = self.model.model.language_model
         handle = text_model.register_forward_hook(lambda _m, _a, out: last.append(out.last_hidden_state))
         try:
-            with self._lm(lora) as lm:
+            with self._lm(lora, n_prompt if canvas_embeddings is not None else None) as lm:
                 lm(
                     input_ids=ids,
                     inputs_embeds=embeds,
@@ -391,16 +480,26 @@ class Planner:
         return get_peft_model_state_dict(self._peft, state_dict=state, adapter_name=name)
 
     @contextmanager
-    def _lm(self, lora: CanvasLora | None) -> Iterator[torch.nn.Module]:
-        """The module to call: the plain model, or the peft wrapper with `lora` active (or disabled)."""
-        if self._peft is None and lora is None:
-            yield self.model
-            return
-        if lora is None:
+    def _lm(self, lora: CanvasLora | None, start: int | None) -> Iterator[nn.Module]:
+        """The module to call, with `lora` (if any) active from position `start` (the start marker; None: no canvas).
+
+        Inference (no grad, no peft wrapper: the nodes, generate) applies the checkpoint's LoRA in plain torch
+        (`activated_lora`) and never imports peft. Training runs it through peft: a trainer's LoRA lives in the
+        wrapper (`add_canvas_lora`, its weights training), and under grad mode peft re-applies the LoRA when gradient
+        checkpointing recomputes a layer in the backward pass, which hooks removed after the call would miss.
+        """
+        if lora is not None and (self._peft is not None or torch.is_grad_enabled()):
+            if self._peft is None or lora.name not in self._peft.peft_config:
+                # Frozen here: no dropout (peft makes its dropout modules in training mode), as at inference.
+                frozen = CanvasLora(lora.name, {**lora.config, "lora_dropout": 0.0}, lora.state_dict)
+                self.add_canvas_lora(frozen).requires_grad_(False)
+            self._peft.set_adapter(lora.name)
+            yield self._peft
+        elif self._peft is not None:
             with self._peft.disable_adapter():
                 yield self._peft
-            return
-        if self._peft is None or lora.name not in self._peft.peft_config:
-            self.add_canvas_lora(lora).requires_grad_(False)
-        self._peft.set_adapter(lora.name)
-        yield self._peft
+        elif lora is None or start is None:
+            yield self.model
+        else:
+            with activated_lora(self.model, lora, start, self.device, self.folder):
+                yield self.model

@@ -15,6 +15,8 @@ The file holds weights only. Its transformers config is the shipped one of the Q
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -56,17 +58,35 @@ def config_for(header: SafetensorsFile) -> dict:
     return realconfigs.load(SHIPPED_BY_WIDTH[width])
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Parameters of the modules made inside go to the meta device (no memory: the file's tensors are assigned later),
+    buffers stay real (RoPE tables are computed, not stored): accelerate's init_empty_weights(include_buffers=False) in
+    plain torch, as accelerate is no dependency of the node pack (it pulls torch)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def load_qwen25_vl(
     header: SafetensorsFile, dtype: torch.dtype, weight_dtype: WeightDtype | str = WeightDtype.DEFAULT
 ) -> nn.Module:
     """The model of a checked single file, in `dtype` (fp8 layers stay fp8; `weight_dtype` fp8 makes them so)."""
-    from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     fp8 = fp8_dtype(weight_dtype)
     config = Qwen2_5_VLConfig(**config_for(header))
-    with init_empty_weights(include_buffers=False):  # parameters on meta (filled below), RoPE buffers real
+    with parameters_on_meta():  # filled below
         model = Qwen2_5_VLForConditionalGeneration(config)
     state = {transformers_key(k): v for k, v in load_file(str(header.path)).items() if k not in IGNORED}
     _quantise(model, state, fp8)

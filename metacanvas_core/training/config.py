@@ -16,6 +16,7 @@ from types import UnionType
 from typing import get_args, get_origin, get_type_hints
 
 from ..errors import MetaCanvasInputError
+from ..planner import CANVAS_LORA_SETTINGS
 
 # Named trainable parts; "dit:<regex>" selects DiT parameters by name (re.search).
 PARTS = (
@@ -107,6 +108,9 @@ class TrainConfig:
         for part, settings in (("mllm_lora", self.mllm_lora), ("dit_lora", self.dit_lora)):
             if part in self.trainable and not settings:
                 raise bad(f"'{part}' is trained but the recipe has no '{part}' settings (r, lora_alpha, ...)")
+        unknown = sorted(set(self.mllm_lora or {}) - set(CANVAS_LORA_SETTINGS))
+        if unknown:  # inference applies the canvas LoRA without peft, with these settings only
+            raise bad(f"mllm_lora sets {unknown}; a canvas LoRA takes {', '.join(CANVAS_LORA_SETTINGS)}")
         if not self.trainable:
             raise bad("nothing is trainable")
         for key in ("max_steps", "batch_size", "grad_accum", "frames", "log_every"):
