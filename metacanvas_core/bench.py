@@ -1,13 +1,14 @@
 """Benchmarks that print figures (speed claims live here, not in tests).
 
     python -m metacanvas_core.bench [--sana FOLDER --mllm FOLDER|FILE [--mllm-tokenizer FOLDER]] [--repeats N]
-        [--tokens N]
+        [--tokens N] [--video-repeats N] [--video-dtype bf16|fp32]
 
 1. Our sampler vs diffusers' SanaPipeline, per denoising step, same model and prompt embeddings,
    canvas off and on (tiny models unless real folders are given).
 2. The canvas connector's per-step cost (its fuse half: the align half runs once per generation) as a
    share of one backbone step, at the real models' widths: each backbone is built from its shipped
-   config with random weights and 1 or 3 layers of each kind; a full step is extrapolated per layer.
+   config with random weights and 1 or 3 layers of each kind; a full step is extrapolated per layer (a fit whose
+   extra layers measured no slower, on a loaded machine, is reported as failed).
 3. Whole graph in a real ComfyUI vs the same core calls made directly: `tests/test_comfyui_e2e.py`
    drives the server; this command reports where COMFYUI_HARNESS is set (otherwise says so).
 4. MetaCanvas on ComfyUI's native Wan2.2-5B and FLUX-Kontext: the native model sampled by ComfyUI's own sampler with
@@ -16,19 +17,25 @@
    weights at the real configs and sizes on a GPU.
 5. Memory: the weights each node of each shipped workflow holds on the GPU, from the real configs (footprint.py).
 6. The canvas connector at the paper's video size (Wan2.2-5B, 704×1280×121): the fuse block's peak activation memory
-   (tensor bytes tracked exactly, on the meta device) and its time as a share of one Wan2.2-5B step at that size.
-   On a GPU both are measured at the real width in bf16; on a CPU they are measured at two reduced widths over the
-   full token grid in fp32 and extrapolated to width 3072 (cost = a·w² + b·w per layer), and printed as such.
+   (tensor bytes tracked exactly, on the meta device), and its time against the model's transformer blocks over the
+   same 27280 tokens: the connector and one real-width Wan2.2-5B block (shipped config, random weights) both
+   measured on this machine (the GPU, else the CPU) in --video-dtype, min and median of --video-repeats runs; the
+   blocks' time is one block's × the config's 30 layers. Nothing is extrapolated. On this project's 2-core CPU a bf16
+   run takes ~15 s (connector) and ~25 s (block).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,17 +103,27 @@ def sampler_vs_pipeline(mllm: Path, sana_folder: Path, steps: int, repeats: int,
             print(f"    {name}: {seconds / steps * 1e3:.2f} ms/step = {seconds / steps / base:.3f}× the pipeline")
 
 
-def _interleaved(runs: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per callable, timed in alternation so machine load drifts hit all alike."""
+def _timed(
+    runs: dict[str, Callable], repeats: int, sync: Callable[[], object] = lambda: None
+) -> dict[str, list[float]]:
+    """Seconds of each callable's `repeats` runs after one warm-up, timed in alternation so machine load drifts hit all
+    alike; `sync` waits for the device's queued work."""
     for fn in runs.values():
         fn()
     samples = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             samples[name].append(time.perf_counter() - start)
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in samples.items()}
+    return samples
+
+
+def _interleaved(runs: dict[str, Callable], repeats: int) -> dict[str, float]:
+    """Median seconds per callable (`_timed`)."""
+    return {name: statistics.median(ts) for name, ts in _timed(runs, repeats).items()}
 
 
 EXTRA_LAYERS = 2  # a layer's cost = (model with 1 + EXTRA_LAYERS layers − model with 1) / EXTRA_LAYERS
@@ -193,6 +210,13 @@ def connector_share(tokens: int, repeats: int) -> None:
             times = _interleaved(runs, repeats)
         del runs
         per_layer = {key: (times[key] - times["base"]) / EXTRA_LAYERS for key in layer_keys}
+        if min(per_layer.values()) <= 0:
+            measured = ", ".join(f"{1 + EXTRA_LAYERS} {k} {times[k] * 1e3:.0f} ms" for k in layer_keys)
+            print(
+                f"    {name} (width {width}): fit failed, more layers measured no slower (1 layer each "
+                f"{times['base'] * 1e3:.0f} ms, {measured}; a loaded machine): no step time, no share"
+            )
+            continue
         step = times["base"] + sum((config[key] - 1) * per_layer[key] for key in layer_keys)
         layers = ", ".join(f"{config[k]} × {per_layer[k] * 1e3:.0f} ms" for k in layer_keys)
         print(
@@ -208,6 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=cli.positive_int, default=10)
     p.add_argument("--repeats", type=cli.positive_int, default=3)
     p.add_argument("--tokens", type=cli.positive_int, default=256, help="image tokens for the connector share")
+    p.add_argument(
+        "--video-repeats",
+        type=cli.positive_int,
+        default=2,
+        help="timed runs of [6]'s connector and Wan2.2-5B block at 704×1280×121, after a warm-up (default 2)",
+    )
+    p.add_argument(
+        "--video-dtype",
+        choices=list(VIDEO_DTYPES),
+        default="bf16",
+        help="[6]'s compute dtype (default bf16, as the model runs; on a CPU without bf16 units fp32 is faster)",
+    )
     p.add_argument("--comfyui", type=Path, help="a ComfyUI folder (with main.py) for [4]")
     p.add_argument(
         "--comfyui-python", type=Path, help="ComfyUI's Python for [4] (default: this one; a harness: its venv's)"
@@ -241,75 +277,86 @@ def run_all(args: argparse.Namespace) -> None:
     native_step(args.comfyui, args.comfyui_python, args.steps, args.repeats)
     print("[5] weights on the GPU per workflow node (GiB; real configs on the meta device; activations not counted)")
     print(footprint.table())
-    connector_at_video_size(args.repeats)
+    connector_at_video_size(args.video_repeats, VIDEO_DTYPES[args.video_dtype])
 
 
-WAN_VIDEO = (704, 1280, 121)
-CPU_WIDTHS = (384, 768)  # reduced DiT widths for the CPU extrapolation (multiples of 128: Wan's heads)
+VIDEO_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TEXT_TOKENS = 512  # Wan2.2's text slot (umT5's max_sequence_length in diffusers' Wan pipelines)
 
 
-def _wan_step_seconds(width: int, layers: int, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
-    """One Wan2.2-5B transformer call at 704×1280×121 with `layers` blocks of width `width` (random weights)."""
-    from diffusers import WanTransformer3DModel
+class _Captured(Exception):
+    """Stops a model where the block to time begins, its arguments captured."""
 
-    cfg = {k: v for k, v in realconfigs.load("wan2_2_ti2v_5b")["transformer"].items() if not k.startswith("_")}
-    real = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    cfg.update(num_layers=layers, num_attention_heads=width // cfg["attention_head_dim"])
-    cfg["ffn_dim"] = cfg["ffn_dim"] * width // real
-    with torch.device(device):
-        model = WanTransformer3DModel.from_config(cfg).eval()
+
+def _wan_block(device: torch.device, dtype: torch.dtype, grid: tuple[int, int, int]) -> Callable[[], torch.Tensor]:
+    """One call of one real-width Wan2.2-5B block (shipped config, random weights) over a (T, H, W) token grid, with
+    the arguments the model hands it: per-token timesteps (`expand_timesteps`, as the pack's Wan runs) and
+    TEXT_TOKENS text tokens."""
+    model = realconfigs.build("wan2_2_ti2v_5b/transformer", device=device, num_layers=1).eval()
     torch.nn.Module.to(model, dtype=dtype)  # all in `dtype` (diffusers' `to` warns of its fp32 norms: timing only)
-    h, w, frames = WAN_VIDEO
-    x = torch.randn(1, cfg["in_channels"], (frames - 1) // 4 + 1, h // 16, w // 16, device=device, dtype=dtype)
-    text = torch.randn(1, 512, cfg["text_dim"], device=device, dtype=dtype)
-    t = torch.tensor([500.0], device=device)
-    with torch.no_grad():
-        seconds = _interleaved({"step": lambda: model(x, t, text)}, repeats)["step"]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return seconds
+    cfg, block, seen = model.config, model.blocks[0], {}
+    latent = [n * p for n, p in zip(grid, cfg.patch_size, strict=True)]
+    x = torch.randn(1, cfg.in_channels, *latent, device=device, dtype=dtype)
+    text = torch.randn(1, TEXT_TOKENS, cfg.text_dim, device=device, dtype=dtype)
+    timestep = torch.full((1, math.prod(grid)), 500.0, device=device)
+
+    def capture(_module, args, kwargs):
+        seen.update(args=args, kwargs=kwargs)
+        raise _Captured
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad(), suppress(_Captured):
+        model(x, timestep, text)
+    handle.remove()
+    args, kwargs = seen["args"], seen["kwargs"]
+
+    @torch.no_grad()
+    def call() -> torch.Tensor:
+        return block(*args, **kwargs)
+
+    return call
 
 
-def connector_at_video_size(repeats: int) -> None:
-    """[6]: the fuse block at 704×1280×121 — peak memory exactly, time vs one Wan2.2-5B step (measured or fitted)."""
+def _spread(seconds: list[float] | tuple[float, ...]) -> str:
+    """Min (the least disturbed run) and median."""
+    return f"min {min(seconds):.2f} s, median {statistics.median(seconds):.2f} s"
+
+
+def connector_at_video_size(repeats: int, dtype: torch.dtype) -> None:
+    """[6]: the fuse block at 704×1280×121 — peak memory exactly; its time against Wan2.2-5B's blocks, both measured
+    at the real width (one block × the config's layers)."""
     from .connectors import measure_fuse
     from .metacanvas import wan22_canvas_connector
 
     layers = realconfigs.load("wan2_2_ti2v_5b")["transformer"]["num_layers"]
     meta, grid = wan22_canvas_connector("meta")
-    print(f"[6] canvas connector at 704×1280×121 (token grid {grid[0]}×{grid[1]}×{grid[2]}), Wan2.2-5B + Qwen2.5-VL-7B")
-    for dtype in (torch.bfloat16, torch.float32):
-        peak = measure_fuse(meta, grid, dtype).peak_bytes
-        print(f"    peak of the fuse block, {str(dtype)[6:]}: {peak / 2**20:.0f} MiB (exact tensor bytes, chunked)")
-    if torch.cuda.is_available():
-        device, dtype = torch.device("cuda"), torch.bfloat16
-        connector, _ = wan22_canvas_connector(device, dtype)
-        cost = measure_fuse(connector, grid, dtype, repeats)
-        step = _wan_step_seconds(3072, layers, device, dtype, repeats)
-        print(
-            f"    measured, bf16: connector {cost.seconds * 1e3:.0f} ms (CUDA peak {cost.cuda_peak_bytes / 2**20:.0f} "
-            f"MiB), Wan2.2-5B step {step * 1e3:.0f} ms: {100 * cost.seconds / step:.2f}% of a step"
-        )
-        return
-    connector_s, layer_s = [], []
-    for width in CPU_WIDTHS:
-        connector, _ = wan22_canvas_connector("cpu", torch.float32, width=width)
-        connector_s.append(measure_fuse(connector, grid, torch.float32, repeats=1).seconds)
-        layer_s.append(_wan_step_seconds(width, 1, torch.device("cpu"), torch.float32, repeats=1))
-        print(
-            f"    measured, CPU fp32, width {width}: connector {connector_s[-1]:.2f} s, one DiT layer {layer_s[-1]:.2f} s"
-        )
-
-    def fit(seconds: list[float]) -> float:
-        """a·w² + b·w through the two measured widths, at width 3072."""
-        (w1, w2), (s1, s2) = CPU_WIDTHS, seconds
-        a = (s2 / w2 - s1 / w1) / (w2 - w1)
-        return a * 3072**2 + (s1 / w1 - a * w1) * 3072
-
-    connector, step = fit(connector_s), layers * fit(layer_s)
+    tokens = math.prod(grid)
     print(
-        f"    extrapolated to width 3072 (CPU, fp32; not measured): connector {connector:.1f} s, Wan2.2-5B step "
-        f"{step:.0f} s ({layers} layers): {100 * connector / step:.2f}% of a step"
+        f"[6] canvas connector at 704×1280×121 (token grid {grid[0]}×{grid[1]}×{grid[2]} = {tokens} tokens), "
+        "Wan2.2-5B + Qwen2.5-VL-7B"
+    )
+    for peak_dtype in (torch.bfloat16, torch.float32):
+        peak = measure_fuse(meta, grid, peak_dtype).peak_bytes
+        print(
+            f"    peak of the fuse block, {str(peak_dtype)[6:]}: {peak / 2**20:.0f} MiB (exact tensor bytes, chunked)"
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    connector, _ = wan22_canvas_connector(device, dtype)
+    width = connector.config.dit_dim
+    fuse = measure_fuse(connector, grid, dtype, repeats)
+    del connector
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    block = _timed({"block": _wan_block(device, dtype, grid)}, repeats, sync)["block"]
+    cuda = "" if fuse.cuda_peak_bytes is None else f" (CUDA peak {fuse.cuda_peak_bytes / 2**20:.0f} MiB)"
+    print(
+        f"    measured, {device.type} {str(dtype)[6:]}, width {width}, {repeats} runs after a warm-up: connector "
+        f"{_spread(fuse.times)}{cuda}; one Wan2.2-5B block {_spread(block)}"
+    )
+    low = min(fuse.times) / (layers * min(block))
+    mid = statistics.median(fuse.times) / (layers * statistics.median(block))
+    print(
+        f"    connector ÷ {layers} blocks (one model call's; a CFG step makes two calls, the connector runs in one): "
+        f"{100 * low:.2f}% (min ÷ min), {100 * mid:.2f}% (median ÷ median)"
     )
 
 

@@ -231,7 +231,7 @@ class LiveTensorBytes(TorchDispatchMode):
 class FuseCost:
     """What one fuse-block call over a whole video costs (the connector's per-step work)."""
 
-    seconds: float | None  # median wall time; None on the meta device
+    times: tuple[float, ...]  # wall seconds of each timed call (after a warm-up); none on the meta device
     peak_bytes: int  # most bytes alive at once of what the call makes (`LiveTensorBytes`): activations + cast weights
     cuda_peak_bytes: int | None  # CUDA only: the allocator's peak above what was allocated before the call
 
@@ -256,13 +256,13 @@ def measure_fuse(
     def call():
         return connector.fuse(tokens, canvas, clock, h, w, chunk_tokens)
 
-    with LiveTensorBytes() as live:
+    with LiveTensorBytes() as live:  # on a real device also the warm-up: the same kernels, untimed
         call()
     if device.type == "meta":
-        return FuseCost(None, live.peak, None)
+        return FuseCost((), live.peak, None)
     cuda = device.type == "cuda"
     times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
+    for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -273,4 +273,4 @@ def measure_fuse(
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     cuda_peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
-    return FuseCost(sorted(times[1:])[len(times[1:]) // 2], live.peak, cuda_peak)
+    return FuseCost(tuple(times), live.peak, cuda_peak)

@@ -35,16 +35,17 @@ TRANSFORMERS_MODELS = {
 }
 
 
-def build(name: str, **overrides) -> nn.Module:
-    """A real model on the meta device (its shapes, no weights, no memory): a shipped config's stem, or
-    'stem/part' for a part of a shipped diffusers pipeline config (e.g. 'wan2_2_ti2v_5b/transformer');
-    `overrides` change config values (a narrower model of the same kind)."""
+def build(name: str, device: str | torch.device = "meta", **overrides) -> nn.Module:
+    """A real model: a shipped config's stem, or 'stem/part' for a part of a shipped diffusers pipeline config (e.g.
+    'wan2_2_ti2v_5b/transformer'). On the meta device (the default) its shapes only, no weights, no memory; on another
+    device with the library's random initialisation (to time it). `overrides` change config values (a narrower model
+    of the same kind, fewer layers)."""
     import diffusers
     import transformers
 
     stem, _, part = name.partition("/")
     config = load(stem)
-    with torch.device("meta"):
+    with torch.device(device):
         if not part:
             model_cls, config_cls = TRANSFORMERS_MODELS[stem]
             settings = {k: v for k, v in config.items() if not k.startswith("_")} | overrides

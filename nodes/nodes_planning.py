@@ -9,7 +9,7 @@ from metacanvas_core.backbones.wan import MAX_REFERENCES
 from metacanvas_core.inputs import ImageRole, VisualInputs
 
 from .runtime import load
-from .widgets import CATEGORY, Loaded, check_size, images_to_pil, size_inputs
+from .widgets import CATEGORY, Loaded, check_numbers, check_size, images_to_pil, size_inputs
 
 
 class MetaCanvasPlan:
@@ -105,8 +105,9 @@ class MetaCanvasPlan:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height):
-        return check_size(width, height)
+    def VALIDATE_INPUTS(cls, width=None, height=None):
+        numbers = check_numbers(cls, width=width, height=height)
+        return numbers if numbers is not True else check_size(width, height)
 
     def plan(
         self,

@@ -8,7 +8,7 @@ from metacanvas_core.conditioning import align_canvas
 from metacanvas_core.preview import plan_preview
 
 from .runtime import intermediate_device, load
-from .widgets import CATEGORY, Loaded
+from .widgets import CATEGORY, Loaded, check_numbers
 
 
 class MetaCanvasPlanPreview:
@@ -51,6 +51,10 @@ class MetaCanvasPlanPreview:
                 ),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, blend=None):
+        return check_numbers(cls, blend=blend)
 
     def preview(self, plan, metacanvas: Loaded, image: torch.Tensor | None = None, blend: float = 0.5):
         mc = metacanvas.model

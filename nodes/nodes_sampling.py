@@ -12,7 +12,7 @@ from metacanvas_core.conditioning import Conditioning, project
 from metacanvas_core.sampling import sample
 
 from .runtime import intermediate_device, load, make_video, step_callback
-from .widgets import CANVAS_DIAL, CATEGORY, Loaded, check_size, size_inputs
+from .widgets import CANVAS_DIAL, CATEGORY, Loaded, check_numbers, check_size, size_inputs
 
 
 @dataclass
@@ -135,9 +135,20 @@ class MetaCanvasSampler:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height, length=1):
-        if length < 1 or (length - 1) % 4:
-            return f"length {length} must be 1 (an image) or 4k+1 frames for video: try {max(1, (length - 1) // 4 * 4 + 1)} or {(max(0, length - 1) // 4 + 1) * 4 + 1}."
+    def VALIDATE_INPUTS(cls, cfg=None, width=None, height=None, length=None, frame_rate=None, canvas_strength=None):
+        numbers = check_numbers(
+            cls,
+            cfg=cfg,
+            width=width,
+            height=height,
+            length=length,
+            frame_rate=frame_rate,
+            canvas_strength=canvas_strength,
+        )
+        if numbers is not True:
+            return numbers
+        if length is not None and (length - 1) % 4:
+            return f"length {length} must be 1 (an image) or 4k+1 frames for video: try {(length - 1) // 4 * 4 + 1} or {((length - 1) // 4 + 1) * 4 + 1}."
         return check_size(width, height)
 
     def sample(
@@ -220,6 +231,10 @@ class MetaCanvasEditGuidance:
                 ),
             }
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, guidance=None, image_cfg=None):
+        return check_numbers(cls, guidance=guidance, image_cfg=image_cfg)
 
     def apply(self, cond: Projected, guidance: float, image_cfg: float):
         return (replace(cond, cond=replace(cond.cond, guidance=guidance, image_cfg=image_cfg)),)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,10 +79,30 @@ def size_inputs(tip: str) -> dict:
     }
 
 
-def check_size(width: int, height: int) -> bool | str:
-    """VALIDATE_INPUTS for width/height: what every backbone needs (each one's own stride is checked when sampling)."""
+def check_numbers(node: type, **values: object) -> bool | str:
+    """VALIDATE_INPUTS for number widgets, against the node's own INPUT_TYPES. ComfyUI skips its min/max check for
+    every input VALIDATE_INPUTS declares, and a NaN passes any min/max (every comparison with it is false) and would
+    run through the whole latent, so finiteness and range are checked here. None: a linked input (its value comes
+    when the graph runs) or a missing one (ComfyUI reports that itself)."""
+    inputs = node.INPUT_TYPES()
+    specs = {**inputs.get("required", {}), **inputs.get("optional", {})}
+    for name, value in values.items():
+        if value is None:
+            continue
+        options = specs[name][1]
+        fix = f"give a number from {options['min']} to {options['max']} (default {options['default']})"
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            return f"{name} is {value!r}, not a finite number: {fix}."
+        if not options["min"] <= value <= options["max"]:
+            return f"{name} {value} is out of range: {fix}."
+    return True
+
+
+def check_size(width: int | None, height: int | None) -> bool | str:
+    """VALIDATE_INPUTS for width/height: what every backbone needs (each one's own stride is checked when sampling).
+    None: linked (known only when the graph runs)."""
     for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % SIZE_MULTIPLE:
+        if value is not None and (value <= 0 or value % SIZE_MULTIPLE):
             low = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
             return (
                 f"{name} {value} must be a positive multiple of {SIZE_MULTIPLE} (Wan2.2 and SANA take multiples of 32, "

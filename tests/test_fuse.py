@@ -19,6 +19,14 @@ from metacanvas_core.metacanvas import new_metacanvas, wan22_canvas_connector
 # margin is for BLAS libraries that block a matrix product differently for another row count.
 CHUNK_RTOL = 1e-5
 
+# Stage S2's skipped canvas and the full path compute the same sums through different kernels (the prompt states read
+# from the prompt alone or from prompt + canvas: other matrix shapes; autograd sums a tensor's uses in another order),
+# so they agree to rounding, not bit for bit. Measured (torch 2.13, test_s2_skips_the_inert_canvas): on this CPU (Intel
+# Xeon, AVX512 and AVX2 kernels, MKL's AVX512 and AVX2 paths, 1 and 2 threads) the losses bit-equal and the gradients
+# at most 1.2 ulp of the largest gradient apart (1.5e-8 at |grad| 0.107); on an AMD EPYC (issue 25) the losses 1 ulp
+# apart (1.5842665 vs 1.5842667) and the gradients 9e-9. Allowed: 4 ulp, of the loss and of the largest gradient.
+S2_ULPS = 4
+
 
 def _fuse_inputs(width: int | None):
     """Wan2.2-5B's connector (full width 3072 with 96 heads of 32, or narrower), random weights; a small token grid."""
@@ -71,7 +79,7 @@ def test_fuse_memory_is_bounded_at_the_papers_video_size():
     connector, grid = wan22_canvas_connector("meta")
     chunked = measure_fuse(connector, grid, torch.bfloat16)
     whole = measure_fuse(connector, grid, torch.bfloat16, chunk_tokens=None)
-    assert chunked.seconds is None and chunked.peak_bytes < 2**30 < 2 * 2**30 < whole.peak_bytes
+    assert chunked.times == () and chunked.peak_bytes < 2**30 < 2 * 2**30 < whole.peak_bytes
     assert FUSE_CHUNK_TOKENS // (grid[1] * grid[2]) == 4  # frames per chunk at 704×1280
 
 
@@ -113,7 +121,8 @@ def test_one_clock_on_every_backbone(kind, tiny, planner):
 
 def test_s2_skips_the_inert_canvas(tiny, tmp_path):
     """Stage S2 (context MLP + cross-attention trained, the connector untrained and frozen): the canvas adds exact zeros,
-    so the objective skips plan, projection and fuse; the loss and the RNG are the full path's exactly."""
+    so the objective skips plan, projection and fuse; the RNG is the full path's exactly, the loss and the gradients
+    to rounding (`S2_ULPS`)."""
     from metacanvas_core.training.config import TrainConfig
     from metacanvas_core.training.trainer import Trainer
 
@@ -147,9 +156,11 @@ def test_s2_skips_the_inert_canvas(tiny, tmp_path):
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in trained], torch.get_rng_state()))
     (skip, skip_grads, skip_rng), (full, full_grads, full_rng) = results
-    assert math.isfinite(skip.item()) and torch.equal(skip, full)
-    # Gradients: equal up to the order autograd sums a tensor's uses in (the full path has more nodes); measured
-    # max |diff| ~7e-10 on gradients of order 1e-2.
+    ulp = torch.finfo(torch.float32).eps
+    assert math.isfinite(skip.item())
+    torch.testing.assert_close(skip, full, rtol=S2_ULPS * ulp, atol=0)
+    # A gradient's rounding follows the size of the terms summed, not of the sum (some cancel to ~1e-4): one scale.
+    largest = max(float(g.abs().max()) for g in full_grads)
     for a, b in zip(skip_grads, full_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(a, b, rtol=0, atol=S2_ULPS * ulp * largest)
     assert torch.equal(skip_rng, full_rng)

@@ -77,3 +77,13 @@ def test_wan2_2_ti2v_5b_geometry_and_connectors():
     context = mc.context_connector
     assert context.net[0].out_features == 4 * 3584 and context.net[-1].out_features == 4096
     assert mc.config.context_connector["dropout"] == 0.1 and mc.config.canvas_grid == (3, 11, 20)
+
+
+def test_build_on_a_device_has_random_weights():
+    """Shapes only on the meta device (the default); elsewhere the library's random initialisation (the benchmark
+    times a real-width Wan2.2 block built so)."""
+    narrow = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64}
+    assert next(realconfigs.build("wan2_2_ti2v_5b/transformer", **narrow).parameters()).is_meta
+    model = realconfigs.build("wan2_2_ti2v_5b/transformer", device="cpu", **narrow)
+    weight = model.blocks[0].attn1.to_q.weight
+    assert weight.device.type == "cpu" and weight.shape == (32, 32) and weight.std() > 0
