@@ -126,7 +126,7 @@ def conditioning(pack, model, kind: str, hw: tuple[int, int]):
     extra = {"pooled_output": torch.randn(1, 768, generator=g)} if kind == "flux" else {}
     text = [[torch.randn(1, 64, 4096, generator=g), extra]]
     negative = [[torch.randn(1, 64, 4096, generator=g), dict(extra)]]
-    canvas = native.NativeCanvas(aligned, mc.name)
+    canvas = native.NativeCanvas(aligned, mc.name, mc.identity, hw)
     with_canvas = [[text[0][0], {**extra, native.CANVAS_KEY: canvas}]]
     return text, with_canvas, negative, widgets.Loaded(mc, {"metacanvas": runtime.Managed(mc)})
 

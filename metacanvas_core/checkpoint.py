@@ -2,8 +2,8 @@
 
 Tensors: `canvas.*` (canvas embeddings and start marker), `canvas_connector.*`,
 `context_connector.*` (MLLM-context backbones only), `condition_embedding.*` (Wan), `lora.*`
-(optional canvas LoRA, peft key names). Header metadata (strings): format, format_version and each
-field of `MetaCanvasConfig` as JSON, among them `canvas_positions` (the planner's position scheme) and
+(optional canvas LoRA, peft key names). Header metadata (strings): format, format_version, content_sha256 (what the
+checkpoint is, whatever its file is called) and each field of `MetaCanvasConfig` as JSON, among them `canvas_positions` (the planner's position scheme) and
 `visual_tokens` (the MLLM's token budget per input picture), so inference plans as training did.
 
 Checkpoints from before these two fields: without `visual_tokens` they were trained with the image processor's own
@@ -17,6 +17,7 @@ in 5.3) and cannot be converted: retrain it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,6 +33,7 @@ from .planner import CanvasLora
 
 FORMAT = "metacanvas"
 FORMAT_VERSION = 1
+CONTENT_HASH = "content_sha256"  # header field: `content_hash` of the file's tensors
 
 
 def config_to_metadata(config: MetaCanvasConfig) -> dict[str, str]:
@@ -74,12 +76,25 @@ def check_canvas_positions(scheme: str | None, keyframes: int, path: str) -> Non
     )
 
 
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """'sha256:<hex>' of the tensors' names, dtypes, shapes and bytes, in name order: what a checkpoint is, whatever
+    its file is called (recorded in its header when it is written)."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
 def save_metacanvas(mc: MetaCanvas, path: str | Path) -> None:
-    """Write `mc` (readable by every user: 0644, as a model file copied between machines should be)."""
+    """Write `mc` (readable by every user: 0644, as a model file copied between machines should be), with its content
+    hash in the header (`MetaCanvas.identity` of the loaded file)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in mc.state_dict().items()}
     if mc.lora is not None:
         tensors.update({f"lora.{k}": v.detach().contiguous().cpu() for k, v in mc.lora.state_dict.items()})
-    save_file(tensors, str(path), metadata=config_to_metadata(mc.config))
+    metadata = {**config_to_metadata(mc.config), CONTENT_HASH: content_hash(tensors)}
+    save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, 0o644)
 
 
@@ -95,7 +110,8 @@ def load_metacanvas(path: str | Path, device: str | torch.device = "cpu") -> Met
         )
     config = config_from_metadata(header.metadata, str(path))
     tensors = load_file(str(path))
-    mc = MetaCanvas(config, name=path.name)
+    # Files written before the hash was recorded get it computed now (the same value writing them again records).
+    mc = MetaCanvas(config, name=path.name, identity=header.metadata.get(CONTENT_HASH) or content_hash(tensors))
     lora = {k[len("lora.") :]: v for k, v in tensors.items() if k.startswith("lora.")}
     state = {k: v for k, v in tensors.items() if not k.startswith("lora.")}
     try:

@@ -7,6 +7,7 @@ backbones), the Wan condition embedding and an optional canvas-only LoRA for the
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, replace
 
 import torch
@@ -73,10 +74,13 @@ def default_context_source(has_text_encoder: bool) -> ContextSource:
 class MetaCanvas(nn.Module):
     """Canvas embeddings + connectors (+ canvas LoRA) for one MLLM + backbone pair."""
 
-    def __init__(self, config: MetaCanvasConfig, name: str = UNTRAINED) -> None:
+    def __init__(self, config: MetaCanvasConfig, name: str = UNTRAINED, identity: str | None = None) -> None:
+        """`name`: what messages call it (its file name); `identity`: what it is (a checkpoint's content hash,
+        recorded when it was written; a fresh one for a new, untrained MetaCanvas, whose weights are its own)."""
         super().__init__()
         self.config = config
         self.name = name
+        self.identity = identity or f"untrained-{uuid.uuid4().hex}"
         self.canvas = CanvasEmbedding(config.mllm_hidden_size, CanvasGrid(*config.canvas_grid))
         self.canvas_connector = CanvasConnector(**config.canvas_connector)
         self.context_connector = ContextConnector(**config.context_connector) if config.context_connector else None
@@ -134,16 +138,22 @@ class MetaCanvas(nn.Module):
             negative = self.config.context_source == ContextSource.MLLM
         budget = visual_tokens or self.config.visual_tokens
         plan = planner.plan(prompt, self.canvas(grid), grid, inputs, negative_prompt, negative, self.lora, budget)
-        plan.size, plan.checkpoint = (height, width), self.name
+        plan.size, plan.checkpoint, plan.identity = (height, width), self.name, self.identity
         return plan
 
     def check_plan(self, plan: Plan) -> None:
         """Refuse a plan made with another checkpoint (its canvas states would not fit this connector)."""
-        if plan.checkpoint != self.name or plan.canvas.shape[-1] != self.config.mllm_hidden_size:
+        if plan.identity != self.identity or plan.canvas.shape[-1] != self.config.mllm_hidden_size:
             raise MetaCanvasInputError(
-                f"plan: it was made with MetaCanvas checkpoint '{plan.checkpoint}', this node has '{self.name}': "
-                "give the Plan node and this node the same Connector Loader output."
+                f"plan: it was made with MetaCanvas checkpoint {self.describe(plan.checkpoint, plan.identity)}, this "
+                f"node has {self.describe()}: give the Plan node and this node the same Connector Loader output."
             )
+
+    def describe(self, name: str | None = None, identity: str | None = None) -> str:
+        """A checkpoint as messages name it: its file name and the start of its content hash (two files of one name,
+        or a file replaced under its name, differ there)."""
+        name, identity = name or self.name, identity or self.identity
+        return f"'{name}' ({identity[:19]})"
 
     def check_compatible(
         self, mllm_hidden_size: int, mllm: str, spec: BackboneSpec, backbone: str, has_text_encoder: bool = True

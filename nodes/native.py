@@ -3,13 +3,16 @@
 `MetaCanvasPatch` rides on a cloned ModelPatcher as two keyed wrappers (the pattern of core EasyCache):
 
 - OUTER_SAMPLE (the guider, once per sampling run): reads the canvases attached to the *positive* conditioning
-  entries (`CANVAS_KEY`, by the Attach Canvas node) and the Wan reference/source latents (`WAN_KEY`), and hands
-  them to the model calls of this run through `transformer_options` (keyed by each entry's uuid, so ComfyUI
-  batches positive and negative exactly as it would without the canvas).
-- DIFFUSION_MODEL (every model call): for the batch rows whose conditioning carries a canvas, a temporary forward
-  hook on the patch embedding (Wan `patch_embedding`, FLUX `img_in`) adds the canvas residual with the pack's own
-  functions (`wan.add_to_patch_embedding`, `flux.add_to_image_tokens`): only noisy target tokens (never Kontext
-  reference tokens, Wan reference frames or frames at timestep 0), the connector's clock σ·1000.
+  entries (`CANVAS_KEY`, by the Attach Canvas node; checked against the patch's checkpoint by content and against
+  the latent's size) and the Wan reference/source latents (`WAN_KEY`), hands them to the model calls of this run
+  through `transformer_options` (keyed by each entry's uuid, so ComfyUI batches positive and negative exactly as
+  it would without the canvas), and registers a forward hook on the patch embedding (Wan `patch_embedding`, FLUX
+  `img_in`) for the run.
+- DIFFUSION_MODEL (every model call): for the batch rows whose conditioning carries a canvas, sets what the hook
+  adds with the pack's own functions (`wan.add_to_patch_embedding`, `flux.add_to_image_tokens`): only noisy target
+  tokens (never Kontext reference tokens, Wan reference frames or frames at timestep 0), the connector's clock
+  σ·1000; under a context window, the canvas, its mask and Wan's source video cut to the window's frames. Every
+  assumption about ComfyUI's calling convention that decides where the canvas goes is checked here.
 
 Nothing of the model is replaced or object-patched: weights keep their names, so LoRA loaders, fp8 weight dtypes,
 GGUF models and other patches before or after work as before. The connector is an additional model of the
@@ -18,6 +21,8 @@ patcher: ComfyUI's memory manager loads it with the model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +33,8 @@ from metacanvas_core.backbones.flux import FluxKontextBackbone, add_to_image_tok
 from metacanvas_core.backbones.wan import WanBackbone, add_to_patch_embedding
 from metacanvas_core.errors import MetaCanvasInputError
 from metacanvas_core.metacanvas import MetaCanvas
+
+from .compat import comfyui_version
 
 PATCH_KEY = "metacanvas"  # the wrappers' key on the patcher
 CANVAS_KEY = "metacanvas_canvas"  # on a CONDITIONING entry: a NativeCanvas
@@ -41,7 +48,9 @@ class NativeCanvas:
     """A plan's aligned canvas on a CONDITIONING entry, with its dial; applied by the model MetaCanvas Apply patched."""
 
     aligned: torch.Tensor  # (1, K, Hc, Wc, D)
-    checkpoint: str  # the MetaCanvas it was aligned with (must be the patch's)
+    checkpoint: str  # the MetaCanvas it was aligned with, by name (for messages)
+    identity: str  # and by content (`MetaCanvas.identity`): must be the patch's
+    size: tuple[int, int]  # (height, width) of the output the plan was made for
     strength: float = 1.0
     mask: torch.Tensor | None = None  # (1 or frames, height, width) in 0..1
 
@@ -84,17 +93,40 @@ def native_spec(model) -> BackboneSpec:
 
 
 @dataclass
+class ModelCall:
+    """What the patch-embedding hook adds during one model call (set by the DIFFUSION_MODEL wrapper)."""
+
+    canvas: CanvasInjection | None
+    clock: torch.Tensor  # the connector's σ·1000 per batch row
+    n_ref: int = 0  # Wan: reference frames before the video
+    noisy: torch.Tensor | None = None  # Wan: (B, F) 1 on the frames being denoised
+    condition: torch.Tensor | None = None  # Wan: the condition embedding of the call's frames
+    grid: tuple[int, int] = (0, 0)  # FLUX: the target's token rows × columns
+
+
+@dataclass
 class CanvasRun:
-    """What one sampling run applies: canvases by conditioning uuid, and Wan's inputs (normalised latents)."""
+    """What one sampling run applies: the acting canvases by conditioning uuid, Wan's inputs (normalised latents),
+    the latent frames of the whole video (a context window sees some of them), and the current model call."""
 
     canvases: dict
+    frames: int = 1
     reference: torch.Tensor | None = None
     source: torch.Tensor | None = None
-    condition: torch.Tensor | None = None  # Wan's condition embedding of those inputs: made once, at the first call
+    call: ModelCall | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.canvases) or self.reference is not None or self.source is not None
 
 
 class MetaCanvasPatch:
-    """The canvas patch on a native model: one MetaCanvas, the wrappers. Shared, never copied, by patcher clones."""
+    """The canvas patch on a native model: one MetaCanvas, the wrappers. Shared, never copied, by patcher clones.
+
+    Under core TorchCompileModel the diffusion model (and so the DIFFUSION_MODEL wrapper) is compiled, the sampling
+    run (OUTER_SAMPLE) is not: the run registers the patch-embedding hook and decides once what acts, and every model
+    call only sets `CanvasRun.call` with tensor operations, so the compiled graph has no break and no host sync.
+    """
 
     def __init__(self, mc: MetaCanvas, spec: BackboneSpec) -> None:
         self.mc = mc
@@ -106,31 +138,52 @@ class MetaCanvasPatch:
     # --- once per sampling run -------------------------------------------------------------------
     def outer_sample(self, executor, *args, **kwargs):
         guider = executor.class_obj
-        run = self.run_of(guider.conds, guider.model_patcher.model)
+        noise = args[0] if args else kwargs["noise"]
+        run = self.run_of(guider.conds, guider.model_patcher.model, noise)
         options = guider.model_options.setdefault("transformer_options", {})
         options[RUN_KEY] = run
         try:
-            return executor(*args, **kwargs)
+            with self.hooked(run, guider.model_patcher.model.diffusion_model):
+                return executor(*args, **kwargs)
         finally:
             options.pop(RUN_KEY, None)
 
-    def run_of(self, conds: dict, base) -> CanvasRun:
-        """The canvases of the positive entries (the negative, and an image-guidance middle branch, never get one)
-        and their Wan inputs, checked against this patch's MetaCanvas."""
+    @contextmanager
+    def hooked(self, run: CanvasRun, dm) -> Iterator[None]:
+        """The patch-embedding hook (Wan `patch_embedding`, FLUX `img_in`) of one sampling run, registered outside the
+        compiled model calls: it adds what the current call set (`CanvasRun.call`), nothing between calls."""
+        embedding = dm.img_in if self.spec.kind == FluxKontextBackbone.kind else dm.patch_embedding
+        handle = embedding.register_forward_hook(lambda _module, _args, out: self._add(run, out))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def run_of(self, conds: dict, base, noise: torch.Tensor) -> CanvasRun:
+        """The acting canvases of the positive entries (the negative, and an image-guidance middle branch, never get
+        one) and their Wan inputs, checked against this patch's MetaCanvas and the latent being sampled."""
+        video = self.spec.kind != FluxKontextBackbone.kind
+        if noise.ndim != (5 if video else 4):
+            raise MetaCanvasInputError(
+                f"the sampler's latent has shape {tuple(noise.shape)}; MetaCanvas on {self.spec.kind} knows latents of "
+                f"{5 if video else 4} dimensions (ComfyUI {comfyui_version()}): sample an empty latent of that model."
+            )
         canvases, wan = {}, []
         for entry in conds.get("positive", []):
             canvas = entry.get(CANVAS_KEY)
             if canvas is not None:
-                if canvas.checkpoint != self.mc.name:
+                if canvas.identity != self.mc.identity:
                     raise MetaCanvasInputError(
-                        f"the positive conditioning's canvas was made with MetaCanvas checkpoint '{canvas.checkpoint}', "
-                        f"but MetaCanvas Apply patched the model with '{self.mc.name}': use one Connector Loader for "
-                        "both."
+                        f"the positive conditioning's canvas was made with MetaCanvas checkpoint "
+                        f"{self.mc.describe(canvas.checkpoint, canvas.identity)}, but MetaCanvas Apply patched the "
+                        f"model with {self.mc.describe()}: use one Connector Loader for both."
                     )
-                canvases[entry["uuid"]] = canvas
+                self._check_size(canvas.size, noise)
+                if canvas.acts:
+                    canvases[entry["uuid"]] = canvas
             if entry.get(WAN_KEY) is not None:
                 wan.append(entry[WAN_KEY])
-        run = CanvasRun(canvases)
+        run = CanvasRun(canvases, noise.shape[2] if video else 1)
         if wan:
             if self.mc.condition_embedding is None:
                 raise MetaCanvasInputError(
@@ -140,29 +193,68 @@ class MetaCanvasPatch:
             first = wan[0]
             run.reference = None if first.reference is None else base.process_latent_in(first.reference)
             run.source = None if first.source is None else base.process_latent_in(first.source)
+            if run.source is not None and (
+                run.source.shape[2] < run.frames or run.source.shape[-2:] != noise.shape[-2:]
+            ):
+                raise MetaCanvasInputError(
+                    f"video: the source video gives {run.source.shape[2]} latent frames of "
+                    f"{tuple(run.source.shape[-2:])}, the sampler makes {run.frames} of {tuple(noise.shape[-2:])}: load "
+                    "at least as many frames (length) at the latent's width and height."
+                )
         return run
 
-    # --- every model call --------------------------------------------------------------------------
+    def _check_size(self, size: tuple[int, int], noise: torch.Tensor) -> None:
+        """The plan's canvas must be made for the latent it is applied to (else it would be stretched over it)."""
+        stride = FLUX_VAE_STRIDE if self.spec.kind == FluxKontextBackbone.kind else WAN22_VAE_STRIDE
+        latent = (noise.shape[-2] * stride, noise.shape[-1] * stride)
+        if tuple(size) != latent:
+            latent_node = "the image's VAE Encode" if stride == FLUX_VAE_STRIDE else "Wan22ImageToVideoLatent"
+            raise MetaCanvasInputError(
+                f"the plan was made for {size[1]}×{size[0]} (MetaCanvas Plan's width × height), the sampler's latent "
+                f"is {latent[1]}×{latent[0]} ({latent_node}): set the Plan's width and height to {latent[1]} and "
+                f"{latent[0]}, or make the latent {size[1]}×{size[0]}."
+            )
+
+    # --- every model call (compiled under TorchCompileModel: tensor operations only) ----------------------------
     def diffusion_model(self, executor, *args, **kwargs):
         options = _transformer_options(args, kwargs)
         run: CanvasRun | None = options.get(RUN_KEY)
-        if run is None or not (run.canvases or run.reference is not None or run.source is not None):
+        if run is None or not run.active:
             return executor(*args, **kwargs)
-        x = args[0]
-        uuids = options["uuids"]
+        x, uuids = args[0], options.get("uuids")
+        if uuids is None or "sigmas" not in options or x.shape[0] % len(uuids):
+            raise MetaCanvasInputError(
+                f"ComfyUI {comfyui_version()} calls the model without the conditioning uuids and sigmas MetaCanvas "
+                "places the canvas by (or with a batch they do not divide): MetaCanvas does not support this release."
+            )
         chunk = x.shape[0] // len(uuids)
-        with_canvas = [(i, run.canvases[u]) for i, u in enumerate(uuids) if u in run.canvases and run.canvases[u].acts]
+        with_canvas = [(i, run.canvases[u]) for i, u in enumerate(uuids) if u in run.canvases]
         rows = [i * chunk + r for i, _ in with_canvas for r in range(chunk)]
         clock = torch.cat([options["sigmas"].float()] * len(uuids)).to(x.device) * 1000  # the connector's σ·1000
         if self.spec.kind == FluxKontextBackbone.kind:
-            return self._flux(executor, args, kwargs, x, with_canvas, rows, chunk, clock)
-        return self._wan(executor, args, kwargs, x, run, with_canvas, rows, chunk, clock)
+            run.call = self._flux(args, kwargs, x, with_canvas, rows, chunk, clock)
+        else:
+            args, run.call = self._wan(args, options, x, run, with_canvas, rows, chunk, clock)
+        try:
+            out = executor(*args, **kwargs)
+        finally:
+            run.call = None
+        return out if self.spec.kind == FluxKontextBackbone.kind else out[:, :, run_refs(run) :]
+
+    def _add(self, run: CanvasRun, out: torch.Tensor) -> torch.Tensor | None:
+        """The patch-embedding hook: the current call's canvas (and Wan condition) on the embedded tokens."""
+        call = run.call
+        if call is None:
+            return None
+        if self.spec.kind == FluxKontextBackbone.kind:
+            return add_to_image_tokens(out, call.canvas, call.clock, call.grid)
+        return add_to_patch_embedding(out, call.canvas, call.clock, call.n_ref, call.noisy, call.condition)
 
     def _injection(self, with_canvas, chunk: int, token_grid, rows, device) -> CanvasInjection | None:
         if not rows:
             return None
         aligned = torch.cat([c.aligned.to(device).expand(chunk, -1, -1, -1, -1) for _, c in with_canvas])
-        strength = torch.tensor([c.strength for _, c in with_canvas for _ in range(chunk)])
+        strength = [c.strength for _, c in with_canvas for _ in range(chunk)]
         mask = None
         if any(c.mask is not None for _, c in with_canvas):
             every = torch.ones(1, *token_grid)
@@ -170,7 +262,7 @@ class MetaCanvasPatch:
             mask = torch.cat([m.expand(chunk, -1, -1, -1) for m in masks])
         return CanvasInjection.on_tokens(self.mc.canvas_connector, aligned, token_grid, rows, strength, mask)
 
-    def _flux(self, executor, args, kwargs, x, with_canvas, rows, chunk, clock):
+    def _flux(self, args, kwargs, x, with_canvas, rows, chunk, clock) -> ModelCall | None:
         ref_latents = args[5] if len(args) > 5 else kwargs.get("ref_latents")
         if rows and not ref_latents:
             raise MetaCanvasInputError(
@@ -178,61 +270,73 @@ class MetaCanvasPatch:
                 "image: give it the image to edit with the core ReferenceLatent node (its latent from VAE Encode)."
             )
         if not rows:
-            return executor(*args, **kwargs)
+            return None
         grid = ((x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2)  # FLUX pads odd sizes to its 2×2 patches
-        canvas = self._injection(with_canvas, chunk, (1, *grid), rows, x.device)
-        dm = executor.class_obj
-        handle = dm.img_in.register_forward_hook(lambda _m, _a, out: add_to_image_tokens(out, canvas, clock, grid))
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            handle.remove()
+        return ModelCall(self._injection(with_canvas, chunk, (1, *grid), rows, x.device), clock, grid=grid)
 
-    def _wan(self, executor, args, kwargs, x, run: CanvasRun, with_canvas, rows, chunk, clock):
-        dm = executor.class_obj
+    def _wan(self, args, options, x, run: CanvasRun, with_canvas, rows, chunk, clock) -> tuple[list, ModelCall]:
         b, _, frames, h, w = x.shape
         timestep = args[1]
+        if not (timestep.shape == (b,) or timestep.shape == (b, frames)):
+            raise MetaCanvasInputError(
+                f"ComfyUI {comfyui_version()} calls Wan2.2 with timesteps of shape {tuple(timestep.shape)} for a "
+                f"latent of {frames} frames; MetaCanvas knows one per sample ({b},) or one per latent frame "
+                f"({b}, {frames}), where 0 marks a given frame: MetaCanvas does not support this release."
+            )
         per_frame = timestep if timestep.ndim == 2 else timestep[:, None].expand(b, frames)
-        clean = [bool((per_frame[:, f] == 0).all()) for f in range(frames)]  # given frames (image-to-video)
-        n_ref = 0 if run.reference is None else run.reference.shape[2]
+        window = _window_frames(options, frames, run.frames)
+        n_ref = run_refs(run)
         args = list(args)
         if n_ref:  # reference frames before the video, clean (timestep 0), as the pack's Wan takes them
             args[0] = torch.cat([run.reference.to(x.device, x.dtype).expand(b, -1, -1, -1, -1), x], 2)
             args[1] = torch.cat([per_frame.new_zeros(b, n_ref), per_frame], 1)
-        if run.condition is None and (run.reference is not None or run.source is not None):
-            run.condition = self.mc.condition_embedding(self._condition(run, frames, x)).to(x.device)
-        condition = run.condition
+        condition = None
+        if run.reference is not None or run.source is not None:
+            condition = self.mc.condition_embedding(self._condition(run, window, x)).to(x.device)
         p = self.spec.pixel_stride // WAN22_VAE_STRIDE
+        canvas = None
         if rows:
             _check_wan_latent_size(h, w, p)
-        canvas = self._injection(with_canvas, chunk, (frames, h // p, w // p), rows, x.device)
+            canvas = self._injection(with_canvas, chunk, (run.frames, h // p, w // p), rows, x.device)
+            canvas = canvas.on_frames(window)
+        return args, ModelCall(canvas, clock, n_ref, per_frame != 0, condition)
 
-        def add(_module, _args, out):
-            return add_to_patch_embedding(out, canvas, clock, n_ref, clean, condition)
-
-        handle = dm.patch_embedding.register_forward_hook(add)
-        try:
-            out = executor(*args, **kwargs)
-        finally:
-            handle.remove()
-        return out[:, :, n_ref:]
-
-    def _condition(self, run: CanvasRun, frames: int, x: torch.Tensor) -> torch.Tensor:
-        """[source latent | is-reference | has-source] per latent frame, references first (the pack's Wan layout)."""
+    def _condition(self, run: CanvasRun, window: list[int], x: torch.Tensor) -> torch.Tensor:
+        """[source latent | is-reference | has-source] per latent frame of the call, references first (the pack's
+        Wan layout), the source video cut to the call's frames."""
         z, h, w = x.shape[1], x.shape[-2], x.shape[-1]
-        n_ref = 0 if run.reference is None else run.reference.shape[2]
-        c = torch.zeros(1, z + 2, n_ref + frames, h, w, device=x.device)
+        n_ref = run_refs(run)
+        c = torch.zeros(1, z + 2, n_ref + len(window), h, w, device=x.device)
         c[:, z, :n_ref] = 1
         if run.source is not None:
-            if run.source.shape[2] < frames or run.source.shape[-2:] != (h, w):
-                raise MetaCanvasInputError(
-                    f"video: the source video gives {run.source.shape[2]} latent frames of "
-                    f"{tuple(run.source.shape[-2:])}, the sampler makes {frames} of {(h, w)}: load at least as many "
-                    "frames (length) at the latent's width and height."
-                )
-            c[:, :z, n_ref:] = run.source[:, :, :frames].to(x.device)
+            c[:, :z, n_ref:] = run.source[:, :, window].to(x.device)
             c[:, z + 1, n_ref:] = 1
         return c
+
+
+def run_refs(run: CanvasRun) -> int:
+    """Reference frames the patch puts before the video."""
+    return 0 if run.reference is None else run.reference.shape[2]
+
+
+def _window_frames(options: dict, frames: int, total: int) -> list[int]:
+    """The frames of the whole video a Wan model call sees: a context window's (core WanContextWindowsManual and
+    ContextWindowsManual put it in transformer_options, its indices into the video, after a causal anchor frame
+    where 0.33+ prepends one), else all. A window whose frames do not match the call's is refused."""
+    window = options.get("context_window")
+    if window is None or (frames == total and len(window.index_list) != frames):  # none, or one left from before
+        return list(range(frames))
+    indices = list(window.index_list)
+    anchor = getattr(window, "causal_anchor_index", None)
+    if anchor is not None and anchor >= 0:
+        indices = [anchor, *indices]
+    if len(indices) != frames or not all(0 <= i < total for i in indices):
+        raise MetaCanvasInputError(
+            f"ComfyUI {comfyui_version()} calls Wan2.2 on {frames} latent frames in a context window of frames "
+            f"{indices[:3]}...{indices[-1:]} of {total} (guide frames?): MetaCanvas knows windows of the video's own "
+            "frames only. Use core WanContextWindowsManual / ContextWindowsManual without guide frames."
+        )
+    return indices
 
 
 def _check_wan_latent_size(h: int, w: int, patch: int) -> None:

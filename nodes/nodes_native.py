@@ -23,7 +23,7 @@ from metacanvas_core.inputs import ContextSource, ImageRole
 
 from .native import CANVAS_KEY, PATCH_KEY, WAN_KEY, MetaCanvasPatch, NativeCanvas, WanConditions, native_spec
 from .runtime import intermediate_device, load, patcher_extension
-from .widgets import CANVAS_DIAL, CATEGORY, Loaded
+from .widgets import CANVAS_DIAL, CATEGORY, Loaded, check_numbers
 
 
 def _with(conditioning: list, key: str, value) -> list:
@@ -149,6 +149,10 @@ class MetaCanvasAttachCanvas:
             "optional": {"canvas_mask": CANVAS_DIAL["canvas_mask"]},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, canvas_strength=None):
+        return check_numbers(cls, canvas_strength=canvas_strength)
+
     def attach(self, conditioning: list, plan, metacanvas: Loaded, canvas_strength: float, canvas_mask=None):
         mc = metacanvas.model
         mc.check_plan(plan)
@@ -156,7 +160,7 @@ class MetaCanvasAttachCanvas:
         with torch.no_grad():
             aligned = align_canvas(mc.canvas_connector, plan.canvas.to(device), plan.grid)
         mask = None if canvas_mask is None else canvas_mask.to(intermediate_device())
-        canvas = NativeCanvas(aligned.to(intermediate_device()), mc.name, canvas_strength, mask)
+        canvas = NativeCanvas(aligned.to(intermediate_device()), mc.name, mc.identity, plan.size, canvas_strength, mask)
         return (_with(conditioning, CANVAS_KEY, canvas),)
 
 

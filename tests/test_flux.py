@@ -201,7 +201,7 @@ def test_bad_input(planner, flux, trained, tiny):
         trained.plan(planner, PROMPT, 64, 64)
     grid = trained.canvas_grid(64, 64)
     plan = planner.plan(PROMPT, trained.canvas(grid), grid, with_negative_context=True)
-    plan.size, plan.checkpoint = (64, 64), trained.name  # as MetaCanvas.plan would, without its image check
+    plan.size, plan.checkpoint, plan.identity = (64, 64), trained.name, trained.identity  # as MetaCanvas.plan would
     with pytest.raises(MetaCanvasInputError, match="images: the FLUX.1-Kontext backbone edits an input image"):
         project(plan, trained, flux)
     plan = trained.plan(planner, PROMPT, 64, 64, VisualInputs([photo(), photo()]))

@@ -99,7 +99,9 @@ def test_recorded_and_used_by_the_plan(real_processor_planner, sana, tmp_path):
 def test_plan_node_budget_is_the_last_optional_input(pack, models_dir):
     m = pack.NODE_CLASS_MAPPINGS
     spec = m["MetaCanvasPlan"].INPUT_TYPES()
-    assert list(spec["optional"])[-1] == "visual_tokens" and spec["optional"]["visual_tokens"][1]["default"] == 0
+    # appended in order: the visual_tokens widget, then the image_2 / image_3 sockets (saved graphs keep their values)
+    assert list(spec["optional"])[-3:] == ["visual_tokens", "image_2", "image_3"]
+    assert spec["optional"]["visual_tokens"][1]["default"] == 0
     (mllm,) = run(m["MetaCanvasMLLMLoader"], mllm_folder="tiny-qwen2_5-vl", dtype="fp32")
     (backbone,) = run(m["MetaCanvasBackboneLoader"], backbone_folder="tiny-sana", dtype="fp32")
     (mc,) = run(m["MetaCanvasConnectorLoader"], mllm=mllm, backbone=backbone, checkpoint="new (untrained)")

@@ -13,7 +13,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -110,12 +110,13 @@ class CanvasInjection:
         aligned: torch.Tensor,
         token_grid: tuple[int, int, int],
         rows,
-        strength: float | torch.Tensor = 1.0,
+        strength: float | list[float] = 1.0,
         mask: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
     ) -> CanvasInjection:
         """The aligned canvas (b, K, Hc, Wc, D) interpolated to a token grid (T, H, W).
 
+        `strength`: one for all rows or one per row, Python numbers (decided without a host sync).
         `mask`: (b or 1, frames or 1, height, width) in 0..1 at any resolution, resized to the token grid (area
         average over each token's pixels; frames linearly onto the latent frames, ends aligned). `dtype`: what the
         interpolated canvas is kept in (default: the aligned canvas's); the backbone's compute dtype costs nothing in
@@ -124,10 +125,17 @@ class CanvasInjection:
         canvas = interpolate_canvas(aligned, token_grid)
         canvas = canvas if dtype is None else canvas.to(dtype)
         b = canvas.shape[0]
-        strength = torch.as_tensor(strength, dtype=torch.float32).reshape(-1).expand(b).to(canvas.device)
+        values = [float(strength)] if isinstance(strength, (int, float)) else [float(v) for v in strength]
+        dial = None
+        if any(v != 1 for v in values):
+            dial = torch.tensor(values, dtype=torch.float32, device=canvas.device).expand(b)
         if mask is not None:
             mask = mask_on_tokens(mask.to(canvas.device), token_grid).expand(b, -1, -1, -1)
-        return cls(connector, canvas, rows, None if bool((strength == 1).all()) else strength, mask)
+        return cls(connector, canvas, rows, dial, mask)
+
+    def on_frames(self, frames: list[int]) -> CanvasInjection:
+        """This canvas on some of its token grid's frames, in that order (a context window of a long video)."""
+        return replace(self, canvas=self.canvas[:, frames], mask=None if self.mask is None else self.mask[:, frames])
 
     @property
     def in_latents(self) -> bool:

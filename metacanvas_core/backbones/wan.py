@@ -69,29 +69,27 @@ def add_to_patch_embedding(
     canvas: CanvasInjection | None,
     clock: torch.Tensor,
     n_ref: int,
-    clean: list[bool],
+    noisy: torch.Tensor | None = None,
     condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Wan's patch embeddings (B, D, R+F, H', W') [+ the condition embedding's output] + the canvas.
 
-    The canvas (interpolated to the video's F latent frames: canvas frame i belongs to video frame i) lands on the
-    noisy video frames only: never on the R reference frames before the video, nor on frames `clean` marks (given,
-    at timestep 0: image-to-video's first frame). The same for the pack's Wan and ComfyUI's native one.
+    The canvas (on the video's F latent frames: canvas frame i belongs to video frame i) lands on the noisy video
+    frames only: never on the R reference frames before the video, nor where `noisy` (B, F) is 0 (frames given
+    clean, at timestep 0: image-to-video's first frame), whose tokens keep their values exactly. `noisy` is a tensor
+    so that no host sync decides where the canvas goes (one compiled graph under torch.compile). The same for the
+    pack's Wan and ComfyUI's native one.
     """
     if condition is not None:
         out = out + condition.to(out.dtype)
-    noisy = [i for i, c in enumerate(clean) if not c]
-    if canvas is None or not noisy:
+    if canvas is None:
         return out
     tokens = out.permute(0, 2, 3, 4, 1)  # (B, T, H', W', D)
-    index = torch.tensor(noisy, device=out.device)
-    mask = None if canvas.mask is None else canvas.mask[:, index.to(canvas.mask.device)]
-    frames = CanvasInjection(
-        canvas.connector, canvas.canvas[:, index.to(canvas.canvas.device)], canvas.rows, canvas.strength, mask
-    )
-    tokens = tokens.clone()
-    tokens[:, n_ref + index] = frames.add_to(tokens[:, n_ref + index], clock)
-    return tokens.permute(0, 4, 1, 2, 3)
+    if noisy is not None:
+        keep = noisy[canvas.rows].float()[..., None, None]  # (b, F, 1, 1)
+        canvas = replace(canvas, mask=keep if canvas.mask is None else canvas.mask * keep)
+    video = canvas.add_to(tokens[:, n_ref:], clock)
+    return torch.cat([tokens[:, :n_ref], video], 1).permute(0, 4, 1, 2, 3)
 
 
 class WanBackbone(Backbone):
@@ -351,6 +349,7 @@ class WanBackbone(Backbone):
         refs: WanReferences | None = branch.references
         b, _, frames = latents.shape[:3]
         mask = self._first_frame_mask(latents, refs)
+        noisy = mask[:, 0, :, 0, 0].expand(b, -1)
         x = latents
         if refs is not None and refs.first_frame is not None:
             x = (1 - mask) * refs.first_frame + mask * latents
@@ -363,12 +362,11 @@ class WanBackbone(Backbone):
         condition = None
         if refs is not None and refs.condition is not None:
             condition = refs.condition(self._condition(refs, frames, latents.shape))
-        clean = [refs is not None and refs.first_frame is not None and i == 0 for i in range(frames)]
         canvas = branch.canvas
         clock = t.expand(b).float()  # the connector's clock: the scheduler's σ·1000, in float32
 
         def add(out: torch.Tensor) -> torch.Tensor:  # (B, D, T, H', W') before Wan flattens it
-            return add_to_patch_embedding(out, canvas, clock, n_ref, clean, condition)
+            return add_to_patch_embedding(out, canvas, clock, n_ref, noisy, condition)
 
         dtype = model.dtype
         call = dict(timestep=timestep, encoder_hidden_states=branch.text.embeds.to(dtype), return_dict=False)
