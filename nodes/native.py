@@ -41,6 +41,18 @@ CANVAS_KEY = "metacanvas_canvas"  # on a CONDITIONING entry: a NativeCanvas
 WAN_KEY = "metacanvas_wan"  # on a CONDITIONING entry: WanConditions
 RUN_KEY = "metacanvas_run"  # in transformer_options during a sampling run: a CanvasRun
 WAN22_VAE_STRIDE, FLUX_VAE_STRIDE = 16, 8
+VAE_STRIDES = {WanBackbone.kind: WAN22_VAE_STRIDE, FluxKontextBackbone.kind: FLUX_VAE_STRIDE}
+LATENT_NODES = {WanBackbone.kind: "Wan22ImageToVideoLatent", FluxKontextBackbone.kind: "the image's VAE Encode"}
+
+
+def latent_size(kind: str, samples: torch.Tensor) -> tuple[int, int]:
+    """(height, width) in pixels of a native latent of the backbone `kind` (what a plan for it must be made for)."""
+    if kind not in VAE_STRIDES:
+        raise MetaCanvasInputError(
+            f"latent: MetaCanvas takes sizes from native Wan2.2 and FLUX-Kontext latents; the checkpoint is for {kind}: "
+            "disconnect the latent and set the Plan's width and height."
+        )
+    return samples.shape[-2] * VAE_STRIDES[kind], samples.shape[-1] * VAE_STRIDES[kind]
 
 
 @dataclass
@@ -171,6 +183,8 @@ class MetaCanvasPatch:
         canvases, wan = {}, []
         for entry in conds.get("positive", []):
             canvas = entry.get(CANVAS_KEY)
+            if video and (canvas is not None or entry.get(WAN_KEY) is not None):
+                _check_wan_latent_size(noise.shape[-2], noise.shape[-1], self.spec.pixel_stride // WAN22_VAE_STRIDE)
             if canvas is not None:
                 if canvas.identity != self.mc.identity:
                     raise MetaCanvasInputError(
@@ -205,14 +219,12 @@ class MetaCanvasPatch:
 
     def _check_size(self, size: tuple[int, int], noise: torch.Tensor) -> None:
         """The plan's canvas must be made for the latent it is applied to (else it would be stretched over it)."""
-        stride = FLUX_VAE_STRIDE if self.spec.kind == FluxKontextBackbone.kind else WAN22_VAE_STRIDE
-        latent = (noise.shape[-2] * stride, noise.shape[-1] * stride)
+        latent = latent_size(self.spec.kind, noise)
         if tuple(size) != latent:
-            latent_node = "the image's VAE Encode" if stride == FLUX_VAE_STRIDE else "Wan22ImageToVideoLatent"
             raise MetaCanvasInputError(
                 f"the plan was made for {size[1]}×{size[0]} (MetaCanvas Plan's width × height), the sampler's latent "
-                f"is {latent[1]}×{latent[0]} ({latent_node}): set the Plan's width and height to {latent[1]} and "
-                f"{latent[0]}, or make the latent {size[1]}×{size[0]}."
+                f"is {latent[1]}×{latent[0]} ({LATENT_NODES[self.spec.kind]}): connect that latent to the Plan's "
+                f"latent input (or set its width and height to {latent[1]} and {latent[0]})."
             )
 
     # --- every model call (compiled under TorchCompileModel: tensor operations only) ----------------------------
@@ -296,7 +308,6 @@ class MetaCanvasPatch:
         p = self.spec.pixel_stride // WAN22_VAE_STRIDE
         canvas = None
         if rows:
-            _check_wan_latent_size(h, w, p)
             canvas = self._injection(with_canvas, chunk, (run.frames, h // p, w // p), rows, x.device)
             canvas = canvas.on_frames(window)
         return args, ModelCall(canvas, clock, n_ref, per_frame != 0, condition)

@@ -170,7 +170,7 @@ class MetaCanvasConnectorLoader:
                     ["auto", *ContextSource.values()],
                     {
                         "default": "auto",
-                        "tooltip": "Where the prompt reaches the backbone's text slot from. native = the backbone's own text encoder (with 'new (untrained)': exactly the plain backbone); mllm = the MLLM through the context connector (the paper's path for Wan2.2 and FLUX-Kontext: MetaCanvas Text Conditioning; noise until trained). auto = the checkpoint's own; for 'new (untrained)': native when the pack's backbone has its text encoder loaded, mllm on a native model.",
+                        "tooltip": "Where the prompt reaches the backbone's text slot from. native = the backbone's own text encoder (with 'new (untrained)': exactly the plain backbone); mllm = the MLLM through the context connector (the paper's path for Wan2.2 and FLUX-Kontext: MetaCanvas Text Conditioning; noise until trained). auto = the checkpoint's own; for 'new (untrained)': native (a native model: core Load CLIP + CLIP Text Encode into MetaCanvas Text Conditioning; the pack's backbone: its own text encoder, when loaded), else mllm.",
                     },
                 ),
             },
@@ -215,7 +215,8 @@ class MetaCanvasConnectorLoader:
         else:
             from .native import native_spec
 
-            spec, name, has_text_encoder, pooled = native_spec(model), "the native MODEL", False, None
+            # a native model's text encoder is core Load CLIP's (MetaCanvas Text Conditioning's CLIP inputs)
+            spec, name, has_text_encoder, pooled = native_spec(model), "the native MODEL", True, None
         wanted = None if context == "auto" else context
         if checkpoint == UNTRAINED:
             source = wanted or default_context_source(has_text_encoder)
@@ -224,8 +225,7 @@ class MetaCanvasConnectorLoader:
             mc = load_metacanvas(find_model(("metacanvas",), checkpoint, "MetaCanvas checkpoint"), offload_device())
             if wanted is not None:
                 mc.check_context_source(wanted)
-        # A native model's text encoder is a core CLIP node's business: only the pack's backbone is checked for one.
-        mc.check_compatible(planner.hidden_size, planner.folder, spec, name, has_text_encoder or model is not None)
+        mc.check_compatible(planner.hidden_size, planner.folder, spec, name, has_text_encoder)
         return (Loaded(mc, {"metacanvas": Managed(mc)}),)
 
 

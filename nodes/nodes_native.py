@@ -75,9 +75,12 @@ class MetaCanvasApply:
 
 class MetaCanvasTextConditioning:
     DESCRIPTION = (
-        "The plan's prompt (and negative prompt) as native CONDITIONING: the MLLM's states through the checkpoint's "
-        "context connector into the backbone's text slot (Wan2.2: the cross-attention context; FLUX: the T5 slot and "
-        "the pooled vector the checkpoint stores). The paper's text path: no umT5/T5 file needed."
+        "The prompt (and negative prompt) as native CONDITIONING, from where the checkpoint takes it. Native context "
+        "('new (untrained)' on a native model, or a checkpoint trained so): the model's own text encoder, core Load "
+        "CLIP + CLIP Text Encode connected to clip_positive / clip_negative, passed through unchanged, so untrained "
+        "the graph gives the plain model's output. MLLM context (the paper's path): the plan's prompt states through "
+        "the checkpoint's context connector into the backbone's text slot (Wan2.2: the cross-attention context; FLUX: "
+        "the T5 slot and the pooled vector the checkpoint stores); the CLIP inputs are then not run."
     )
     CATEGORY = CATEGORY
     FUNCTION = "encode"
@@ -87,25 +90,41 @@ class MetaCanvasTextConditioning:
         "The prompt: attach the canvas to it (MetaCanvas Attach Canvas).",
         "The negative prompt: it never gets the canvas.",
     )
+    CLIP_INPUTS = ("clip_positive", "clip_negative")
 
     @classmethod
     def INPUT_TYPES(cls):
+        clip = "{} from core CLIP Text Encode (the model's own text encoder, e.g. umt5_xxl for Wan2.2, clip_l + t5xxl for FLUX): used when the checkpoint takes native context ('new (untrained)' on a native model); not run when it takes MLLM context."
         return {
             "required": {
                 "plan": ("METACANVAS_PLAN", {"tooltip": "The MLLM's plan (MetaCanvas Plan)."}),
                 "metacanvas": ("METACANVAS", {"tooltip": "The checkpoint the plan was made with."}),
-            }
+            },
+            "optional": {
+                "clip_positive": ("CONDITIONING", {"lazy": True, "tooltip": clip.format("The prompt")}),
+                "clip_negative": ("CONDITIONING", {"lazy": True, "tooltip": clip.format("The negative prompt")}),
+            },
         }
 
-    def encode(self, plan, metacanvas: Loaded):
+    def check_lazy_status(self, plan, metacanvas: Loaded, **clip):
+        """The CLIP inputs are evaluated (their text encoder loaded and run) only for a checkpoint with native
+        context; linked inputs not yet evaluated arrive as None."""
+        if metacanvas.model.config.context_source != ContextSource.NATIVE:
+            return []
+        return [name for name in self.CLIP_INPUTS if name in clip and clip[name] is None]
+
+    def encode(self, plan, metacanvas: Loaded, clip_positive=None, clip_negative=None):
         mc = metacanvas.model
         mc.check_plan(plan)
-        if mc.config.context_source != ContextSource.MLLM:
-            raise MetaCanvasInputError(
-                f"MetaCanvas checkpoint '{mc.name}' takes the prompt from the backbone's own text encoder (context "
-                "'native'): use core Load CLIP + CLIP Text Encode and attach the canvas to that, or set the Connector "
-                "Loader's context to 'mllm' (a checkpoint trained with MLLM context)."
-            )
+        if mc.config.context_source == ContextSource.NATIVE:
+            if clip_positive is None or clip_negative is None:
+                raise MetaCanvasInputError(
+                    f"MetaCanvas checkpoint {mc.describe()} takes the prompt from the model's own text encoder "
+                    "(context 'native'): connect core CLIP Text Encode (Load CLIP: umt5_xxl for Wan2.2, "
+                    "DualCLIPLoader clip_l + t5xxl for FLUX) to clip_positive and clip_negative, or set the Connector "
+                    "Loader's context to 'mllm' (a checkpoint trained with MLLM context)."
+                )
+            return (clip_positive, clip_negative)
         if mc.config.backbone == "flux_kontext" and mc.pooled is None:
             raise MetaCanvasInputError(
                 f"MetaCanvas checkpoint '{mc.name}' stores no pooled vector for FLUX's pooled slot (it predates it): "

@@ -6,8 +6,10 @@ import torch
 
 from metacanvas_core.backbones.flux import REFERENCE_RULE
 from metacanvas_core.backbones.wan import MAX_REFERENCES
+from metacanvas_core.errors import MetaCanvasInputError
 from metacanvas_core.inputs import ImageRole, VisualInputs
 
+from .native import latent_size
 from .runtime import load
 from .widgets import CATEGORY, Loaded, check_numbers, check_size, images_to_pil, size_inputs
 
@@ -101,6 +103,12 @@ class MetaCanvasPlan:
                     )
                     for n in (2, 3)
                 },
+                "latent": (
+                    "LATENT",
+                    {
+                        "tooltip": "Native graphs: the latent the sampler will fill (Wan22ImageToVideoLatent, or the scaled image's VAE Encode for FLUX-Kontext). The plan is then made for its size and width/height are ignored, so no size is typed twice."
+                    },
+                ),
             },
         }
 
@@ -124,7 +132,17 @@ class MetaCanvasPlan:
         visual_tokens: int = 0,
         image_2: torch.Tensor | None = None,
         image_3: torch.Tensor | None = None,
+        latent: dict | None = None,
     ):
+        if latent is not None:
+            height, width = latent_size(metacanvas.model.config.backbone, latent["samples"])
+            try:
+                metacanvas.model.canvas_grid(height, width)
+            except MetaCanvasInputError as e:
+                raise MetaCanvasInputError(
+                    f"latent: the plan takes its size from the latent, {width}×{height}: {e} Set it on the node that "
+                    "makes the latent (Wan22ImageToVideoLatent, or the image FLUX-Kontext edits)."
+                ) from None
         pictures = [
             p
             for name, batch in (("images", images), ("image_2", image_2), ("image_3", image_3))

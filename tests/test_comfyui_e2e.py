@@ -224,6 +224,13 @@ def test_bad_width_is_rejected_and_server_survives(server, api_prompt):
     messages = " ".join(f"{e.get('message')} {e.get('details')}" for e in body["node_errors"][sampler]["errors"])
     assert "width 50" in messages and "multiple of" in messages, messages
     print(f"width 50 rejected: {messages}")
+    # A strength of NaN through the API passes ComfyUI's own min/max check (every comparison with NaN is false).
+    bad = tiny(api_prompt)
+    bad[sampler]["inputs"]["canvas_strength"] = "NaN"
+    status, body = server.http("POST", "/prompt", {"prompt": bad, "client_id": "e2e"})
+    assert status == 400 and sampler in body["node_errors"], body
+    messages = " ".join(f"{e.get('message')} {e.get('details')}" for e in body["node_errors"][sampler]["errors"])
+    assert "canvas_strength is nan, not a finite number" in messages, messages
     status, stats = server.http("GET", "/system_stats")
     assert status == 200 and stats["system"]["comfyui_version"]
     status, queue = server.http("GET", "/queue")

@@ -443,6 +443,37 @@ if IN_HARNESS:
         with pytest.raises(MetaCanvasInputError, match=line.replace(".", r"\.")):
             run(apply, model=wan[0], metacanvas=mc)
 
+    def test_untrained_on_a_native_model_takes_the_models_own_text(pack, mllm, wan):
+        """'new (untrained)' with context 'auto' on a native MODEL (the templates' default): native context; Text
+        Conditioning asks for its CLIP inputs (lazily) and passes them through, and Attach Canvas + Apply then sample
+        exactly what the plain model samples with that conditioning: the template is the plain native graph. A
+        checkpoint with MLLM context never asks for them."""
+        from metacanvas_core.errors import MetaCanvasInputError
+
+        model, _ = wan
+        nodes = pack.NODE_CLASS_MAPPINGS
+        (mc,) = run(
+            nodes["MetaCanvasConnectorLoader"], mllm=mllm, checkpoint="new (untrained)", context="auto", model=model
+        )
+        assert mc.model.config.context_source == "native"
+        plan = plan_for(pack, mllm, mc, 64, 64)
+        text = nodes["MetaCanvasTextConditioning"]()
+        unevaluated = {"clip_positive": None, "clip_negative": None}
+        assert text.check_lazy_status(plan, mc, **unevaluated) == ["clip_positive", "clip_negative"]
+        mllm_mc = metacanvas(pack, mllm, model, False)
+        assert text.check_lazy_status(plan_for(pack, mllm, mllm_mc, 64, 64), mllm_mc, **unevaluated) == []
+        g = torch.Generator().manual_seed(8)
+        clip_positive, clip_negative = ([[torch.randn(1, 7, 4096, generator=g), {}]] for _ in range(2))
+        positive, negative = text.encode(plan, mc, clip_positive, clip_negative)
+        assert positive is clip_positive and negative is clip_negative
+        (with_canvas,) = run(
+            nodes["MetaCanvasAttachCanvas"], conditioning=positive, plan=plan, metacanvas=mc, canvas_strength=1.0
+        )
+        patched = ksample(apply(pack, model, mc), with_canvas, negative, WAN_LATENT)
+        assert torch.equal(patched, ksample(model, clip_positive, clip_negative, WAN_LATENT))
+        with pytest.raises(MetaCanvasInputError, match="connect core CLIP Text Encode"):
+            text.encode(plan, mc)
+
     # --- issue 22: context windows, compile, sizes, identity, calling conventions -----------------------------------
     def context_windows(model, length=17, overlap=8, schedule="standard_static"):
         """Core WanContextWindowsManual on `model` (pixel frames 17 / overlap 8 = latent windows of 5, overlap 2 on

@@ -80,6 +80,12 @@ TINY_FILES = {  # the workflows' Comfy-Org file names → the tiny files (metaca
     "ae.safetensors": "tiny-flux-ae.safetensors",
 }
 MLLM_FILE = "tiny-qwen2_5-vl.safetensors"
+# What the templates' Load CLIP nodes name in these runs: not a model, so a run that loaded it would fail. ComfyUI
+# builds umT5-XXL / T5-XXL at full size whatever the file holds, so no tiny file can stand in for them: the runs set
+# the Connector Loader's context to 'mllm' (a checkpoint trained with MLLM context), where Text Conditioning never
+# asks for its CLIP inputs. Native context (what 'new (untrained)' takes in the templates) is tested in ComfyUI's
+# Python with a stand-in conditioning (tests/test_comfyui_native.py).
+NOT_A_TEXT_ENCODER = "not-a-text-encoder.safetensors"
 SIZE, LENGTH, STEPS = 64, 5, 2
 IMAGES = ("e2e_native_a.png", "e2e_native_b.png")  # same size: in_context_video's Image Batch keeps them as they are
 VIDEO, VIDEO_FRAMES, VIDEO_FPS = "e2e_native_source.mp4", 9, 16
@@ -207,9 +213,11 @@ def server(models_dir, native_files, places, tmp_path_factory):
     """A real ComfyUI reading the session's tiny models, the tiny native files and this module's folders. LRU
     caching keeps every model loaded across the tests (ComfyUI's default cache keeps only the last prompt's)."""
     mine = places["models"]
+    (mine / "text_encoders").mkdir(exist_ok=True)
+    (mine / "text_encoders" / NOT_A_TEXT_ENCODER).write_bytes(b"not a model: Load CLIP must not run in these tests")
     folders = {
         "LLM": [models_dir / "LLM", mine / "LLM"],
-        "text_encoders": models_dir / "text_encoders",
+        "text_encoders": [models_dir / "text_encoders", mine / "text_encoders"],
         "diffusers": [models_dir / "diffusers", mine / "diffusers"],
         "metacanvas": [models_dir / "metacanvas", mine / "metacanvas"],
         "diffusion_models": native_files / "diffusion_models",
@@ -282,6 +290,9 @@ def shrink(api: dict, tag: str) -> dict:
         inputs, kind = node["inputs"], node["class_type"]
         edits = {
             "MetaCanvasMLLMLoader": {"mllm_folder": MLLM_FILE},
+            "MetaCanvasConnectorLoader": {"context": "mllm"},
+            "CLIPLoader": {"clip_name": NOT_A_TEXT_ENCODER},
+            "DualCLIPLoader": {"clip_name1": NOT_A_TEXT_ENCODER, "clip_name2": NOT_A_TEXT_ENCODER},
             "UNETLoader": {"unet_name": TINY_FILES.get(inputs.get("unet_name"))},
             "VAELoader": {"vae_name": TINY_FILES.get(inputs.get("vae_name"))},
             "MetaCanvasPlan": {"width": SIZE, "height": SIZE},
@@ -413,7 +424,8 @@ def shipped(editor, name: str) -> dict:
     if name != "native_image_editing":
         return shrink(editor[name], name)
     api = shrink(editor[BYPASSED], name)
-    api[one(api, "MetaCanvasPlan")]["inputs"]["prompt"] = SHORT_EDIT
+    prompt, _ = api[one(api, "MetaCanvasPlan")]["inputs"]["prompt"]  # the String node the text encoder reads too
+    api[prompt]["inputs"]["value"] = SHORT_EDIT
     return api
 
 
@@ -543,7 +555,8 @@ def test_strength_and_mask_through_the_server(runs, editor, random_connectors):
 
 def test_seed_change_reruns_only_the_sampler(runs, editor):
     """Native text-to-video, the KSampler's seed changed: the loaders, the plan, the text conditioning, the canvas
-    and the patched model come from ComfyUI's cache; only the sampler and what follows run again. (Up to the saved
+    and the patched model come from ComfyUI's cache; only the sampler and what follows run again; Load CLIP and CLIP
+    Text Encode never ran (MLLM context). (Up to the saved
     latent: VAE Decode, which follows too, is the slow part of these runs.)"""
     name = "native_text_to_video"
     first = runs(f"{name}_latent", lambda: latent_only(shipped(editor, name)))
@@ -556,8 +569,10 @@ def test_seed_change_reruns_only_the_sampler(runs, editor):
 
     second = runs(f"{name}_seed", reseeded)
     downstream = {sampler, LATENT_NODE}
+    never_run = ids(second.api, {"CLIPLoader", "CLIPTextEncode"})  # MLLM context: Text Conditioning never asks
     from_cache = cached(second.entry)
-    assert from_cache == set(second.api) - downstream, f"cached {sorted(from_cache)}, downstream {sorted(downstream)}"
+    expected = set(second.api) - downstream - never_run
+    assert from_cache == expected, f"cached {sorted(from_cache)}, downstream {sorted(downstream)}"
     assert {one(second.api, k) for k in ("MetaCanvasPlan", "MetaCanvasApply", "MetaCanvasAttachCanvas")} <= from_cache
     assert not torch.equal(first.latent, second.latent), "a new seed gave the same latent"
 
@@ -599,18 +614,36 @@ def test_bad_input_is_refused_and_the_server_stays_up(server, editor, inputs, ra
     api[plan]["inputs"].update(width=40)
     message = _refusal(server, renamed(api, "bad_plan_40"), plan)
     assert "width 40" in message and "multiple of 16" in message, message
-    # A plan size Wan's canvas cannot take (the checkpoint's backbone is known only when the plan runs).
-    api = json.loads(json.dumps(t2v))
-    api[plan]["inputs"].update(width=80)
-    error = _error_of(server, renamed(api, "bad_plan_80"))
-    assert error["node_type"] == "MetaCanvasPlan" and "width 80" in error["exception_message"], error
-    # A latent size Wan's canvas cannot take (ComfyUI's Wan pads it to whole patches; the canvas needs whole ones).
+    # A size Wan's canvas cannot take, from the latent the Plan reads (its width and height are then not used).
     api = json.loads(json.dumps(t2v))
     api[one(api, "Wan22ImageToVideoLatent")]["inputs"].update(width=80)
     error = _error_of(server, renamed(api, "bad_latent_80"))
     message = error["exception_message"]
-    assert error["node_type"] == "KSampler" and "width 80" in message and "Wan22ImageToVideoLatent" in message, error
-    assert "64 or 96" in message, message
+    assert (
+        error["node_type"] == "MetaCanvasPlan" and "latent: the plan takes its size from the latent, 80×64" in message
+    )
+    assert "64 or 128" in message and "Wan22ImageToVideoLatent" in message, message
+    # The Plan's own size (its latent input disconnected): a width Wan's canvas cannot take.
+    typed = json.loads(json.dumps(t2v))
+    del typed[plan]["inputs"]["latent"]
+    api = json.loads(json.dumps(typed))
+    api[plan]["inputs"].update(width=80)
+    error = _error_of(server, renamed(api, "bad_plan_80"))
+    assert error["node_type"] == "MetaCanvasPlan" and "width 80" in error["exception_message"], error
+    # A latent of another size than the plan's typed one (the canvas would be stretched over it): refused naming both.
+    api = json.loads(json.dumps(typed))
+    latent = api[one(api, "Wan22ImageToVideoLatent")]["inputs"]
+    latent.update(width=2 * SIZE)
+    error = _error_of(server, renamed(api, "plan_other_size"))
+    message = error["exception_message"]
+    assert error["node_type"] == "KSampler" and f"made for {SIZE}×{SIZE}" in message, error
+    assert f"latent is {2 * SIZE}×{SIZE} (Wan22ImageToVideoLatent)" in message, message
+    # A strength of NaN typed through the API (it passes ComfyUI's own min/max check): refused at validation.
+    api = json.loads(json.dumps(t2v))
+    attach = one(api, "MetaCanvasAttachCanvas")
+    api[attach]["inputs"]["canvas_strength"] = "NaN"
+    message = _refusal(server, renamed(api, "nan_strength"), attach)
+    assert "canvas_strength is nan, not a finite number" in message, message
     # A source video shorter than the video to make (video editing: 1 frame for 5).
     api = latent_only(shipped(editor, "native_video_editing"))
     api[one(api, "ImageFromBatch")]["inputs"]["length"] = 1
@@ -618,6 +651,17 @@ def test_bad_input_is_refused_and_the_server_stays_up(server, editor, inputs, ra
     message = error["exception_message"]
     assert "source video gives 1 latent frames" in message and "length" in message, error
     print("refused:", message)
+
+
+def test_the_text_encoder_runs_only_for_native_context(server, editor, inputs):
+    """The runs above (context 'mllm') never load the file Load CLIP names, which is not a model. With 'auto' (native
+    context for 'new (untrained)' on a native model, as shipped) Text Conditioning asks for CLIP Text Encode, and
+    Load CLIP reads that file: the run stops there."""
+    api = latent_only(shipped(editor, "native_text_to_video"))
+    api[one(api, "MetaCanvasConnectorLoader")]["inputs"]["context"] = "auto"
+    error = _error_of(server, renamed(api, "native_context"))
+    assert error["node_type"] == "CLIPLoader", error
+    server.healthy()
 
 
 # --- issue 17: model names stay inside the model folders ---------------------------------------------------------

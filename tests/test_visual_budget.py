@@ -62,7 +62,7 @@ def test_default_budgets():
     """144 per picture on Wan2.2 (the paper's video setup), one canvas frame on image backbones."""
     wan = WanBackbone.spec_for(3072, 4096, 48, (1, 2, 2), 16)
     flux = FluxKontextBackbone.spec_for(3072, (24, 128), 4096, 768, 8)
-    sana = dataclasses.replace(flux, kind="sana", pixel_stride=32, default_size=(512, 512))  # SANA-1.6B's geometry
+    sana = dataclasses.replace(flux, kind="sana", pixel_stride=32, default_size=(512, 512), fixed_canvas=None)  # SANA
     assert (default_visual_tokens(wan), default_visual_tokens(flux), default_visual_tokens(sana)) == (144, 1024, 256)
 
 
@@ -99,8 +99,9 @@ def test_recorded_and_used_by_the_plan(real_processor_planner, sana, tmp_path):
 def test_plan_node_budget_is_the_last_optional_input(pack, models_dir):
     m = pack.NODE_CLASS_MAPPINGS
     spec = m["MetaCanvasPlan"].INPUT_TYPES()
-    # appended in order: the visual_tokens widget, then the image_2 / image_3 sockets (saved graphs keep their values)
-    assert list(spec["optional"])[-3:] == ["visual_tokens", "image_2", "image_3"]
+    # appended in order: the visual_tokens widget, then the image_2 / image_3 / latent sockets (saved graphs keep
+    # their widget values)
+    assert list(spec["optional"])[-4:] == ["visual_tokens", "image_2", "image_3", "latent"]
     assert spec["optional"]["visual_tokens"][1]["default"] == 0
     (mllm,) = run(m["MetaCanvasMLLMLoader"], mllm_folder="tiny-qwen2_5-vl", dtype="fp32")
     (backbone,) = run(m["MetaCanvasBackboneLoader"], backbone_folder="tiny-sana", dtype="fp32")

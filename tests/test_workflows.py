@@ -153,12 +153,27 @@ def test_workflow_shows_the_plan(path, specs):
     decoded = _source(wf, preview, "image")
     assert (decoded[0]["type"], decoded[1]) in {("MetaCanvasDecode", "image"), ("VAEDecode", "IMAGE")}
     assert preview["widgets_values"] == [0.5] and _source(wf, shown, "images") == (preview, "preview")
-    # added after every other node and link, so saved copies of the workflow keep their ids
-    assert preview["id"] == wf["last_node_id"] - 1 and shown["id"] == wf["last_node_id"]
     assert max(link[0] for link in wf["links"]) == wf["last_link_id"]
+    assert max(n["id"] for n in wf["nodes"]) == wf["last_node_id"]
 
 
-FILE_LOADERS = {"MetaCanvasMLLMLoader", "UNETLoader", "VAELoader"}  # loaders of single files the editor can fetch
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_every_node_names_its_pack(path):
+    """As Comfy-Org's templates: every node carries the pack it comes from (`cnr_id` and version), so the editor can
+    offer to install MetaCanvas when a shared workflow lacks it; core nodes are comfy-core's. Notes are the
+    editor's own."""
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for node in load(path)["nodes"]:
+        if node["type"] in ("Note", "MarkdownNote"):
+            continue
+        props = node["properties"]
+        expected = ("metacanvas", version) if node["type"].startswith("MetaCanvas") else ("comfy-core", "0.3.64")
+        assert (props.get("cnr_id"), props.get("ver")) == expected, (path.name, node["type"], props)
+
+
+FILE_LOADERS = {"MetaCanvasMLLMLoader", "UNETLoader", "VAELoader", "CLIPLoader", "DualCLIPLoader"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -169,11 +184,13 @@ def test_every_file_loader_carries_its_download_hint(path):
     loaders = [n for n in wf["nodes"] if n["type"] in FILE_LOADERS]
     assert {n["type"] for n in loaders} >= {"MetaCanvasMLLMLoader"}
     for node in loaders:
-        (model,) = node["properties"]["models"]
-        assert model["name"] == node["widgets_values"][0], node["type"]
-        assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
-        assert model["directory"] in ("text_encoders", "diffusion_models", "vae")
-    note = next(n for n in wf["nodes"] if n["type"] == "Note")["widgets_values"][0]
+        models = node["properties"]["models"]
+        files = node["widgets_values"][: len(models)]
+        assert [m["name"] for m in models] == files, node["type"]
+        for model in models:
+            assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
+            assert model["directory"] in ("text_encoders", "diffusion_models", "vae")
+    note = next(n for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote"))["widgets_values"][0]
     assert QWEN_FILE in note
     backbone = next((n for n in wf["nodes"] if n["type"] == "MetaCanvasBackboneLoader"), None)
     if backbone is not None:
@@ -374,8 +391,26 @@ def test_native_workflows_are_the_generated_ones(specs):
         assert load(ROOT / "workflows" / f"{name}.json") == json.loads(json.dumps(wf)), name
 
 
+TEXT_ENCODERS = {  # the model's own text encoder in each native template (core loader widgets)
+    "KSampler": ("CLIPLoader", ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"]),
+    "SamplerCustomAdvanced": (
+        "DualCLIPLoader",
+        ["clip_l.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors", "flux", "default"],
+    ),
+}
+STEPS = ("Step 1 - Load models", "Step 2 - Prompt", "Step 3 - Plan, text and canvas", "Step 4 - Sample", "Step 5")
+
+
+def _inside(node: dict, box: list) -> bool:
+    (nx, ny), (nw, nh), (x, y, w, h) = node["pos"], node["size"], box
+    return x <= nx and nx + nw <= x + w and y <= ny and ny + nh <= y + h
+
+
 @pytest.mark.parametrize("name", NATIVE)
 def test_native_workflow_content(name, specs):
+    """Read as Comfy-Org's templates: the model's own text encoder gives the text of 'new (untrained)' (Text
+    Conditioning passes CLIP Text Encode through for native context), the prompt typed once, the plan sized by the
+    latent the sampler fills, the official defaults, groups by step, a MarkdownNote with every file."""
     unet_file, vae_file, sampler_type = NATIVE[name]
     wf = load(ROOT / "workflows" / f"{name}.json")
     assert validate(wf, specs) == []
@@ -383,26 +418,56 @@ def test_native_workflow_content(name, specs):
     assert nodes["UNETLoader"]["widgets_values"] == [unet_file, "default"]
     assert nodes["VAELoader"]["widgets_values"] == [vae_file]
     assert nodes["MetaCanvasMLLMLoader"]["widgets_values"] == [QWEN_FILE, "auto", "default"]
-    assert not {"CLIPLoader", "DualCLIPLoader", "CLIPTextEncode"} & set(nodes)  # the text comes from the MLLM
-    for loader in ("UNETLoader", "VAELoader", "MetaCanvasMLLMLoader"):  # download hints, as native templates have
-        (model,) = nodes[loader]["properties"]["models"]
-        assert model["name"] == nodes[loader]["widgets_values"][0] and model["url"].startswith(
-            "https://huggingface.co/"
-        )
-        assert model["url"].endswith("/" + model["name"]) and model["directory"] in (
-            "diffusion_models",
-            "vae",
-            "text_encoders",
-        )
-    # Wiring: UNET -> Apply -> (sampling); Plan -> Text Conditioning -> Attach Canvas -> ... -> the sampler's positive
+    assert nodes["MetaCanvasConnectorLoader"]["widgets_values"] == [UNTRAINED, "auto"]
+    clip_type, clip_widgets = TEXT_ENCODERS[sampler_type]
+    assert nodes[clip_type]["widgets_values"] == clip_widgets
+    # The text: CLIP Text Encode of the prompt and of the negative into Text Conditioning, each typed once and
+    # shared with the Plan through a core String node.
+    text, plan = nodes["MetaCanvasTextConditioning"], nodes["MetaCanvasPlan"]
+    for clip_input, plan_input in (("clip_positive", "prompt"), ("clip_negative", "negative_prompt")):
+        encode, _ = _source(wf, text, clip_input)
+        assert encode["type"] == "CLIPTextEncode" and _source(wf, encode, "clip")[0]["type"] == clip_type
+        string = _source(wf, encode, "text")
+        assert string[0]["type"] == "PrimitiveStringMultiline" and _source(wf, plan, plan_input) == string
+    # The canvas: Plan -> Attach Canvas on Text Conditioning's positive; Apply on the loaded model.
     apply, attach = nodes["MetaCanvasApply"], nodes["MetaCanvasAttachCanvas"]
     assert _source(wf, apply, "model")[0]["type"] == "UNETLoader"
     assert _source(wf, nodes["MetaCanvasConnectorLoader"], "model")[0]["type"] == "UNETLoader"
-    assert _source(wf, attach, "conditioning") == (nodes["MetaCanvasTextConditioning"], "positive")
-    assert nodes[sampler_type] and attach["widgets_values"] == [1.0]
-    api = to_api(wf, specs)
-    assert "Note" not in {n["class_type"] for n in api.values()}
-    assert nodes["MetaCanvasConnectorLoader"]["widgets_values"] == [UNTRAINED, "auto"]
-    note = nodes["Note"]["widgets_values"][0]
-    for needle in (unet_file, vae_file, QWEN_FILE, "models/metacanvas/", UNTRAINED, "context to 'native'"):
+    assert _source(wf, attach, "conditioning") == (text, "positive") and attach["widgets_values"] == [1.0]
+    # The plan's size is the latent's: the one the sampler fills.
+    sampler = nodes[sampler_type]
+    assert _source(wf, plan, "latent") == _source(wf, sampler, "latent_image")
+    if sampler_type == "KSampler":  # Comfy-Org's Wan2.2-5B template: 20 steps, cfg 5, uni_pc, simple, shift 8
+        assert sampler["widgets_values"][2:6] == [20, 5.0, "uni_pc", "simple"]
+        assert nodes["ModelSamplingSD3"]["widgets_values"] == [8.0]
+        assert _source(wf, plan, "latent")[0]["type"] == "Wan22ImageToVideoLatent"
+    else:  # Kontext: the scaled input image, VAE-encoded, is the latent (the output keeps the photo's aspect)
+        encode = _source(wf, plan, "latent")[0]
+        assert encode["type"] == "VAEEncode" and _source(wf, encode, "pixels")[0]["type"] == "FluxKontextImageScale"
+        assert "EmptySD3LatentImage" not in nodes
+        assert nodes["BasicScheduler"]["widgets_values"] == ["simple", 20, 1.0]
+        assert nodes["FluxGuidance"]["widgets_values"] == [2.5]
+    # Groups by step: every node but the note in exactly one, no two overlapping.
+    titles, boxes = [g["title"] for g in wf["groups"]], [g["bounding"] for g in wf["groups"]]
+    assert len(titles) == len(STEPS) and all(t.startswith(s) for t, s in zip(titles, STEPS, strict=True)), titles
+    for i, (x, y, w, h) in enumerate(boxes):
+        for x2, y2, w2, h2 in boxes[i + 1 :]:
+            assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y, titles
+    for n in wf["nodes"]:
+        if n["type"] != "MarkdownNote":
+            assert [_inside(n, box) for box in boxes].count(True) == 1, n["type"]
+    # The MarkdownNote: every file linked, with its folder and size; what untrained gives.
+    note = nodes["MarkdownNote"]["widgets_values"][0]
+    models = [m for n in wf["nodes"] if n["type"] in FILE_LOADERS for m in n["properties"]["models"]]
+    for model in models:
+        assert f"[{model['name']}]({model['url']})" in note and f"`ComfyUI/models/{model['directory']}/`" in note
+    assert note.count(" GiB |") == len(models) + 1  # and the MetaCanvas checkpoint's
+    for needle in ("models/metacanvas/", UNTRAINED, "plain native graph", "Load CLIP"):
         assert needle in note, needle
+    api = to_api(wf, specs)
+    assert not {"Note", "MarkdownNote"} & {n["class_type"] for n in api.values()}
+    for nid, node in api.items():
+        spec = specs[node["class_type"]]
+        required = [n for n, _, req in spec.sockets if req] + [w[0] for w in spec.widgets if w[1] != "CONTROL"]
+        absent = [n for n in required if n not in node["inputs"] and n != "upload"]
+        assert not absent, f"node {nid} ({node['class_type']}) lacks {absent}"

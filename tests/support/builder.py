@@ -11,8 +11,23 @@ sockets and links the editor reads back. Used to write the shipped native workfl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
 
 from .workflows import VIRTUAL_NODES, Spec
+
+# The packs a shared workflow's nodes come from (`cnr_id`, as Comfy-Org's templates carry them), so the editor can
+# offer to install a missing one: this pack at its version, core nodes at the oldest ComfyUI release tested.
+PACK = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+CORE_RELEASE = "0.3.64"
+
+
+def pack_of(node_type: str) -> dict:
+    """The `cnr_id` and `ver` properties of a node of this type."""
+    if node_type.startswith("MetaCanvas"):
+        return {"cnr_id": PACK["name"], "ver": PACK["version"]}
+    return {"cnr_id": "comfy-core", "ver": CORE_RELEASE}
 
 
 @dataclass
@@ -33,6 +48,7 @@ class Graph:
         self.specs = specs
         self.nodes: list[Node] = []
         self.links: list[list] = []
+        self.groups: list[dict] = []
 
     def add(self, node_type: str, pos, size=(320, 120), properties: dict | None = None, **values) -> Node:
         """A node with widget `values` (by input name; the others at their defaults)."""
@@ -61,14 +77,34 @@ class Graph:
             for i, (n, t) in enumerate(zip(names, spec.outputs, strict=True))
         ]
         node.properties = {"Node name for S&R": node_type, **(properties or {})}
+        if node_type not in VIRTUAL_NODES:
+            node.properties |= pack_of(node_type)
         self.nodes.append(node)
         return node
 
-    def note(self, pos, size, text: str) -> Node:
-        node = self.add("Note", pos, size, text=text)
-        node.properties = {"text": ""}
-        node.extra = {"color": "#432", "bgcolor": "#653"}
+    def markdown(self, pos, size, text: str) -> Node:
+        """A MarkdownNote (the editor renders it; never sent to the server)."""
+        node = self.add("MarkdownNote", pos, size, text=text)
+        node.properties = {}
         return node
+
+    def group(self, title: str, nodes: list[Node], pad: int = 20, title_height: int = 50) -> None:
+        """A titled box around `nodes` (the editor moves them together), as Comfy-Org's templates have by step."""
+        x0 = min(n.pos[0] for n in nodes) - pad
+        y0 = min(n.pos[1] for n in nodes) - pad - title_height
+        x1 = max(n.pos[0] + n.size[0] for n in nodes) + pad
+        y1 = max(n.pos[1] + n.size[1] for n in nodes) + pad
+        bounding = [x0, y0, x1 - x0, y1 - y0]
+        self.groups.append(
+            {
+                "id": len(self.groups) + 1,
+                "title": title,
+                "bounding": bounding,
+                "color": "#3f789e",
+                "font_size": 24,
+                "flags": {},
+            }
+        )
 
     def link(self, src: Node, output: str, dst: Node, input_name: str) -> None:
         """`src`'s output (by name) into `dst`'s input (a socket, or a widget turned into one)."""
@@ -113,7 +149,7 @@ class Graph:
             "last_link_id": len(self.links),
             "nodes": nodes,
             "links": self.links,
-            "groups": [],
+            "groups": self.groups,
             "config": {},
             "extra": {"ds": {"scale": 0.6, "offset": [10, 60]}},
             "version": 0.4,

@@ -1,7 +1,11 @@
-"""The shipped native workflows (workflows/native_*.json), written from one description so they stay alike:
-core loaders with Comfy-Org's file names (and download hints), MetaCanvas Apply on the native MODEL, the plan's text
-and canvas as native CONDITIONING, core samplers, core VAE Decode and Save nodes, and the plan shown over the result
-(MetaCanvas Plan Preview into a core Preview Image).
+"""The shipped native workflows (workflows/native_*.json), written from one description so they stay alike and read
+like Comfy-Org's own templates: a MarkdownNote with the files (links, sizes, folders), groups by step, core loaders
+with Comfy-Org's file names (and download hints), the model's own text encoder (core Load CLIP + CLIP Text Encode)
+for the text with "new (untrained)", MetaCanvas Apply on the native MODEL, the plan's canvas as native
+CONDITIONING, the plan's size taken from the latent, core samplers, core VAE Decode and Save nodes, and the plan
+shown over the result (MetaCanvas Plan Preview into a core Preview Image). Defaults are the official templates'
+where the task is the same (Wan2.2-5B: 20 steps, cfg 5, uni_pc, shift 8; FLUX-Kontext: 20 steps, euler,
+guidance 2.5); the Kontext graph keeps MetaQuery's image guidance 1.5 (DualCFGGuider), which the note says.
 
     cd tests && python -m support.native_workflows     (rewrites workflows/native_*.json)
 """
@@ -11,34 +15,63 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from metacanvas_core import footprint
+
 from .builder import Graph, Node
 
 HF = "https://huggingface.co"
+WAN_REPO = f"{HF}/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files"
+# key: (file, models folder, download URL, footprint model label, stored precision)
 FILES = {
     "qwen": (
         "qwen_2.5_vl_7b_fp8_scaled.safetensors",
         "text_encoders",
         f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
+        "Qwen2.5-VL-7B",
+        "fp8",
     ),
     "wan": (
         "wan2.2_ti2v_5B_fp16.safetensors",
         "diffusion_models",
-        f"{HF}/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/diffusion_models/wan2.2_ti2v_5B_fp16.safetensors",
+        f"{WAN_REPO}/diffusion_models/wan2.2_ti2v_5B_fp16.safetensors",
+        "Wan2.2-5B DiT",
+        "bf16",
     ),
-    "wan_vae": (
-        "wan2.2_vae.safetensors",
-        "vae",
-        f"{HF}/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/vae/wan2.2_vae.safetensors",
+    "wan_vae": ("wan2.2_vae.safetensors", "vae", f"{WAN_REPO}/vae/wan2.2_vae.safetensors", "Wan2.2 VAE", "bf16"),
+    "umt5": (
+        "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+        "text_encoders",
+        f"{HF}/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+        "umT5-XXL",
+        "fp8",
     ),
     "kontext": (
         "flux1-dev-kontext_fp8_scaled.safetensors",
         "diffusion_models",
         f"{HF}/Comfy-Org/flux1-kontext-dev_ComfyUI/resolve/main/split_files/diffusion_models/flux1-dev-kontext_fp8_scaled.safetensors",
+        "FLUX.1-Kontext DiT",
+        "fp8",
     ),
     "ae": (
         "ae.safetensors",
         "vae",
         f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors",
+        "FLUX AE",
+        "fp32",
+    ),
+    "clip_l": (
+        "clip_l.safetensors",
+        "text_encoders",
+        f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
+        "CLIP-L",
+        "bf16",
+    ),
+    "t5xxl": (
+        "t5xxl_fp8_e4m3fn_scaled.safetensors",
+        "text_encoders",
+        f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp8_e4m3fn_scaled.safetensors",
+        "T5-XXL",
+        "fp8",
     ),
 }
 PROMPTS = {
@@ -49,142 +82,215 @@ PROMPTS = {
     "image_editing": "Replace the sky with a purple sunset, put a small yellow sailboat on the water at the bottom left, keep everything else unchanged.",
 }
 NEGATIVE = "blurry, low quality, distorted, watermark, text"
+TITLES = {
+    "text_to_video": "text-to-video (native Wan2.2-TI2V-5B)",
+    "image_to_video": "image-to-video (native Wan2.2-TI2V-5B)",
+    "video_editing": "video editing (native Wan2.2-TI2V-5B)",
+    "in_context_video": "reference-images-to-video (native Wan2.2-TI2V-5B)",
+    "image_editing": "image editing (native FLUX.1-Kontext-dev)",
+}
+TASK_NOTES = {
+    "text_to_video": "1280x704, 121 frames at 24 fps; the canvas is 3 keyframes of 11x20, spread over the 31 latent frames.",
+    "image_to_video": "The image goes to the core Wan22ImageToVideoLatent (kept exactly as the first frame: the canvas never touches it) and to the Plan (image_role 'first frame'), so the planner plans from it.",
+    "video_editing": "Write the prompt as an edit instruction. ImageFromBatch keeps the first frames the latent's length needs (keep its length equal to Wan22ImageToVideoLatent's); MetaCanvas Wan Inputs encodes them with the Wan2.2 VAE for the DiT (through the checkpoint's condition embedding: zero until trained), the planner sees 8 of them. The video keeps the source's frame rate.",
+    "in_context_video": "1 to 3 reference images (the Plan's images, image_2 and image_3; each of any size): the planner reads them, and MetaCanvas Wan Inputs puts them before the video as clean frames (timestep 0) through the checkpoint's condition embedding (zero until trained).",
+    "image_editing": "FLUX.1-Kontext-dev is gated (non-commercial licence: accept it on Hugging Face). The image is scaled by FluxKontextImageScale and VAE-encoded: that latent is the DiT's reference (ReferenceLatent: the canvas never touches it) and sets the output's size, so the edit keeps the photo's aspect; the planner reads the same image. Defaults as Comfy-Org's Kontext template (20 steps, euler, FluxGuidance 2.5), except the guider: DualCFGGuider adds MetaQuery's image guidance (cfg_cond2_negative 1.5, against a branch without the image).",
+}
 
 
 def hint(key: str) -> dict:
     """A loader's download hint as the native templates carry it (the editor offers missing files)."""
-    name, directory, url = FILES[key]
+    name, directory, url, *_ = FILES[key]
     return {"models": [{"name": name, "url": url, "directory": directory}]}
 
 
-NOTE_COMMON = """Files (the editor offers any that are missing; the first choice is what a Wan/FLUX/Qwen-Image user already has):
-- {model} -> ComfyUI/models/{model_dir}/
-- {vae} -> ComfyUI/models/vae/
-- qwen_2.5_vl_7b_fp8_scaled.safetensors (Qwen-Image's text encoder: the planner) -> ComfyUI/models/text_encoders/
-- MetaCanvas checkpoints (*.safetensors, what `python -m metacanvas_core.train` writes) -> ComfyUI/models/metacanvas/
-
-How it works: MetaCanvas Apply patches the native model (after any LoRA loader or fp8 choice) and the core sampler runs it; MetaCanvas Plan lets the MLLM write its plan into the canvas; Text Conditioning turns the plan's prompt into the text slot (the paper's path: the MLLM replaces {text_encoder}, so no {text_encoder} file is needed); Attach Canvas puts the canvas on the positive conditioning (strength 0-2, optional mask). The negative never gets the canvas.
-
-What you get today: no MetaCanvas weights are public. With 'new (untrained)' the canvas starts at zero (the model's own prediction, unchanged) and the context connector is untrained, so the text it gives is noise: train a checkpoint first (docs/TRAINING.md), or for the plain model's output with canvas hooks in place, replace Text Conditioning by core Load CLIP ({text_encoder}) + CLIP Text Encode and set the Connector Loader's context to 'native'. For SANA, and for the diffusers-folder graphs, use the other MetaCanvas templates (the pack's own sampler)."""
-WAN_NOTE = {
-    "model": FILES["wan"][0],
-    "model_dir": "diffusion_models",
-    "vae": FILES["wan_vae"][0],
-    "text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
-}
-FLUX_NOTE = {
-    "model": FILES["kontext"][0],
-    "model_dir": "diffusion_models",
-    "vae": FILES["ae"][0],
-    "text_encoder": "t5xxl_fp8_e4m3fn_scaled.safetensors + clip_l.safetensors",
-}
-TASK_NOTES = {
-    "text_to_video": "MetaCanvas text-to-video on native Wan2.2-TI2V-5B. 704x1280 (or 1280x704), 121 frames at 24 fps; the canvas is 3 keyframes of 11x20, spread over the 31 latent frames.",
-    "image_to_video": "MetaCanvas image-to-video on native Wan2.2-TI2V-5B. The image goes to the core Wan22ImageToVideoLatent (kept exactly as the first frame: the canvas never touches it) and to the Plan (image_role 'first frame') so the MLLM plans from it.",
-    "video_editing": "MetaCanvas video editing on native Wan2.2-TI2V-5B. Write the prompt as an edit instruction. ImageFromBatch keeps the first frames the latent's length needs (keep its length equal to Wan22ImageToVideoLatent's); MetaCanvas Wan Inputs encodes them with the Wan2.2 VAE for the DiT (through the checkpoint's condition embedding: zero until trained), the MLLM sees 8 of them. The video keeps the source's frame rate.",
-    "in_context_video": "MetaCanvas reference-images-to-video on native Wan2.2-TI2V-5B. 1 to 3 reference images (the Plan's images, image_2 and image_3; each of any size): the MLLM reads them, and MetaCanvas Wan Inputs puts them before the video as clean frames (timestep 0) through the checkpoint's condition embedding.",
-    "image_editing": "MetaCanvas image editing on native FLUX.1-Kontext-dev (gated, non-commercial licence: accept it on Hugging Face). The image goes to the Plan (the MLLM reads it) and, scaled by FluxKontextImageScale and VAE-encoded, to ReferenceLatent (the DiT's reference tokens: the canvas never touches them). DualCFGGuider: cfg_conds = text guidance, cfg_cond2_negative = image guidance against a branch without the image (MetaQuery's 1.5); FluxGuidance 2.5 is Kontext's embedded guidance.",
-}
+def _file_row(key: str, role: str) -> str:
+    name, directory, url, label, precision = FILES[key]
+    size = footprint.weights(label).gib(precision)
+    return f"| [{name}]({url}) | {role} | `ComfyUI/models/{directory}/` | {size:.1f} GiB |"
 
 
-def _planning(g: Graph, unet_file: str, width: int, height: int, task: str, images=None, video=None, role="references"):
-    """MLLM + checkpoint + Plan + Text Conditioning + Attach Canvas + Apply; returns the nodes later parts link to.
-    `images`: (node, output) of each picture, into the Plan's images, image_2, image_3."""
-    mllm = g.add("MetaCanvasMLLMLoader", (20, 60), (380, 110), hint("qwen"), mllm_folder=FILES["qwen"][0])
-    unet_key = "wan" if "wan" in unet_file else "kontext"
-    unet = g.add("UNETLoader", (20, 220), (380, 90), hint(unet_key), unet_name=unet_file)
-    loader = g.add("MetaCanvasConnectorLoader", (440, 60), (330, 130))
-    g.link(mllm, "mllm", loader, "mllm")
-    g.link(unet, "MODEL", loader, "model")
+def note(task: str, files: list[tuple[str, str]]) -> str:
+    """The template's MarkdownNote: what it does, every file (link, folder, size), what untrained gives."""
+    rows = "\n".join(_file_row(key, role) for key, role in files)
+    return f"""## MetaCanvas {TITLES[task]}
+
+{TASK_NOTES[task]}
+
+### Model files
+The editor offers the missing ones; they are the files a Wan/FLUX/Qwen-Image user already has (sizes computed from the models' configs).
+
+| file | what | folder | size |
+|---|---|---|---|
+{rows}
+| a MetaCanvas checkpoint (optional, `python -m metacanvas_core.train`) | canvas and connectors | `ComfyUI/models/metacanvas/` | 1.2-1.6 GiB |
+
+### Before and after training
+No MetaCanvas weights are public yet. With **new (untrained)** the Connector Loader's context 'auto' takes the text from the model's own text encoder (Load CLIP + CLIP Text Encode) and the canvas starts at zero: the output is exactly the plain native graph's. A checkpoint trained with MLLM context (the paper's path) takes the text from the planner instead, and Load CLIP is then not run. Train one: docs/TRAINING.md.
+
+### How it works
+MetaCanvas Apply patches the native model (after any LoRA loader or fp8 choice) and the core sampler runs it. MetaCanvas Plan lets the planner (Qwen2.5-VL) write its layout plan into the canvas, for the latent's size. Text Conditioning gives the text; Attach Canvas puts the canvas on the positive conditioning (strength 0-2, optional mask); the negative never gets it. Plan Preview shows the plan over the result."""
+
+
+def _loaders(g: Graph, unet: str, vae: str, text_encoders: tuple[str, ...]) -> dict[str, Node]:
+    """Step 1: the native model, its text encoder, its VAE, the planner and the MetaCanvas checkpoint."""
+    x, w = 20, 400
+    nodes = {"unet": g.add("UNETLoader", (x, 80), (w, 90), hint(unet), unet_name=FILES[unet][0])}
+    if len(text_encoders) == 1:
+        (key,) = text_encoders
+        nodes["clip"] = g.add("CLIPLoader", (x, 210), (w, 110), hint(key), clip_name=FILES[key][0], type="wan")
+    else:
+        first, second = text_encoders
+        models = {"models": hint(first)["models"] + hint(second)["models"]}
+        nodes["clip"] = g.add(
+            "DualCLIPLoader",
+            (x, 210),
+            (w, 130),
+            models,
+            clip_name1=FILES[first][0],
+            clip_name2=FILES[second][0],
+            type="flux",
+        )
+    nodes["vae"] = g.add("VAELoader", (x, 380), (w, 60), hint(vae), vae_name=FILES[vae][0])
+    nodes["mllm"] = g.add("MetaCanvasMLLMLoader", (x, 480), (w, 110), hint("qwen"), mllm_folder=FILES["qwen"][0])
+    nodes["loader"] = g.add("MetaCanvasConnectorLoader", (x, 630), (w, 130))
+    g.link(nodes["mllm"], "mllm", nodes["loader"], "mllm")
+    g.link(nodes["unet"], "MODEL", nodes["loader"], "model")
+    g.group("Step 1 - Load models", list(nodes.values()))
+    return nodes
+
+
+def _prompts(g: Graph, task: str) -> dict[str, Node]:
+    """Step 2 (first part): the prompt and negative prompt, typed once, for the planner and the text encoder."""
+    x, w = 480, 420
+    return {
+        "prompt": g.add("PrimitiveStringMultiline", (x, 80), (w, 180), value=PROMPTS[task]),
+        "negative": g.add("PrimitiveStringMultiline", (x, 300), (w, 110), value=NEGATIVE),
+    }
+
+
+def _conditioning(
+    g: Graph, task: str, m: dict[str, Node], p: dict[str, Node], latent: Node, images, video, role
+) -> dict:
+    """Step 3: the plan (sized by the latent), the text, the canvas on the positive, and Apply on the model."""
+    x, w = 960, 400
     plan = g.add(
         "MetaCanvasPlan",
-        (820, 60),
-        (400, 420),
+        (x, 80),
+        (w, 400),
         prompt=PROMPTS[task],
         negative_prompt=NEGATIVE,
-        width=width,
-        height=height,
         image_role=role,
     )
-    g.link(mllm, "mllm", plan, "mllm")
-    g.link(loader, "metacanvas", plan, "metacanvas")
+    g.link(m["mllm"], "mllm", plan, "mllm")
+    g.link(m["loader"], "metacanvas", plan, "metacanvas")
+    g.link(p["prompt"], "STRING", plan, "prompt")
+    g.link(p["negative"], "STRING", plan, "negative_prompt")
     for name, (node, output) in zip(("images", "image_2", "image_3"), images or (), strict=False):
         g.link(node, output, plan, name)
     if video is not None:
         g.link(video[0], video[1], plan, "video")
-    text = g.add("MetaCanvasTextConditioning", (1260, 60), (300, 80))
+    g.link(latent, "LATENT", plan, "latent")
+    encodes = {}
+    for i, (key, text) in enumerate((("prompt", PROMPTS[task]), ("negative", NEGATIVE))):
+        encodes[key] = g.add("CLIPTextEncode", (x, 520 + 120 * i), (w, 90), text=text)
+        g.link(m["clip"], "CLIP", encodes[key], "clip")
+        g.link(p[key], "STRING", encodes[key], "text")
+    text = g.add("MetaCanvasTextConditioning", (x, 780), (w, 120))
     g.link(plan, "plan", text, "plan")
-    g.link(loader, "metacanvas", text, "metacanvas")
-    attach = g.add("MetaCanvasAttachCanvas", (1260, 190), (300, 130))
+    g.link(m["loader"], "metacanvas", text, "metacanvas")
+    g.link(encodes["prompt"], "CONDITIONING", text, "clip_positive")
+    g.link(encodes["negative"], "CONDITIONING", text, "clip_negative")
+    attach = g.add("MetaCanvasAttachCanvas", (x, 940), (w, 130))
     g.link(text, "positive", attach, "conditioning")
     g.link(plan, "plan", attach, "plan")
-    g.link(loader, "metacanvas", attach, "metacanvas")
-    apply = g.add("MetaCanvasApply", (440, 240), (330, 70))
-    g.link(unet, "MODEL", apply, "model")
-    g.link(loader, "metacanvas", apply, "metacanvas")
-    return {"mllm": mllm, "unet": unet, "loader": loader, "plan": plan, "text": text, "attach": attach, "apply": apply}
+    g.link(m["loader"], "metacanvas", attach, "metacanvas")
+    apply = g.add("MetaCanvasApply", (x, 1110), (w, 70))
+    g.link(m["unet"], "MODEL", apply, "model")
+    g.link(m["loader"], "metacanvas", apply, "metacanvas")
+    g.group("Step 3 - Plan, text and canvas", [plan, *encodes.values(), text, attach, apply])
+    return {"plan": plan, "text": text, "attach": attach, "apply": apply}
 
 
-def _plan_preview(g: Graph, p: dict, decode: Node, pos: tuple[int, int]) -> None:
-    """MetaCanvas Plan Preview (the plan over the decoded result) into a core Preview Image, below the result.
-    Added last, so the nodes and links before it keep their ids."""
-    preview = g.add("MetaCanvasPlanPreview", pos, (330, 110))
-    g.link(p["plan"], "plan", preview, "plan")
-    g.link(p["loader"], "metacanvas", preview, "metacanvas")
+def _save(g: Graph, c: dict, m: dict, samples: tuple[Node, str], video: bool, fps_from: Node | None) -> None:
+    """Step 5: decode, save, and the plan shown over the result."""
+    x = 1900
+    decode = g.add("VAEDecode", (x, 80), (380, 50))
+    g.link(samples[0], samples[1], decode, "samples")
+    g.link(m["vae"], "VAE", decode, "vae")
+    saved = [decode]
+    if video:
+        create = g.add("CreateVideo", (x, 170), (380, 80), fps=24.0)
+        g.link(decode, "IMAGE", create, "images")
+        if fps_from is not None:
+            g.link(fps_from, "fps", create, "fps")  # the edit keeps the source's timing
+        save = g.add("SaveVideo", (x, 290), (380, 420), filename_prefix="video/MetaCanvas", format="auto", codec="auto")
+        g.link(create, "VIDEO", save, "video")
+        saved += [create, save]
+    else:
+        save = g.add("SaveImage", (x, 170), (380, 420), filename_prefix="MetaCanvas")
+        g.link(decode, "IMAGE", save, "images")
+        saved.append(save)
+    preview = g.add("MetaCanvasPlanPreview", (x, 750), (380, 110))
+    g.link(c["plan"], "plan", preview, "plan")
+    g.link(m["loader"], "metacanvas", preview, "metacanvas")
     g.link(decode, "IMAGE", preview, "image")
-    show = g.add("PreviewImage", (pos[0] + 370, pos[1]), (330, 330))
+    show = g.add("PreviewImage", (x, 900), (380, 330))
     g.link(preview, "preview", show, "images")
+    g.group("Step 5 - Decode and save", [*saved, preview, show])
 
 
 def _wan(task: str, specs) -> dict:
     g = Graph(specs)
-    images = video = None
-    start = None
+    m = _loaders(g, "wan", "wan_vae", ("umt5",))
+    p = _prompts(g, task)
+    x, inputs, images, video, parts = 480, [], None, None, None
     if task == "image_to_video":
-        start = g.add("LoadImage", (20, 360), (380, 330), image="example.png")
-        images = [(start, "IMAGE")]
+        start = g.add("LoadImage", (x, 450), (420, 330), image="example.png")
+        images, inputs = [(start, "IMAGE")], [start]
     elif task == "in_context_video":
-        first = g.add("LoadImage", (20, 360), (380, 330), image="reference_1.png")
-        second = g.add("LoadImage", (20, 720), (380, 330), image="reference_2.png")
-        images = [(first, "IMAGE"), (second, "IMAGE")]
+        first = g.add("LoadImage", (x, 450), (420, 330), image="reference_1.png")
+        second = g.add("LoadImage", (x, 820), (420, 330), image="reference_2.png")
+        images, inputs = [(first, "IMAGE"), (second, "IMAGE")], [first, second]
     elif task == "video_editing":
-        load = g.add("LoadVideo", (20, 360), (380, 330), file="source_video.mp4")
-        parts = g.add("GetVideoComponents", (440, 380), (330, 90))
+        load = g.add("LoadVideo", (x, 450), (420, 330), file="source_video.mp4")
+        parts = g.add("GetVideoComponents", (x, 820), (420, 90))
         g.link(load, "VIDEO", parts, "video")
-        frames = g.add("ImageFromBatch", (440, 500), (330, 100), batch_index=0, length=81)
+        frames = g.add("ImageFromBatch", (x, 950), (420, 100), batch_index=0, length=81)
         g.link(parts, "images", frames, "image")
-        video = (frames, "IMAGE")
-    role = "first frame" if task == "image_to_video" else "references"
+        video, inputs = (frames, "IMAGE"), [load, parts, frames]
     length = 81 if task == "video_editing" else 121
-    p = _planning(g, FILES["wan"][0], 1280, 704, task, images, video, role)
-    shift = g.add("ModelSamplingSD3", (440, 360), (330, 60), shift=8.0)
-    g.link(p["apply"], "model", shift, "model")
-    vae = g.add(
-        "VAELoader",
-        (20, 1080 if task == "in_context_video" else 720),
-        (380, 60),
-        hint("wan_vae"),
-        vae_name=FILES["wan_vae"][0],
-    )
     latent = g.add(
-        "Wan22ImageToVideoLatent", (1260, 360), (300, 200), width=1280, height=704, length=length, batch_size=1
+        "Wan22ImageToVideoLatent",
+        (x, 1190 if inputs else 450),
+        (420, 200),
+        width=1280,
+        height=704,
+        length=length,
+        batch_size=1,
     )
-    g.link(vae, "VAE", latent, "vae")
-    if start is not None:
-        g.link(start, "IMAGE", latent, "start_image")
-    positive: tuple[Node, str] = (p["attach"], "positive")
+    g.link(m["vae"], "VAE", latent, "vae")
+    if task == "image_to_video":
+        g.link(inputs[0], "IMAGE", latent, "start_image")
+    g.group("Step 2 - Prompt, inputs and latent", [*p.values(), *inputs, latent])
+    role = "first frame" if task == "image_to_video" else "references"
+    c = _conditioning(g, task, m, p, latent, images, video, role)
+    positive: tuple[Node, str] = (c["attach"], "positive")
+    sample = []
     if task in ("video_editing", "in_context_video"):
-        inputs = g.add("MetaCanvasWanInputs", (1260, 610), (300, 90))
-        g.link(p["attach"], "positive", inputs, "positive")
-        g.link(vae, "VAE", inputs, "vae")
-        g.link(p["plan"], "plan", inputs, "plan")
-        positive = (inputs, "positive")
+        wan_inputs = g.add("MetaCanvasWanInputs", (1440, 80), (400, 90))
+        g.link(c["attach"], "positive", wan_inputs, "positive")
+        g.link(m["vae"], "VAE", wan_inputs, "vae")
+        g.link(c["plan"], "plan", wan_inputs, "plan")
+        positive, sample = (wan_inputs, "positive"), [wan_inputs]
+    shift = g.add("ModelSamplingSD3", (1440, 210), (400, 60), shift=8.0)
+    g.link(c["apply"], "model", shift, "model")
     sampler = g.add(
         "KSampler",
-        (1600, 60),
-        (320, 270),
+        (1440, 310),
+        (400, 270),
         seed=42,
-        steps=30,
+        steps=20,
         cfg=5.0,
         sampler_name="uni_pc",
         scheduler="simple",
@@ -192,68 +298,69 @@ def _wan(task: str, specs) -> dict:
     )
     g.link(shift, "MODEL", sampler, "model")
     g.link(positive[0], positive[1], sampler, "positive")
-    g.link(p["text"], "negative", sampler, "negative")
+    g.link(c["text"], "negative", sampler, "negative")
     g.link(latent, "LATENT", sampler, "latent_image")
-    decode = g.add("VAEDecode", (1960, 60), (220, 50))
-    g.link(sampler, "LATENT", decode, "samples")
-    g.link(vae, "VAE", decode, "vae")
-    create = g.add("CreateVideo", (1960, 150), (220, 80), fps=24.0)
-    g.link(decode, "IMAGE", create, "images")
-    if task == "video_editing":
-        g.link(parts, "fps", create, "fps")  # the edit keeps the source's timing
-    save = g.add("SaveVideo", (2220, 60), (330, 420), filename_prefix="video/MetaCanvas", format="auto", codec="auto")
-    g.link(create, "VIDEO", save, "video")
-    g.note((820, 760), (1100, 300), TASK_NOTES[task] + "\n\n" + NOTE_COMMON.format(**WAN_NOTE))
-    _plan_preview(g, p, decode, (1960, 520))
+    g.group("Step 4 - Sample", [*sample, shift, sampler])
+    _save(g, c, m, (sampler, "LATENT"), True, parts)
+    g.markdown(
+        (-520, 80),
+        (500, 1100),
+        note(task, [("wan", "the DiT"), ("umt5", "its text encoder"), ("wan_vae", "its VAE"), ("qwen", "the planner")]),
+    )
     return g.workflow()
 
 
 def _kontext(specs) -> dict:
     g = Graph(specs)
-    image = g.add("LoadImage", (20, 360), (380, 330), image="example.png")
-    p = _planning(g, FILES["kontext"][0], 1024, 1024, "image_editing", [(image, "IMAGE")])
-    vae = g.add("VAELoader", (20, 720), (380, 60), hint("ae"), vae_name=FILES["ae"][0])
-    scale = g.add("FluxKontextImageScale", (440, 380), (330, 50))
+    m = _loaders(g, "kontext", "ae", ("clip_l", "t5xxl"))
+    p = _prompts(g, "image_editing")
+    image = g.add("LoadImage", (480, 450), (420, 330), image="example.png")
+    scale = g.add("FluxKontextImageScale", (480, 820), (420, 50))
     g.link(image, "IMAGE", scale, "image")
-    encode = g.add("VAEEncode", (440, 470), (330, 50))
+    encode = g.add("VAEEncode", (480, 910), (420, 50))
     g.link(scale, "IMAGE", encode, "pixels")
-    g.link(vae, "VAE", encode, "vae")
-    guidance = g.add("FluxGuidance", (1260, 360), (300, 60), guidance=2.5)
-    g.link(p["attach"], "positive", guidance, "conditioning")
-    negative_guidance = g.add("FluxGuidance", (1260, 460), (300, 60), guidance=2.5)
-    g.link(p["text"], "negative", negative_guidance, "conditioning")
-    positive = g.add("ReferenceLatent", (1260, 560), (300, 50))
+    g.link(m["vae"], "VAE", encode, "vae")
+    g.group("Step 2 - Prompt, image and latent", [*p.values(), image, scale, encode])
+    c = _conditioning(g, "image_editing", m, p, encode, [(scale, "IMAGE")], None, "references")
+    x = 1440
+    guidance = g.add("FluxGuidance", (x, 80), (400, 60), guidance=2.5)
+    g.link(c["attach"], "positive", guidance, "conditioning")
+    negative_guidance = g.add("FluxGuidance", (x, 180), (400, 60), guidance=2.5)
+    g.link(c["text"], "negative", negative_guidance, "conditioning")
+    positive = g.add("ReferenceLatent", (x, 280), (400, 50))
     g.link(guidance, "CONDITIONING", positive, "conditioning")
     g.link(encode, "LATENT", positive, "latent")
-    middle = g.add("ReferenceLatent", (1260, 650), (300, 50))
+    middle = g.add("ReferenceLatent", (x, 370), (400, 50))
     g.link(negative_guidance, "CONDITIONING", middle, "conditioning")
     g.link(encode, "LATENT", middle, "latent")
-    guider = g.add("DualCFGGuider", (1600, 60), (320, 170), cfg_conds=1.0, cfg_cond2_negative=1.5, style="regular")
-    g.link(p["apply"], "model", guider, "model")
+    guider = g.add("DualCFGGuider", (x, 460), (400, 170), cfg_conds=1.0, cfg_cond2_negative=1.5, style="regular")
+    g.link(c["apply"], "model", guider, "model")
     g.link(positive, "CONDITIONING", guider, "cond1")
     g.link(middle, "CONDITIONING", guider, "cond2")
     g.link(negative_guidance, "CONDITIONING", guider, "negative")
-    noise = g.add("RandomNoise", (1600, 270), (320, 80), noise_seed=42)
-    select = g.add("KSamplerSelect", (1600, 390), (320, 60), sampler_name="euler")
-    sigmas = g.add("BasicScheduler", (1600, 490), (320, 110), scheduler="simple", steps=28, denoise=1.0)
-    g.link(p["apply"], "model", sigmas, "model")
-    latent = g.add("EmptySD3LatentImage", (1600, 640), (320, 110), width=1024, height=1024, batch_size=1)
-    sampler = g.add("SamplerCustomAdvanced", (1960, 60), (260, 110))
+    noise = g.add("RandomNoise", (x, 670), (400, 80), noise_seed=42)
+    select = g.add("KSamplerSelect", (x, 790), (400, 60), sampler_name="euler")
+    sigmas = g.add("BasicScheduler", (x, 890), (400, 110), scheduler="simple", steps=20, denoise=1.0)
+    g.link(c["apply"], "model", sigmas, "model")
+    sampler = g.add("SamplerCustomAdvanced", (x, 1040), (400, 110))
     for src, out, name in (
         (noise, "NOISE", "noise"),
         (guider, "GUIDER", "guider"),
         (select, "SAMPLER", "sampler"),
         (sigmas, "SIGMAS", "sigmas"),
-        (latent, "LATENT", "latent_image"),
+        (encode, "LATENT", "latent_image"),
     ):
         g.link(src, out, sampler, name)
-    decode = g.add("VAEDecode", (2260, 60), (220, 50))
-    g.link(sampler, "output", decode, "samples")
-    g.link(vae, "VAE", decode, "vae")
-    save = g.add("SaveImage", (2260, 160), (330, 400), filename_prefix="MetaCanvas")
-    g.link(decode, "IMAGE", save, "images")
-    g.note((820, 760), (1100, 320), TASK_NOTES["image_editing"] + "\n\n" + NOTE_COMMON.format(**FLUX_NOTE))
-    _plan_preview(g, p, decode, (2260, 600))
+    g.group("Step 4 - Sample", [guidance, negative_guidance, positive, middle, guider, noise, select, sigmas, sampler])
+    _save(g, c, m, (sampler, "output"), False, None)
+    files = [
+        ("kontext", "the DiT"),
+        ("clip_l", "its text encoders"),
+        ("t5xxl", ""),
+        ("ae", "its VAE"),
+        ("qwen", "the planner"),
+    ]
+    g.markdown((-520, 80), (500, 1100), note("image_editing", files))
     return g.workflow()
 
 

@@ -259,6 +259,51 @@ CORE_NODES = {
         },
         ("MASK",),
     ),
+    "CLIPLoader": (
+        {
+            "required": {
+                "clip_name": ([],),
+                "type": (
+                    [
+                        "stable_diffusion",
+                        "stable_cascade",
+                        "sd3",
+                        "stable_audio",
+                        "mochi",
+                        "ltxv",
+                        "pixart",
+                        "cosmos",
+                        "lumina2",
+                        "wan",
+                        "hidream",
+                        "chroma",
+                        "ace",
+                        "omnigen2",
+                        "qwen_image",
+                        "hunyuan_image",
+                    ],
+                ),
+            },
+            "optional": {"device": (["default", "cpu"], {"advanced": True})},
+        },
+        ("CLIP",),
+    ),
+    "DualCLIPLoader": (
+        {
+            "required": {
+                "clip_name1": ([],),
+                "clip_name2": ([],),
+                "type": (["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"],),
+            },
+            "optional": {"device": (["default", "cpu"], {"advanced": True})},
+        },
+        ("CLIP",),
+    ),
+    "CLIPTextEncode": (
+        {"required": {"text": ("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": ("CLIP",)}},
+        ("CONDITIONING",),
+    ),
+    "PrimitiveStringMultiline": ({"required": {"value": ("STRING", {"multiline": True})}}, ("STRING",)),
     "Note": ({"required": {"text": ("STRING", {"multiline": True})}}, ()),
     "MarkdownNote": ({"required": {"text": ("STRING", {"multiline": True})}}, ()),
 }
@@ -267,6 +312,9 @@ VIRTUAL_NODES = {"Note", "MarkdownNote"}
 MODEL_CHOICES = {
     ("UNETLoader", "unet_name"),
     ("VAELoader", "vae_name"),
+    ("CLIPLoader", "clip_name"),
+    ("DualCLIPLoader", "clip_name1"),
+    ("DualCLIPLoader", "clip_name2"),
     ("LoadImageMask", "image"),
     ("MetaCanvasMLLMLoader", "mllm_folder"),
     ("MetaCanvasBackboneLoader", "backbone_folder"),
