@@ -180,6 +180,8 @@ def _conditioning(
         (w, 400),
         prompt=PROMPTS[task],
         negative_prompt=NEGATIVE,
+        width=1024 if task == "image_editing" else 1280,  # the latent's size wins; these stand if it is disconnected
+        height=1024 if task == "image_editing" else 704,
         image_role=role,
     )
     g.link(m["mllm"], "mllm", plan, "mllm")
@@ -303,8 +305,8 @@ def _wan(task: str, specs) -> dict:
     g.group("Step 4 - Sample", [*sample, shift, sampler])
     _save(g, c, m, (sampler, "LATENT"), True, parts)
     g.markdown(
-        (-520, 80),
-        (500, 1100),
+        (-700, 80),
+        (680, 1100),
         note(task, [("wan", "the DiT"), ("umt5", "its text encoder"), ("wan_vae", "its VAE"), ("qwen", "the planner")]),
     )
     return g.workflow()
@@ -360,7 +362,7 @@ def _kontext(specs) -> dict:
         ("ae", "its VAE"),
         ("qwen", "the planner"),
     ]
-    g.markdown((-520, 80), (500, 1100), note("image_editing", files))
+    g.markdown((-700, 80), (680, 1100), note("image_editing", files))
     return g.workflow()
 
 

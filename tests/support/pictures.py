@@ -28,8 +28,9 @@ app.canvas.show_info = false;
 for (const [id, value] of [["Comfy.Minimap.Visible", false], ["Comfy.Graph.CanvasMenu", false]]) {
   try { await app.extensionManager.setting.set(id, value); } catch (e) {}  // settings of newer editors only
 }
-const [x0, y0] = [Math.min(...nodes.map(n => n.pos[0])), Math.min(...nodes.map(n => n.pos[1] - 30))];
-const [x1, y1] = [Math.max(...nodes.map(n => n.pos[0] + n.size[0])), Math.max(...nodes.map(n => n.pos[1] + n.size[1]))];
+const boxes = nodes.map(n => [n.pos[0], n.pos[1] - 30, n.size[0], n.size[1] + 30]).concat((app.graph._groups || []).map(g => g._bounding || g.bounding));
+const [x0, y0] = [Math.min(...boxes.map(b => b[0])), Math.min(...boxes.map(b => b[1]))];
+const [x1, y1] = [Math.max(...boxes.map(b => b[0] + b[2])), Math.max(...boxes.map(b => b[1] + b[3]))];
 const rect = c.getBoundingClientRect();
 const scale = Math.min(rect.width / (x1 - x0 + 2 * pad), rect.height / (y1 - y0 + 2 * pad));
 app.canvas.ds.scale = scale;
