@@ -1,8 +1,9 @@
 """Canvas tokens: the learnable grid the MLLM writes its plan into, and its geometry.
 
-A canvas is a (K, Hc, Wc) grid: K = 1 for images, K sparse keyframes for video. Its learnable
-embeddings are stored at the grid they were trained at and resized (like ViT position embeddings)
-when a plan asks for another resolution, so one checkpoint serves every size and aspect ratio.
+A canvas is a (K, Hc, Wc) grid: K = 1 for images, K sparse keyframes for video. How its grid follows the output
+size is a checkpoint's canvas rule (`CANVAS_RULES`). Its learnable embeddings are stored at the grid they were trained
+at and resized (like ViT position embeddings) when a plan asks for another grid, so one checkpoint serves every size
+and aspect ratio.
 """
 
 from __future__ import annotations
@@ -32,8 +33,24 @@ class CanvasGrid:
         return [self.frames, self.height, self.width]
 
 
+FACTOR_RULE = "factor"
+FIXED_RULE = "fixed"
+CANVAS_RULES = (FACTOR_RULE, FIXED_RULE)
+"""How a checkpoint's canvas grid follows the output size (`MetaCanvasConfig.canvas_rule`).
+
+"factor": the DiT token grid divided by an integer factor, keeping the aspect ratio (`canvas_grid_for`). The paper
+says the 2D grid "adapts to the image resolution" and gives the grids at the sizes it trained (SANA 16×16 at 512²,
+Wan2.2 3 × 11×20 at 704×1280); the integer factor is this project's decision, so that each canvas cell covers whole
+DiT tokens. SANA (factor 1) and Wan2.2 (factor 2) use it, as did FLUX-Kontext checkpoints written before issue 25.
+"fixed": the stored grid at every size, interpolated to the token grid like any canvas. FLUX-Kontext since issue 25:
+the paper states 32×32 = 1024 canvas tokens for editing, not a grid that grows with the resolution; at Kontext's own
+resolutions (about 1024², 64×64 tokens) the factor rule would give a 4096-token canvas no 512²-trained checkpoint
+ever saw.
+"""
+
+
 def canvas_grid_for(token_grid: tuple[int, int, int], factor: int, keyframes: int = 1) -> CanvasGrid:
-    """Canvas grid for a DiT token grid (T, H, W): the spatial grid divided by `factor` [D, §2.2]."""
+    """Canvas grid for a DiT token grid (T, H, W) under the factor rule: the spatial grid divided by `factor`."""
     _, h, w = token_grid
     if h % factor or w % factor:
         raise MetaCanvasInputError(
@@ -69,16 +86,18 @@ class CanvasEmbedding(nn.Module):
 CANVAS_POSITIONS = "qwen2.5-vl"
 """The mRoPE position scheme of the planner's sequence, recorded in every checkpoint (`MetaCanvasConfig`).
 
-[D] The reference Qwen2.5-VL rule, as Qwen's own code computes it (transformers 4.x `get_rope_index`, Qwen's
-qwen-vl-finetune `get_rope_index_25`): text counts on from the last position + 1; a visual grid (t, h, w) typed as
-an image starts at s = last + 1 with temporal id s for every token (images get `second_per_grid_t = 0`), height id
-s + row, width id s + column; text after it continues at the grid's largest id + 1. The canvas is typed as an image,
-so a K-keyframe canvas has one temporal id for all its keyframes (they differ by their learned embeddings and their
-order under causal attention). Why this rule: the paper builds on BLIP3o, which runs Qwen2.5-VL under transformers
-4.x, so this is what its released code would have trained with. transformers 5.x changed it for multi-frame image
-grids (5.3 scaled image temporal ids by `tokens_per_second`, huggingface/transformers#45325; later releases give
-keyframe k the id s + k), so the pack computes the positions itself instead of asking the installed release. For a
-one-frame grid every release agrees, so only video canvases (K > 1) depend on the rule.
+This project's decision: the paper says only that the canvas tokens take Qwen2.5-VL's multimodal RoPE (Fig. 1), not
+which temporal ids the keyframes of a video canvas get. The rule chosen is Qwen2.5-VL's as Qwen's own code computes it
+under transformers 4.x (`get_rope_index`, Qwen's qwen-vl-finetune `get_rope_index_25`): text counts on from the last
+position + 1; a visual grid (t, h, w) typed as an image starts at s = last + 1 with temporal id s for every token
+(images get `second_per_grid_t = 0`), height id s + row, width id s + column; text after it continues at the grid's
+largest id + 1. The canvas is typed as an image, so a K-keyframe canvas has one temporal id for all its keyframes (they
+differ by their learned embeddings and their order under causal attention): ours, not the paper's statement. Why this
+rule: the paper builds on BLIP3o, which runs Qwen2.5-VL under transformers 4.x, so this is what its released code would
+have trained with. transformers 5.x changed it for multi-frame image grids (5.3 scaled image temporal ids by
+`tokens_per_second`, huggingface/transformers#45325; later releases give keyframe k the id s + k), so the pack computes
+the positions itself instead of asking the installed release. For a one-frame grid every release agrees, so only video
+canvases (K > 1) depend on the rule.
 """
 
 

@@ -6,12 +6,17 @@ Tensors: `canvas.*` (canvas embeddings and start marker), `canvas_connector.*`,
 checkpoint is, whatever its file is called) and each field of `MetaCanvasConfig` as JSON, among them `canvas_positions` (the planner's position scheme) and
 `visual_tokens` (the MLLM's token budget per input picture), so inference plans as training did.
 
-Checkpoints from before these two fields: without `visual_tokens` they were trained with the image processor's own
-limit and run with it (None). Without `canvas_positions` they got their canvas positions from the transformers release
-installed when they were trained; for a one-keyframe canvas (SANA, FLUX-Kontext) every release gives the pack's
-positions, so they load; a multi-keyframe (video) one is refused, since its keyframes' temporal ids depended on that
-release (0/1/2 under transformers 5.x since the fix of huggingface/transformers#45325, scaled by tokens_per_second
-in 5.3) and cannot be converted: retrain it.
+Checkpoints from before issue 25 (format 1): without `canvas_rule` they follow the factor rule they were trained with (FLUX-Kontext
+files too: canvas factor 1, a canvas as large as the token grid); their canvas connector's config has no
+`attention_bias`, and its fuse block carries the q/k/v biases of diffusers' default, so it is read as True (new ones
+record False, as the paper's Algorithm 1 builds the block). A rule this version does not know is refused.
+
+Checkpoints from before `canvas_positions` and `visual_tokens`: without `visual_tokens` they were trained with the image
+processor's own limit and run with it (None). Without `canvas_positions` they got their canvas positions from the
+transformers release installed when they were trained; for a one-keyframe canvas (SANA, FLUX-Kontext) every release
+gives the pack's positions, so they load; a multi-keyframe (video) one is refused, since its keyframes' temporal ids
+depended on that release (0/1/2 under transformers 5.x since the fix of huggingface/transformers#45325, scaled by
+tokens_per_second in 5.3) and cannot be converted: retrain it.
 """
 
 from __future__ import annotations
@@ -25,14 +30,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .canvas import CANVAS_POSITIONS
+from .canvas import CANVAS_POSITIONS, CANVAS_RULES, FACTOR_RULE
 from .errors import MetaCanvasInputError
 from .files import SafetensorsFile
 from .metacanvas import MetaCanvas, MetaCanvasConfig
 from .planner import CanvasLora
 
 FORMAT = "metacanvas"
-FORMAT_VERSION = 1
+# 2 (issue 25): `canvas_rule` and the connector's `attention_bias`, which a version reading 1 would ignore (sizing a
+# fixed FLUX-Kontext canvas by the factor rule) or fail on; so such a version refuses these files by their number.
+FORMAT_VERSION = 2
 CONTENT_HASH = "content_sha256"  # header field: `content_hash` of the file's tensors
 
 
@@ -55,6 +62,14 @@ def config_from_metadata(meta: dict[str, str], path: str) -> MetaCanvasConfig:
     values = {k: json.loads(meta[k]) for k in fields if k in meta}
     values["canvas_grid"] = tuple(values["canvas_grid"])
     check_canvas_positions(values.get("canvas_positions"), values["canvas_grid"][0], path)
+    rule = values.get("canvas_rule", FACTOR_RULE)
+    if rule not in CANVAS_RULES:
+        raise MetaCanvasInputError(
+            f"'{path}' sizes its canvas by the rule '{rule}', which this version does not know (it knows "
+            f"{', '.join(CANVAS_RULES)}): update the MetaCanvas nodes, or load a checkpoint written by this version."
+        )
+    # Written before the fuse block lost its q/k/v biases (issue 25): the file holds them.
+    values["canvas_connector"] = {"attention_bias": True, **values["canvas_connector"]}
     return MetaCanvasConfig(**values)
 
 
@@ -67,7 +82,8 @@ def check_canvas_positions(scheme: str | None, keyframes: int, path: str) -> Non
         raise MetaCanvasInputError(
             f"'{path}' has a {keyframes}-keyframe canvas trained before checkpoints recorded their canvas positions: "
             "its keyframes got the temporal positions of the transformers release installed then, which differ "
-            f"between releases, and this version always uses the reference Qwen2.5-VL rule ('{CANVAS_POSITIONS}'). "
+            f"between releases, and this version always uses its own rule ('{CANVAS_POSITIONS}': Qwen2.5-VL's "
+            "positions under transformers 4.x, one temporal id for every keyframe). "
             "Retrain it with this version (python -m metacanvas_core.train, e.g. stage S3 from its S2 checkpoint)."
         )
     raise MetaCanvasInputError(

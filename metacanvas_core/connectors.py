@@ -28,11 +28,11 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-# Patch tokens per fuse-block call [D]: frames are processed a chunk at a time, so the block's activations stay
-# bounded whatever the video length. At Wan2.2-5B's 704×1280 (22×40 = 880 tokens a frame, width 3072) a chunk is
-# 4 frames. Peak memory of one fuse call over 121 frames (31 latent frames), measured with `measure_fuse` on the meta
-# device (live tensor bytes: activations, the residual itself, the weights' bf16 copy): bf16 676 MiB, fp32 900 MiB;
-# all frames at once 2626 / 4800 MiB.
+# Patch tokens per fuse-block call, this project's choice: frames are processed a chunk at a time, so the block's
+# activations stay bounded whatever the video length. At Wan2.2-5B's 704×1280 (22×40 = 880 tokens a frame, width 3072) a
+# chunk is 4 frames. Peak memory of one fuse call over 121 frames (31 latent frames), measured with `measure_fuse` on
+# the meta device (live tensor bytes: activations, the residual itself, the weights' bf16 copy): bf16 676 MiB, fp32 900
+# MiB; all frames at once 2626 / 4800 MiB.
 FUSE_CHUNK_TOKENS = 4096
 
 
@@ -41,9 +41,19 @@ class SanaSelfAttentionBlock(SanaTransformerBlock):
 
     The stock block built with `cross_attention_dim=None` has no `attn2`/`norm2` but its forward
     still uses them; setting `attn2 = None` and adding the FFN's `norm2` lets the stock forward run.
+    `attention_bias`: biases on the self-attention's q/k/v projections (diffusers' default True; the paper's
+    Algorithm 1 builds the block without them; its output projection keeps its bias either way).
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 2.5, norm_eps: float = 1e-6):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        mlp_ratio: float = 2.5,
+        norm_eps: float = 1e-6,
+        attention_bias: bool = False,
+    ):
         super().__init__(
             dim,
             heads,
@@ -51,6 +61,7 @@ class SanaSelfAttentionBlock(SanaTransformerBlock):
             num_cross_attention_heads=None,
             cross_attention_head_dim=None,
             cross_attention_dim=None,
+            attention_bias=attention_bias,
             mlp_ratio=mlp_ratio,
             norm_eps=norm_eps,
         )
@@ -83,14 +94,19 @@ class CanvasConnector(ModelMixin, ConfigMixin):
         timestep_cond: bool = True,
         inject: str = "patch_embed",
         latent_channels: int | None = None,
+        attention_bias: bool = False,
     ):
-        """The defaults are the paper's connector; the other values are the Table 3 ablations (T2I study):
+        """The defaults are the paper's connector (§3.4, Fig. 2, Algorithm 1); the other values are the Table 3
+        ablations (T2I study):
 
         `timestep_cond=False`: the fuse block without AdaLN-single timestep input (its learned constant
         modulation `scale_shift_table` stays). `fuse="none"`: no fuse block, the aligned canvas is the residual
         on the patch embeddings. `inject="latent"`: added before patchify, in latent space: the align output has
         `latent_channels` × patch² channels (zero-initialised) and is added to the noisy latent (needs
         `fuse="none"`; SANA backbones only). Checkpoints with the defaults do not store these keys.
+
+        `attention_bias`: q/k/v biases in the fuse block's self-attention. False as Algorithm 1 builds it; True only
+        for checkpoints written before issue 25, which built diffusers' default (`checkpoint.py` reads them so).
         """
         super().__init__()
         if fuse not in self.FUSE_MODES or inject not in self.INJECT_MODES:
@@ -104,7 +120,9 @@ class CanvasConnector(ModelMixin, ConfigMixin):
         self.align_out = _zero_linear(dit_dim, latent_channels if inject == "latent" else dit_dim)
         if fuse == "block":
             self.time_embed = AdaLayerNormSingle(dit_dim) if timestep_cond else None
-            self.fuse_block = SanaSelfAttentionBlock(dit_dim, num_heads, head_dim, mlp_ratio)
+            self.fuse_block = SanaSelfAttentionBlock(
+                dit_dim, num_heads, head_dim, mlp_ratio, attention_bias=attention_bias
+            )
             self.out_proj = _zero_linear(dit_dim, dit_dim)
 
     def align(self, canvas_states: torch.Tensor) -> torch.Tensor:
@@ -161,7 +179,7 @@ class CanvasConnector(ModelMixin, ConfigMixin):
 
 
 class ContextConnector(ModelMixin, ConfigMixin):
-    """MLLM prompt states → a backbone's text slot: Linear → SiLU → Linear, with dropout (paper §2.4)."""
+    """MLLM prompt states → a backbone's text slot: the paper's 2-layer MLP, Linear → SiLU → Linear, with dropout."""
 
     @register_to_config
     def __init__(self, mllm_dim: int, hidden_dim: int, text_dim: int, dropout: float = 0.0):

@@ -16,7 +16,7 @@ from torch import nn
 from . import realconfigs
 from .backbones import BACKBONES, BackboneSpec
 from .backbones.wan import WanBackbone
-from .canvas import CANVAS_POSITIONS, CanvasEmbedding, CanvasGrid, canvas_grid_for
+from .canvas import CANVAS_POSITIONS, FACTOR_RULE, FIXED_RULE, CanvasEmbedding, CanvasGrid, canvas_grid_for
 from .connectors import CanvasConnector, ConditionEmbedding, ContextConnector
 from .errors import MetaCanvasInputError
 from .inputs import NO_INPUTS, ContextSource, VisualInputs
@@ -34,8 +34,8 @@ class MetaCanvasConfig:
     dit_width: int
     pixel_stride: int  # pixels per DiT token of the backbone (sizes the canvas for an output size)
     text_dim: int
-    canvas_grid: tuple[int, int, int]
-    canvas_factor: int
+    canvas_grid: tuple[int, int, int]  # the canvas the checkpoint stores (at the default size for the factor rule)
+    canvas_factor: int  # the factor rule's divisor of the token grid (the size multiple: pixel stride × factor)
     context_source: str  # ContextSource value
     canvas_connector: dict  # CanvasConnector config
     context_connector: dict | None  # ContextConnector config
@@ -46,14 +46,17 @@ class MetaCanvasConfig:
     # MLLM tokens per picture the planner reads (`default_visual_tokens`); None: the image processor's own limit
     # (checkpoints from before the budget, trained that way)
     visual_tokens: int | None = None
+    # How the canvas grid follows the output size (`canvas.CANVAS_RULES`): "factor" (token grid / canvas_factor; what
+    # every checkpoint from before the field used) or "fixed" (`canvas_grid` at every size: FLUX-Kontext since issue 25)
+    canvas_rule: str = FACTOR_RULE
 
 
 def default_visual_tokens(spec: BackboneSpec) -> int:
     """The visual-token budget of a new checkpoint: MLLM tokens per input image or video frame.
 
-    Video backbones (Wan2.2): 144, the paper's for its video setup [P]. Image backbones [D]: as many tokens as one
-    canvas frame at the default size (SANA 16×16 = 256, FLUX-Kontext 32×32 = 1024): the MLLM reads an input image
-    (FLUX-Kontext's edit source) at the resolution it writes its plan at. The paper states no budget there;
+    Video backbones (Wan2.2): 144, the paper's for its video setup. Image backbones, this project's decision: as many
+    tokens as one canvas frame of a new checkpoint (SANA 16×16 = 256, FLUX-Kontext 32×32 = 1024): the MLLM reads an
+    input image (FLUX-Kontext's edit source) at the resolution it writes its plan at. The paper states no budget there;
     Qwen's own default (12.8 MP, up to ~16k tokens an image) would cost 16× the canvas in the MLLM (quadratic in
     its attention, and in training every token carries gradients to the canvas LoRA) for detail the 32×32 plan
     cannot hold, while the DiT still sees the image at full resolution through its own reference tokens.
@@ -95,18 +98,27 @@ class MetaCanvas(nn.Module):
         self.eval()  # inference mode (the context connector's dropout off); a trainer switches on what it trains
 
     def canvas_grid(self, height: int, width: int, keyframes: int | None = None) -> CanvasGrid:
-        """The canvas for an output of height × width: the token grid divided by the canvas factor,
-        with `keyframes` (default: the checkpoint's) for video."""
-        s, f = self.config.pixel_stride, self.config.canvas_factor
-        step = s * f  # a whole canvas cell per f × f DiT tokens
+        """The canvas for an output of height × width, with `keyframes` (default: the checkpoint's) for video.
+
+        The factor rule: the token grid divided by the canvas factor (sizes in multiples of pixel stride × factor, a
+        whole canvas cell per f × f DiT tokens). The fixed rule: the stored grid at every size, interpolated to the
+        token grid by the projection (sizes in multiples of the pixel stride).
+        """
+        c = self.config
+        s = c.pixel_stride
+        fixed = c.canvas_rule == FIXED_RULE
+        step = s if fixed else s * c.canvas_factor
+        why = f"pixel stride {s}" + ("" if fixed else f" × this checkpoint's canvas factor {c.canvas_factor}")
         for name, value in (("width", width), ("height", height)):
             if value % step or value <= 0:
                 raise MetaCanvasInputError(
-                    f"{name} {value} is not a positive multiple of {step} (the {self.config.backbone} backbone's "
-                    f"pixel stride {s} × this checkpoint's canvas factor {f}): set {name} to "
-                    f"{max(step, value // step * step)} or {(value // step + 1) * step}."
+                    f"{name} {value} is not a positive multiple of {step} (the {c.backbone} backbone's {why}): set "
+                    f"{name} to {max(step, value // step * step)} or {(value // step + 1) * step}."
                 )
-        return canvas_grid_for((1, height // s, width // s), f, keyframes or self.config.canvas_grid[0])
+        frames = keyframes or c.canvas_grid[0]
+        if fixed:
+            return CanvasGrid(frames, *c.canvas_grid[1:])
+        return canvas_grid_for((1, height // s, width // s), c.canvas_factor, frames)
 
     def plan(
         self,
@@ -247,12 +259,14 @@ def new_metacanvas(
         text_dim=spec.text_dim,
         canvas_grid=(grid.frames, grid.height, grid.width),
         canvas_factor=spec.canvas_factor,
+        canvas_rule=spec.canvas_rule,
         context_source=context_source.value,
         canvas_connector={
             "mllm_dim": mllm_hidden_size,
             "dit_dim": spec.width,
             "num_heads": heads,
             "head_dim": head_dim,
+            "attention_bias": False,  # Algorithm 1's; recorded, since files without the key predate it (biased)
         },
         context_connector=context,
         lora=None,

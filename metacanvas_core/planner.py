@@ -1,6 +1,6 @@
 """The MLLM planner: Qwen2.5-VL reads prompt (+ images) and writes a plan into canvas tokens.
 
-One forward pass, no generation (paper §2.1): the chat-formatted prompt, then a start marker and the
+One forward pass, no generation (the paper's Fig. 1): the chat-formatted prompt, then a start marker and the
 canvas tokens. Under causal attention the prompt never sees the canvas, so the same pass yields the
 context states (for a context connector) and the canvas states (for the canvas connector). Canvas
 tokens take the mRoPE positions of a visual input of grid (K, Hc, Wc) that follows the prompt, computed by the
@@ -38,15 +38,15 @@ from .inputs import NO_INPUTS, VisualInputs, WeightDtype
 from .qwen_file import is_qwen25_vl, load_qwen25_vl
 
 QWEN25_VL_MODEL_TYPE = "qwen2_5_vl"
-VIDEO_FRAMES = 8  # [D] frames of a video shown to the MLLM
-VIDEO_FRAME_TOKENS = 144  # MLLM tokens per image in the paper's video setup [P]
+VIDEO_FRAMES = 8  # frames of a video shown to the MLLM: this project's choice (the paper gives no count)
+VIDEO_FRAME_TOKENS = 144  # MLLM tokens per image: the paper's, in its video setup
 QWEN_PIXELS_PER_TOKEN = 28  # Qwen2.5-VL: 14-pixel patches merged 2×2
 
 
 def video_frames_for_mllm(frames: list[Image.Image], tokens: int = VIDEO_FRAME_TOKENS) -> list[Image.Image]:
     """Evenly spaced frames resized to at most (and about) `tokens` MLLM tokens each, keeping the aspect.
 
-    [D] The frames go in as a sequence of images: transformers' Qwen video processor needs
+    The frames go in as a sequence of images (this project's choice): transformers' Qwen video processor needs
     torchvision, which this pack does not depend on.
     """
     if not frames:

@@ -74,19 +74,28 @@ def sample(
         text_null = Branch(negative, None, refs, guidance)
     image_null = Branch(negative, None, None, guidance)
     for i, t in enumerate(sched.timesteps):
+        clock = connector_clock(sched, i, device)
         if batched:
-            v_i, v_c = backbone.predict(torch.cat([latents] * 2), t, both).float().chunk(2)
+            v_i, v_c = backbone.predict(torch.cat([latents] * 2), t, both, clock).float().chunk(2)
         else:
-            v_c = backbone.predict(latents, t, conditional).float()
+            v_c = backbone.predict(latents, t, conditional, clock).float()
             if null_text:
-                v_i = backbone.predict(latents, t, text_null).float()
+                v_i = backbone.predict(latents, t, text_null, clock).float()
         v = v_c
         if null_text:
             v = v_i + (cfg if text_guided else 1.0) * (v_c - v_i)
         if image_guided:
-            v_u = backbone.predict(latents, t, image_null).float()
+            v_u = backbone.predict(latents, t, image_null, clock).float()
             v = v + (image_cfg - 1.0) * (v_i - v_u)
         latents = sched.step(v, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i, len(sched.timesteps))
     return backbone.finalize(latents, refs)
+
+
+def connector_clock(scheduler, step: int, device: torch.device) -> torch.Tensor:
+    """The canvas connector's clock at a scheduler's step: σ·1000 in float32 from its sigmas, as the trainer
+    (`objective.py`) and ComfyUI's native path (`nodes/native.py`) compute it. The UniPC and DPM schedulers' own
+    timesteps are int64, rounded down from σ·1000 (up to one unit off), so the connector never reads them; the DiT
+    still gets them, as the diffusers pipelines pass them."""
+    return scheduler.sigmas[step].to(device, torch.float32) * 1000

@@ -1,7 +1,8 @@
 """Train MetaCanvas weights from a recipe, or print a recipe's memory plan.
 
     python -m metacanvas_core.train RECIPE --output-dir DIR [--max-steps N] [--resume DIR] [--set key=value ...]
-    python -m metacanvas_core.train RECIPE --plan [--gpus N]      parameters and bytes per GPU, DDP and FSDP
+    python -m metacanvas_core.train RECIPE --plan [--gpus N]      parameters and bytes per GPU, DDP and FSDP, and
+                                                                  the batch per step on N GPUs
     accelerate launch -m metacanvas_core.train RECIPE --output-dir DIR          (several GPUs / nodes)
 
 RECIPE is a recipe file, or the name of one in metacanvas_core/recipes (such as `tiny_sana_t2i`).
@@ -10,8 +11,10 @@ MetaCanvas checkpoint for models/metacanvas/) and, when DiT weights were trained
 diffusers pipeline folder for models/diffusers/). See docs/TRAINING.md.
 
 Quiet by default (--verbose: loading logs and progress bars); library warnings other than known noise stay
-(`cli.quiet_libraries`). A mistake in the input (recipe, data, option, an unreadable file) is one line on
-stderr and exit status 2; --debug shows its traceback.
+(`cli.quiet_libraries`). Where a run departs from the paper's recipe (a module the paper starts from another
+project's weights, started fresh because no file was given), one `note:` line on stderr says so at start. A mistake
+in the input (recipe, data, option, an unreadable file) is one line on stderr and exit status 2; --debug shows its
+traceback.
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ def train(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     trainer = Trainer(config, args.output_dir, max_steps=args.max_steps, resume=args.resume, progress=args.verbose)
+    if trainer.accelerator.is_main_process:
+        for notice in trainer.notices:  # where the run departs from the paper's recipe, before the first step
+            print(f"note: {notice}", file=sys.stderr, flush=True)
     trainer.train()
     if trainer.accelerator.is_main_process:
         out = args.output_dir

@@ -18,7 +18,7 @@ from metacanvas_core.errors import MetaCanvasInputError
 
 def test_canvas_grid_divides_token_grid():
     assert canvas_grid_for((1, 16, 16), 1) == CanvasGrid(1, 16, 16)  # SANA 512²
-    assert canvas_grid_for((31, 44, 80), 4, keyframes=3) == CanvasGrid(3, 11, 20)  # Wan 704×1280 [P]
+    assert canvas_grid_for((31, 44, 80), 4, keyframes=3) == CanvasGrid(3, 11, 20)  # the paper's Wan 704×1280 canvas
     with pytest.raises(MetaCanvasInputError, match="not divisible by the checkpoint's canvas factor 2"):
         canvas_grid_for((1, 15, 16), 2)
 

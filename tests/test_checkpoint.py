@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from metacanvas_core.checkpoint import load_metacanvas, save_metacanvas
+from metacanvas_core.canvas import CanvasGrid
+from metacanvas_core.checkpoint import config_to_metadata, load_metacanvas, save_metacanvas
 from metacanvas_core.errors import MetaCanvasInputError
 from metacanvas_core.metacanvas import MetaCanvas, new_metacanvas
 from metacanvas_core.planner import CanvasLora
@@ -121,3 +123,53 @@ def test_canvas_lora_changes_only_canvas_states(planner, sana, tmp_path):
     loaded = load_metacanvas(tmp_path / "with_lora.safetensors")
     assert loaded.lora is not None and loaded.lora.state_dict.keys() == lora.state_dict.keys()
     assert torch.equal(loaded.plan(planner, prompt, 64, 64).canvas, with_lora.canvas)
+
+
+def _written_before_issue_25(mc: MetaCanvas, path) -> None:
+    """`mc` saved as versions before issue 25 wrote it: format 1, no canvas rule, no attention_bias in the connector."""
+    meta = config_to_metadata(mc.config)
+    del meta["canvas_rule"]
+    connector = {k: v for k, v in mc.config.canvas_connector.items() if k != "attention_bias"}
+    meta.update(format_version="1", canvas_connector=json.dumps(connector))
+    save_file({k: v.contiguous() for k, v in mc.state_dict().items()}, str(path), metadata=meta)
+
+
+def test_flux_canvas_is_fixed_and_older_checkpoints_keep_their_rule(planner, tiny, tmp_path):
+    """New FLUX-Kontext checkpoints: a 32×32 canvas at every size and a fuse block without q/k/v biases (Algorithm 1).
+    One written before issue 25 (the factor rule, a biased fuse block) loads with both, as it was trained."""
+    from metacanvas_core.backbones import load_backbone
+
+    spec = load_backbone(tiny["flux_kontext"], text_encoder=False).spec
+    new = new_metacanvas(planner.hidden_size, spec, "mllm")
+    save_metacanvas(new, tmp_path / "new.safetensors")
+    new = load_metacanvas(tmp_path / "new.safetensors")
+    assert new.config.canvas_rule == "fixed" and new.config.canvas_connector["attention_bias"] is False
+    assert all(new.canvas_grid(h, w) == CanvasGrid(1, 32, 32) for h, w in [(64, 64), (1024, 512), (832, 1248)])
+    assert not any(k.endswith(("to_q.bias", "to_k.bias", "to_v.bias")) for k in new.state_dict())
+    assert "canvas_connector.fuse_block.attn1.to_out.0.bias" in new.state_dict()  # out: a bias still
+    with pytest.raises(MetaCanvasInputError, match=r"^width 72 is not a positive multiple of 16 \(the flux_kontext "
+                       r"backbone's pixel stride 16\): set width to 64 or 80\.$"):  # fmt: skip
+        new.canvas_grid(64, 72)
+
+    old_config = dataclasses.replace(
+        new.config,
+        canvas_rule="factor",
+        canvas_connector={**new.config.canvas_connector, "attention_bias": True},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        old = MetaCanvas(old_config)
+    _written_before_issue_25(old, tmp_path / "old.safetensors")
+    loaded = load_metacanvas(tmp_path / "old.safetensors")
+    assert loaded.config.canvas_rule == "factor" and loaded.config.canvas_connector["attention_bias"] is True
+    assert loaded.canvas_grid(1024, 512) == CanvasGrid(1, 64, 32)  # the token grid: canvas factor 1, as trained
+    for key, value in old.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key  # the q/k/v biases among them
+    assert "canvas_connector.fuse_block.attn1.to_q.bias" in loaded.state_dict()
+
+    meta = {**config_to_metadata(old.config), "canvas_rule": json.dumps("spiral")}
+    save_file(
+        {k: v.contiguous() for k, v in old.state_dict().items()}, str(tmp_path / "spiral.safetensors"), metadata=meta
+    )
+    with pytest.raises(MetaCanvasInputError, match=r"by the rule 'spiral', which this version does not know"):
+        load_metacanvas(tmp_path / "spiral.safetensors")

@@ -52,8 +52,8 @@ def check(mc, planner, backbone):
 def test_backbone_geometry(flux, trained, planner):
     assert isinstance(flux, FluxKontextBackbone) and flux.kind == "flux_kontext"
     assert flux.pixel_stride == 16 and flux.vae_stride == 8  # f8 VAE + 2×2 packing, as FLUX
-    assert flux.default_size == (512, 512) and trained.config.canvas_grid == (1, 32, 32)  # paper: 32×32 at 512²
-    assert trained.canvas_grid(1024, 512).as_thw() == [1, 64, 32]  # canvas grid = token grid
+    assert flux.default_size == (1024, 1024) and trained.config.canvas_grid == (1, 32, 32)  # the paper's 32×32
+    assert trained.config.canvas_rule == "fixed" and trained.canvas_grid(1024, 512).as_thw() == [1, 32, 32]
     connector = trained.context_connector.net  # Linear(MLLM → 3·text) → SiLU → Linear(→ text)
     assert (connector[0].in_features, connector[0].out_features) == (planner.hidden_size, 3 * flux.text_dim)
     assert connector[-1].out_features == flux.text_dim == flux.transformer.config.joint_attention_dim

@@ -97,8 +97,8 @@ def test_live_tensor_bytes_counts_what_the_block_makes():
 
 @pytest.mark.parametrize("kind", ["sana", "flux_kontext", "wan"])
 def test_one_clock_on_every_backbone(kind, tiny, planner):
-    """Each backbone hands the fuse block the scheduler's σ·1000 in float32, unrounded, even with a bf16 backbone
-    and a bf16 connector (a bf16 clock would be 988 here)."""
+    """Each backbone hands the fuse block the clock it is given (σ·1000 in float32), not the DiT's int64 timestep,
+    unrounded, even with a bf16 backbone and a bf16 connector (a bf16 clock would be 988 here)."""
     backbone = load_backbone(tiny[kind], dtype=torch.bfloat16, text_encoder=False)
     mc = new_metacanvas(planner.hidden_size, backbone.spec, "mllm").to(torch.bfloat16)
     s = backbone.pixel_stride * 2
@@ -112,11 +112,11 @@ def test_one_clock_on_every_backbone(kind, tiny, planner):
         refs = backbone.prepare_references(VisualInputs(images=[Image.new("RGB", (s, s))]), s, s)
     seen = []
     mc.canvas_connector.time_embed.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    t = torch.tensor(987.6543)
+    t, sigma_1000 = torch.tensor(987), torch.tensor(987.6543)  # a UniPC/DPM timestep and its step's σ·1000
     with torch.no_grad():
-        backbone.predict(backbone.initial_noise(0, 1, s, s, frames), t, Branch(text, canvas, refs))
+        backbone.predict(backbone.initial_noise(0, 1, s, s, frames), t, Branch(text, canvas, refs), sigma_1000)
     (clock,) = seen
-    assert clock.dtype == torch.float32 and bool((clock == t).all()), clock
+    assert clock.dtype == torch.float32 and bool((clock == sigma_1000).all()), clock
 
 
 def test_s2_skips_the_inert_canvas(tiny, tmp_path):

@@ -84,7 +84,7 @@ def test_default_connector_config_unchanged(tiny):
 
     hidden, spec = Planner.from_folder(tiny["mllm"]).hidden_size, load_backbone(tiny["sana"]).spec
     mc = new_metacanvas(hidden, spec, "mllm")
-    assert set(mc.config.canvas_connector) == {"mllm_dim", "dit_dim", "num_heads", "head_dim"}
+    assert set(mc.config.canvas_connector) == {"mllm_dim", "dit_dim", "num_heads", "head_dim", "attention_bias"}
     assert set(dict(mc.canvas_connector.state_dict())) >= {"time_embed.linear.weight", "out_proj.weight"}
     # An ablation arm shares the paper's canvas tokens and context connector; only its connector differs.
     arm = new_metacanvas(hidden, spec, "mllm", {"fuse": "none"})

@@ -21,9 +21,10 @@ from metacanvas_core.metacanvas import MetaCanvas, new_metacanvas
 KEYFRAMES = CanvasGrid(3, 2, 5)
 
 
-def test_reference_rule_on_a_mixed_sequence():
-    """Text ramps; a visual grid starts at the next id, one temporal id for all its frames; text after it continues
-    from the grid's largest id + 1 (Qwen's reference get_rope_index, images with second_per_grid_t = 0)."""
+def test_position_rule_on_a_mixed_sequence():
+    """The pack's rule (this project's choice: Qwen's get_rope_index of transformers 4.x, images with
+    second_per_grid_t = 0): text ramps; a visual grid starts at the next id, one temporal id for all its frames; text
+    after it continues from the grid's largest id + 1."""
     visual = torch.tensor([0, 0] + [1] * 6 + [0] + [1] * 12 + [0, 0])
     pos = sequence_positions(visual, [(1, 2, 3), (3, 2, 2)])
     assert pos[:, :2].tolist() == [[0, 1]] * 3

@@ -26,7 +26,8 @@ def test_sana_1600m_geometry_and_connector():
         vae = AutoencoderDC.from_config(cfg["vae"])
     sana = SanaBackbone("Sana_1600M_512px_diffusers", transformer, vae, cfg["scheduler"], None, None)
     assert (sana.width, sana.pixel_stride, sana.default_size, sana.text_dim) == (2240, 32, (512, 512), 2304)
-    assert canvas_grid_for(sana.token_grid(512, 512), sana.canvas_factor) == CanvasGrid(1, 16, 16)  # [P] 16×16
+    assert canvas_grid_for(sana.token_grid(512, 512), sana.canvas_factor) == CanvasGrid(1, 16, 16)  # the paper's
+    assert sana.spec.canvas_rule == "factor" and sana.spec.canvas_grid() == CanvasGrid(1, 16, 16)
     assert sana.make_scheduler("dpm_solver_flow").config.flow_shift == cfg["scheduler"]["flow_shift"]
     with torch.device("meta"):
         connector = CanvasConnector(3584, sana.width, *sana.attention_heads)
@@ -42,10 +43,14 @@ def test_flux_kontext_geometry_and_connectors():
         transformer = FluxTransformer2DModel.from_config(cfg["transformer"])
         vae = AutoencoderKL.from_config(cfg["vae"])
     flux = FluxKontextBackbone("FLUX.1-Kontext-dev", transformer, vae, cfg["scheduler"])
-    assert (flux.width, flux.pixel_stride, flux.default_size, flux.text_dim) == (3072, 16, (512, 512), 4096)
-    assert canvas_grid_for(flux.token_grid(512, 512), flux.canvas_factor) == CanvasGrid(1, 32, 32)  # [P] 32×32
-    assert flux.token_grid(1024, 1024) == (1, 64, 64)  # [P] 64×64 tokens at 1024²
-    assert flux.spec.context_hidden_dim == 3 * 4096  # [P] UniWorld-V1: Linear(3584 → 3·4096) → SiLU → Linear(→ 4096)
+    assert (flux.width, flux.pixel_stride, flux.default_size, flux.text_dim) == (3072, 16, (1024, 1024), 4096)
+    assert flux.token_grid(1024, 1024) == (1, 64, 64)  # Kontext's own size
+    assert flux.spec.canvas_rule == "fixed" and flux.spec.canvas_grid() == CanvasGrid(1, 32, 32)  # the paper's 32×32
+    assert flux.spec.context_hidden_dim == 3 * 4096  # UniWorld-V1's: Linear(3584 → 3·4096) → SiLU → Linear(→ 4096)
+    with torch.device("meta"):
+        mc = new_metacanvas(3584, flux.spec, "mllm")
+    for h, w in [(1024, 1024), (832, 1248), (1568, 672), (512, 512)]:  # Kontext's resolutions and the paper's 512²
+        assert mc.canvas_grid(h, w) == CanvasGrid(1, 32, 32), (h, w)
     with torch.device("meta"):
         context = ContextConnector(3584, flux.spec.context_hidden_dim, flux.text_dim)
         canvas = CanvasConnector(3584, flux.width, *flux.attention_heads)
@@ -66,14 +71,15 @@ def test_wan2_2_ti2v_5b_geometry_and_connectors():
         vae = AutoencoderKLWan.from_config(cfg["vae"])
     wan = WanBackbone("Wan2.2-TI2V-5B-Diffusers", transformer, vae, cfg["scheduler"])
     assert (wan.width, wan.pixel_stride, wan.text_dim, wan.attention_heads) == (3072, 32, 4096, (96, 32))  # Alg. 1
-    assert wan.token_grid(704, 1280, 121) == (31, 22, 40)  # [P] 31×22×40
+    assert wan.token_grid(704, 1280, 121) == (31, 22, 40)  # the paper's 31×22×40
     assert canvas_grid_for(wan.token_grid(704, 1280, 121), wan.canvas_factor, wan.keyframes) == CanvasGrid(3, 11, 20)
+    assert wan.spec.canvas_rule == "factor"
     assert wan.spec.condition == {"in_channels": 48 + 2, "width": 3072, "patch_size": (1, 2, 2)}
     assert wan.make_scheduler("unipc_flow").config.flow_shift == 5.0
     dit = sum(p.numel() for p in transformer.parameters())
     assert 4.9e9 < dit < 5.1e9  # the 5B transformer
     with torch.device("meta"):
-        mc = new_metacanvas(3584, wan.spec, "mllm")  # context MLP 3584 → 4× → 4096 [P]
+        mc = new_metacanvas(3584, wan.spec, "mllm")  # the paper's context MLP 3584 → 4× → 4096
     context = mc.context_connector
     assert context.net[0].out_features == 4 * 3584 and context.net[-1].out_features == 4096
     assert mc.config.context_connector["dropout"] == 0.1 and mc.config.canvas_grid == (3, 11, 20)

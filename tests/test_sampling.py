@@ -11,6 +11,7 @@ from metacanvas_core.conditioning import project
 from metacanvas_core.errors import MetaCanvasInputError
 from metacanvas_core.metacanvas import new_metacanvas
 from metacanvas_core.sampling import sample
+from metacanvas_core.schedulers import SCHEDULERS
 
 PROMPT, NEGATIVE = "a red circle at the top left and a blue square", "low quality"
 
@@ -47,6 +48,26 @@ def test_untrained_equals_sana_pipeline(sana, fresh_cond, scheduler):
     assert torch.equal(ours, ref)
     image = pipe.vae.decode(ref / pipe.vae.config.scaling_factor).sample
     assert torch.equal(sana.decode(ours), (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_connector_clock_is_sigma_times_1000_in_float32(sana, fresh_cond, scheduler):
+    """Every scheduler: the fuse block's clock is the step's σ·1000 in float32 (what training and ComfyUI's native path
+    give it), not the scheduler's timestep, which UniPC and DPM round down to int64 for the DiT."""
+    seen = []
+    hook = fresh_cond.connector.time_embed.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        sample(sana, fresh_cond, seed=0, steps=4, cfg=4.5, height=64, width=64, scheduler=scheduler)
+    finally:
+        hook.remove()
+    reference = sana.make_scheduler(scheduler)
+    sana.set_timesteps(reference, 4, 64, 64)
+    expected = reference.sigmas[:4].to(torch.float32) * 1000
+    clocks = torch.cat(seen)
+    assert clocks.dtype == torch.float32 and torch.equal(clocks, expected), (clocks, reference.timesteps)
+    if reference.timesteps.dtype == torch.int64:  # the DiT's timestep: below the clock by up to one unit
+        gap = clocks - reference.timesteps
+        assert bool((gap >= 0).all() and (gap < 1).all() and (gap > 0).any()), gap
 
 
 def test_same_seed_same_image(sana, tiny, planner):

@@ -49,7 +49,7 @@ def _injection(cond, wan, h, w, frames):
 
 
 def test_keyframe_canvas_shapes(planner, wan, trained):
-    assert trained.config.canvas_grid == (3, 11, 20)  # 3 × 11×20 at 704×1280 [P]
+    assert trained.config.canvas_grid == (3, 11, 20)  # the paper's 3 × 11×20 at 704×1280
     assert trained.canvas_grid(128, 128).as_thw() == [3, 2, 2]
     assert trained.canvas_grid(128, 128, keyframes=1).as_thw() == [1, 2, 2]
     for k in (1, 3):

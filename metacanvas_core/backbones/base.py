@@ -1,10 +1,10 @@
 """What every diffusion backbone gives MetaCanvas, and the one shared canvas mechanism.
 
-A backbone adapter wraps a diffusers transformer + VAE (+ native text encoder) loaded from a
-diffusers-format folder. The canvas residual is added to the transformer's patch embeddings by a
-forward hook on its patch-embed module: after patchify, before the first block (paper §2.3).
-ComfyUI's native models get the same residual from the same `CanvasInjection` (`native.py`).
-Per-backbone files only say how their patch tokens are laid out and how they call their model.
+A backbone adapter wraps a diffusers transformer + VAE (+ native text encoder) loaded from a diffusers-format folder.
+The canvas residual is added to the transformer's patch embeddings by a forward hook on its patch-embed module: after
+patchify, before the first block (the paper's §3.4, Fig. 2; Table 3: adding it before patchify is worse). ComfyUI's
+native models get the same residual from the same `CanvasInjection` (`native.py`). Per-backbone files only say how their
+patch tokens are laid out and how they call their model.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedul
 from einops import rearrange
 from torch import nn
 
-from ..canvas import CanvasGrid, canvas_grid_for, interpolate_canvas
+from ..canvas import FACTOR_RULE, FIXED_RULE, CanvasGrid, canvas_grid_for, interpolate_canvas
 from ..connectors import CanvasConnector, ConditionEmbedding
 from ..errors import MetaCanvasInputError
 from ..inputs import VisualInputs
@@ -44,18 +44,27 @@ class BackboneSpec:
     text_dim: int  # width of the DiT's text slot (a context connector's output)
     attention_heads: tuple[int, int]  # (heads, head_dim) of the connector's blocks
     default_size: tuple[int, int]  # (height, width) the backbone was trained at: where the canvas grid is stored
-    canvas_factor: int  # canvas grid = token grid / factor [D, §2.2]
+    canvas_factor: int  # the factor rule: canvas grid = token grid / factor (`canvas.CANVAS_RULES`)
     keyframes: int  # canvas keyframes K of a new checkpoint (video: sparse 3D canvas)
     context_dropout: float  # dropout inside a new context connector
     context_hidden_dim: int | None  # hidden width of a new context connector; None: 4 × the MLLM's width
     condition: dict | None = None  # ConditionEmbedding config (Wan: source video + masks), or None
     pooled_dim: int | None = None  # width of a pooled text vector the DiT also takes (FLUX: CLIP-L's 768), or None
+    fixed_canvas: tuple[int, int] | None = None  # the fixed rule's canvas (rows, columns) at every size; None: factor
+
+    @property
+    def canvas_rule(self) -> str:
+        """The canvas rule of a new checkpoint for this backbone (`canvas.CANVAS_RULES`)."""
+        return FACTOR_RULE if self.fixed_canvas is None else FIXED_RULE
 
     def canvas_grid(self, keyframes: int | None = None) -> CanvasGrid:
-        """The canvas grid at the default size."""
+        """The canvas grid a new checkpoint stores: the fixed canvas, or the factor rule's at the default size."""
+        frames = keyframes or self.keyframes
+        if self.fixed_canvas is not None:
+            return CanvasGrid(frames, *self.fixed_canvas)
         h, w = self.default_size
         s = self.pixel_stride
-        return canvas_grid_for((1, h // s, w // s), self.canvas_factor, keyframes or self.keyframes)
+        return canvas_grid_for((1, h // s, w // s), self.canvas_factor, frames)
 
 
 @dataclass
@@ -237,7 +246,7 @@ class Backbone(ABC):
     # The paper's context source for this backbone: "native" (its own text encoder) or "mllm" (context
     # connector). Checkpoints record theirs; an untrained one uses the native encoder when it is loaded.
     context_source: ClassVar[str]
-    canvas_factor: ClassVar[int]  # canvas grid = token grid / factor [D, §2.2]
+    canvas_factor: ClassVar[int]  # the factor rule's canvas grid = token grid / factor (`canvas.CANVAS_RULES`)
     needs_input_image: ClassVar[bool] = False  # editing backbones: the plan must carry an input image
     batch_guidance: ClassVar[bool] = True  # CFG branches in one 2B call (SANA) or one call each (FLUX)
     is_video: ClassVar[bool] = False
@@ -400,8 +409,16 @@ class Backbone(ABC):
         """Shape of the noisy latent for `batch` samples of height × width pixels (× frames for video)."""
 
     @abstractmethod
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, branch: Branch) -> torch.Tensor:
-        """Velocity for `latents` at scheduler timestep `t` (a scalar or one per sample), for one branch."""
+    def predict(
+        self, latents: torch.Tensor, t: torch.Tensor, branch: Branch, clock: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Velocity for `latents` at timestep `t` (a scalar or one per sample), for one branch.
+
+        `t` goes to the DiT as the backbone's diffusers pipeline passes it (the UniPC and DPM schedulers' timesteps are
+        int64, up to one unit below σ·1000), so an untrained canvas gives the pipeline's output exactly. `clock` is the
+        canvas connector's: σ·1000 in float32 (a scalar or one per sample), as training and ComfyUI's native path give
+        it (`sampling.connector_clock`); None: `t` itself, for callers whose `t` is σ·1000 already (the trainer).
+        """
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -6,21 +6,23 @@ channel; the transformer's output is sliced back to the target rows. The packing
 encoding, image resizing and timestep spacing are the pipeline's own helpers, so with the canvas off
 one branch computes what `FluxKontextPipeline` computes for the same prompt embeddings.
 
-Text: in the paper T5 is dropped; the MLLM's prompt states go through the context connector
-`Linear(MLLM → 3·4096) → SiLU → Linear(→ 4096)` into the joint text stream (paper §2.4). The native
-T5-XXL + CLIP-L from the folder (loaded on request) give the plain FLUX.1-Kontext output before any
-connector is trained; prompts are then encoded by diffusers' own `FluxKontextPipeline.encode_prompt`.
+Text: in the paper T5 is dropped; the MLLM's prompt states go through the context connector `Linear(MLLM → 3·4096) →
+SiLU → Linear(→ 4096)` into the joint text stream (the paper's editing setup: the MLP initialised from UniWorld-V1's).
+The native T5-XXL + CLIP-L from the folder (loaded on request) give the plain FLUX.1-Kontext output before any connector
+is trained; prompts are then encoded by diffusers' own `FluxKontextPipeline.encode_prompt`.
 
-[D] Pooled projection (FLUX's 768-d CLIP pooled slot, which modulates every block with the timestep):
-a constant, the CLIP-L pooled embedding of the empty prompt, computed once when the folder is loaded
-(CLIP is then released). Reason: UniWorld-V1, whose connector MetaCanvas starts from, feeds exactly
-that when it drops T5 (`encode_prompt(..., '' ...)` → pooled), so the connector's states meet the
-pooled input it was trained with, and every piece of prompt information then comes from the MLLM
-(no second text encoder reading the prompt). A folder without `text_encoder/` (the tiny test
-models may omit it) gets zeros.
+Pooled projection (FLUX's 768-d CLIP pooled slot, which modulates every block with the timestep), this project's
+decision (the paper does not say): a constant, the CLIP-L pooled embedding of the empty prompt, computed once when the
+folder is loaded (CLIP is then released). Reason: UniWorld-V1, whose connector MetaCanvas starts from, feeds exactly
+that when it drops T5 (`encode_prompt(..., '' ...)` → pooled), so the connector's states meet the pooled input it was
+trained with, and every piece of prompt information then comes from the MLLM (no second text encoder reading the
+prompt). A folder without `text_encoder/` (the tiny test models may omit it) gets zeros.
 
-Canvas: one canvas token per DiT token (canvas factor 1: 32×32 at 512², 64×64 at 1024²), added
-after `x_embedder` to the target rows only; reference and text rows are never touched (paper §2.3.5).
+Canvas: a fixed 32×32 grid over the target at every size (the fixed canvas rule, `canvas.CANVAS_RULES`): the paper
+states 32×32 = 1024 canvas tokens for editing. It is interpolated to the target's token grid (64×64 at Kontext's 1024²)
+and added after `x_embedder` to the target rows only; reference and text rows are never touched (the paper's §3.4 and
+Fig. 2: the canvas goes to the noisy latent's tokens only). Checkpoints written before issue 25 keep the factor rule
+they were trained with (canvas factor 1: one canvas token per DiT token).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ _CALL_DEFAULTS = inspect.signature(FluxKontextPipeline.__call__).parameters
 DEFAULT_GUIDANCE: float = _CALL_DEFAULTS["guidance_scale"].default
 MAX_SEQUENCE_LENGTH: int = _CALL_DEFAULTS["max_sequence_length"].default
 KONTEXT_AREA = 1024 * 1024  # the area of PREFERRED_KONTEXT_RESOLUTIONS (FLUX.1-Kontext's training buckets)
-CANVAS_SIDE = 32  # paper: a 32×32 canvas at 512² [P]; the checkpoint stores it at 32×32 tokens
+KONTEXT_SIDE = 1024  # FLUX.1-Kontext's square resolution: the default output size
+CANVAS_SIDE = 32  # the paper's editing canvas, 32×32 = 1024 tokens, fixed over the image at every size
 
 REFERENCE_RULE = (
     "The input image is resized, never cropped: to the FLUX.1-Kontext preferred resolution nearest its own "
@@ -102,7 +105,7 @@ class FluxKontextBackbone(Backbone):
     kind = "flux_kontext"
     pipeline_class_names = ("FluxKontextPipeline",)
     context_source = "mllm"
-    canvas_factor = 1
+    canvas_factor = 1  # recorded with the fixed canvas (sizes in multiples of the pixel stride); used by older files
     needs_input_image = True
     batch_guidance = False  # one call per branch, as FluxKontextPipeline does for true CFG (no text mask)
 
@@ -155,8 +158,7 @@ class FluxKontextBackbone(Backbone):
 
     @property
     def default_size(self) -> tuple[int, int]:
-        side = CANVAS_SIDE * self.pixel_stride  # 512² on FLUX.1-Kontext-dev
-        return side, side
+        return KONTEXT_SIDE, KONTEXT_SIDE
 
     @property
     def text_dim(self) -> int:
@@ -173,7 +175,7 @@ class FluxKontextBackbone(Backbone):
     ) -> BackboneSpec:
         """The spec of a FLUX.1-Kontext DiT of these dimensions (this adapter's, or ComfyUI's native model).
 
-        Context connector: UniWorld-V1's, MLLM → 3·4096 → 4096 (paper §2.4).
+        Context connector: UniWorld-V1's, MLLM → 3·4096 → 4096 (the paper's editing setup starts from it).
         """
         pixel_stride = vae_stride * 2  # 2×2 packing
         return BackboneSpec(
@@ -182,12 +184,13 @@ class FluxKontextBackbone(Backbone):
             pixel_stride=pixel_stride,
             text_dim=text_dim,
             attention_heads=attention_heads,
-            default_size=(CANVAS_SIDE * pixel_stride,) * 2,  # 512² on FLUX.1-Kontext-dev
+            default_size=(KONTEXT_SIDE, KONTEXT_SIDE),
             canvas_factor=cls.canvas_factor,
             keyframes=cls.keyframes,
             context_dropout=cls.context_dropout,
             context_hidden_dim=3 * text_dim,
             pooled_dim=pooled_dim,
+            fixed_canvas=(CANVAS_SIDE, CANVAS_SIDE),
         )
 
     # --- the model ---------------------------------------------------------------------------
@@ -268,7 +271,9 @@ class FluxKontextBackbone(Backbone):
         else:
             scheduler.set_timesteps(steps, device=self.device, mu=mu)
 
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, branch: Branch) -> torch.Tensor:
+    def predict(
+        self, latents: torch.Tensor, t: torch.Tensor, branch: Branch, clock: torch.Tensor | None = None
+    ) -> torch.Tensor:
         model = self.transformer
         dtype, device = model.dtype, latents.device
         b, _, lh, lw = latents.shape
@@ -284,7 +289,7 @@ class FluxKontextBackbone(Backbone):
             context = context[:, mask[0].bool()]
         t_model = t.expand(b).to(dtype)  # as FluxKontextPipeline: the model divides by 1000, then scales back
         canvas = branch.canvas
-        clock = t.expand(b).float()  # the connector's clock: the scheduler's σ·1000, in float32
+        clock = (t if clock is None else clock).expand(b).float()  # the connector's σ·1000
 
         def add_canvas(tokens: torch.Tensor) -> torch.Tensor:  # (B, target + reference rows, D)
             return add_to_image_tokens(tokens, canvas, clock, (lh // 2, lw // 2))

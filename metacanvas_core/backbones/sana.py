@@ -1,6 +1,7 @@
 """SANA text-to-image (the paper's T2I study): SanaTransformer2DModel + AutoencoderDC + Gemma-2.
 
-SANA keeps its own Gemma-2 text encoder for the context; the canvas is the only MLLM signal [P].
+SANA keeps its own Gemma-2 text encoder for the context; the canvas is the only MLLM signal (the paper's T2I study,
+whose text names T5: SANA-1.6B's encoder is Gemma-2).
 Prompts are encoded by diffusers' own `SanaPipeline.encode_prompt` with the pipeline's defaults, so
 with the canvas off our sampler computes exactly what `SanaPipeline` computes.
 """
@@ -99,14 +100,16 @@ class SanaBackbone(Backbone):
         s = self.vae_stride
         return batch, self.transformer.config.in_channels, height // s, width // s
 
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, branch: Branch) -> torch.Tensor:
+    def predict(
+        self, latents: torch.Tensor, t: torch.Tensor, branch: Branch, clock: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """SANA has no reference input and no guidance embedding: the branch's text and canvas only."""
         model = self.transformer
         timestep = t.expand(latents.shape[0]) * model.config.timestep_scale
         p = model.config.patch_size
         h, w = latents.shape[-2] // p, latents.shape[-1] // p
         canvas = branch.canvas
-        clock = t.expand(latents.shape[0]).float()  # the connector's clock: the scheduler's σ·1000, in float32
+        clock = (t if clock is None else clock).expand(latents.shape[0]).float()  # the connector's σ·1000
 
         def add_canvas(tokens: torch.Tensor) -> torch.Tensor:  # (B, H·W, D)
             grid = tokens.unflatten(1, (1, h, w))

@@ -5,23 +5,21 @@ image-to-video first frame, reference frames) get timestep 0, noisy ones t; the 
 replaced by the clean image latent before every model call and at the end, as
 `WanImageToVideoPipeline` does, so with the canvas off the arithmetic is the pipeline's.
 
-Context: the paper's is the MLLM's prompt states through the context connector (MLLM → 4× → `text_dim`
-4096, dropout 0.1), replacing umT5 [P]. The native umT5 from the folder (loaded on request) gives
-the plain Wan2.2 output before any connector is trained; prompts are then encoded by diffusers'
-own `WanPipeline.encode_prompt`.
+Context: the paper's (video setup) is the MLLM's prompt states through the context connector (MLLM → 4× → a `text_dim`
+of 4096, dropout 0.1), replacing umT5. The native umT5 from the folder (loaded on request) gives the plain Wan2.2 output
+before any connector is trained; prompts are then encoded by diffusers' own `WanPipeline.encode_prompt`.
 
-Canvas: sparse keyframes (3 × 11×20 at 704×1280 [P]) interpolated linearly to every noisy latent frame;
-the fuse block runs frame by frame. It reaches the noisy target tokens only, never reference frames or
-the clean first frame.
+Canvas: sparse keyframes (the paper's 3 × 11×20 at 704×1280; Table 6 for 3) interpolated linearly to every noisy latent
+frame; the fuse block runs frame by frame. It reaches the noisy target tokens only, never reference frames or the clean
+first frame.
 
-Condition inputs (Wan-Animate style, [D] details): a zero-initialised `Conv3d(z + 2 → width)` patch
-embedding, kept in the MetaCanvas checkpoint, embeds per latent frame [source-video latent (z) |
-is-reference (1) | has-source (1)] and is added to the backbone's own patch embedding. That is exactly
-the backbone's patch embedding with its input channels widened by zero-initialised channels (a conv is
-linear in its input channels), but the pretrained folder loads unchanged and an untrained checkpoint
-adds exact zeros. Reference images are encoded as clean latent frames placed before the video along
-time (Wan-Animate), marked by the is-reference channel; a source video (editing) fills the source
-channels of the target frames.
+Condition inputs (Wan-Animate style as in the paper's Fig. 3 and App. D.2; the details below are this project's
+decisions): a zero-initialised `Conv3d(z + 2 → width)` patch embedding, kept in the MetaCanvas checkpoint, embeds per
+latent frame [source-video latent (z) | is-reference (1) | has-source (1)] and is added to the backbone's own patch
+embedding. That is exactly the backbone's patch embedding with its input channels widened by zero-initialised channels
+(a conv is linear in its input channels), but the pretrained folder loads unchanged and an untrained checkpoint adds
+exact zeros. Reference images are encoded as clean latent frames placed before the video along time (Wan-Animate),
+marked by the is-reference channel; a source video (editing) fills the source channels of the target frames.
 """
 
 from __future__ import annotations
@@ -43,7 +41,7 @@ from ..inputs import ImageRole, VisualInputs
 from .base import Backbone, BackboneSpec, Branch, CanvasInjection, TextContext, patch_embedding_hook, read_json
 
 MAX_SEQUENCE_LENGTH: int = inspect.signature(WanPipeline.__call__).parameters["max_sequence_length"].default
-MAX_REFERENCES = 3  # OmniContext-Video style in-context generation takes 1–3 reference images [P]
+MAX_REFERENCES = 3  # the paper's in-context video (OmniContext-Video style) takes 1–3 reference images
 DEFAULT_SIZE = (704, 1280)  # Wan2.2-TI2V-5B's 720p (also 1280×704)
 FUSE_HEAD_DIM = 32  # Algorithm 1's fuse block: heads of 32 (96 at width 3072)
 
@@ -96,10 +94,10 @@ class WanBackbone(Backbone):
     kind = "wan"
     pipeline_class_names = ("WanPipeline", "WanImageToVideoPipeline")
     context_source = "mllm"
-    canvas_factor = 2  # 11×20 canvas on the 22×40 token grid of 704×1280 [P]
-    keyframes = 3  # [P] Table 6: 3 keyframes beat 1, 6, 11, 31
+    canvas_factor = 2  # the paper's 11×20 canvas on the 22×40 token grid of 704×1280 (the integer factor: ours)
+    keyframes = 3  # the paper's Table 6: 3 keyframes beat 1, 6, 11, 31
     batch_guidance = False  # WanPipeline calls the model once per CFG branch
-    context_dropout = 0.1  # [P] the context MLP's dropout
+    context_dropout = 0.1  # the paper's context MLP dropout (video setup)
     is_video = True
 
     def __init__(self, folder: str, transformer, vae, scheduler_config: dict, text_encoder=None, tokenizer=None):
@@ -343,7 +341,9 @@ class WanBackbone(Backbone):
         """Image-to-video's first frame is given, not learned."""
         return slice(1 if references is not None and references.first_frame is not None else 0, None)
 
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, branch: Branch) -> torch.Tensor:
+    def predict(
+        self, latents: torch.Tensor, t: torch.Tensor, branch: Branch, clock: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-token timesteps take one scalar `t` for the whole call (as diffusers' Wan pipelines)."""
         model = self.transformer
         refs: WanReferences | None = branch.references
@@ -363,7 +363,7 @@ class WanBackbone(Backbone):
         if refs is not None and refs.condition is not None:
             condition = refs.condition(self._condition(refs, frames, latents.shape))
         canvas = branch.canvas
-        clock = t.expand(b).float()  # the connector's clock: the scheduler's σ·1000, in float32
+        clock = (t if clock is None else clock).expand(b).float()  # the connector's σ·1000
 
         def add(out: torch.Tensor) -> torch.Tensor:  # (B, D, T, H', W') before Wan flattens it
             return add_to_patch_embedding(out, canvas, clock, n_ref, noisy, condition)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import UnionType
 from typing import get_args, get_origin, get_type_hints
@@ -53,6 +53,9 @@ class TrainConfig:
     data: list[dict]
     init_checkpoint: str | None = None  # a MetaCanvas file to start from (e.g. the previous stage's)
     init_from: dict | None = None  # module → weights file in another project's layout (`init.py`)
+    # module → the weights the paper starts it from (and keeps frozen). A run whose init_from (or init_checkpoint)
+    # does not give one starts that module fresh and trains it, and says so at start (`fresh_modules`).
+    init_expected: dict | None = None
     context_source: str | None = None  # new checkpoints: "native" or "mllm" (default: mllm when the context MLP trains)
     use_canvas: bool | None = None  # default: when a canvas part is trained or an init checkpoint is given
     mllm_lora: dict | None = None  # LoraConfig kwargs: r, lora_alpha, lora_dropout, target_modules
@@ -75,6 +78,10 @@ class TrainConfig:
     mixed_precision: str = "auto"  # "auto" (bf16 on GPU, none on CPU), "bf16", "no"
     sharding: str = "ddp"  # "ddp" (replicas) or "fsdp" (FSDP2: trained modules sharded over the processes)
     grad_accum: int = 1  # micro-batches per optimizer step and process (global batch: batch_size × processes × this)
+    # Samples per optimizer step over all processes (the paper's effective batch): the run takes
+    # global_batch / (batch_size × processes) micro-batches per process (`accumulation`). A data source may set its
+    # own `batch_size` and `global_batch` (images and videos of one stage). None: grad_accum micro-batches.
+    global_batch: int | None = None
     gradient_checkpointing: bool = False
     frozen_dtype: str = "fp32"  # dtype of models that are not trained at all ("bf16" for the real ones)
     latent_cache: str | None = None  # folder for VAE latents (relative: in the output folder); built at the start
@@ -116,6 +123,16 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "grad_accum", "frames", "log_every"):
             if getattr(self, key) < 1:
                 raise bad(f"{key} must be at least 1")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise bad("global_batch must be at least 1")
+        if self.global_batch is not None and self.grad_accum != 1:
+            raise bad(
+                f"grad_accum {self.grad_accum} and global_batch {self.global_batch} both set the accumulation: set one "
+                "(--set global_batch=null to count micro-batches with grad_accum)"
+            )
+        unknown = sorted(set(self.init_expected or {}) - {"context_connector"})
+        if unknown:
+            raise bad(f"init_expected names {unknown}; only 'context_connector' has a known source (init_from)")
         for key in (
             "eval_samples",
             "samples",
@@ -139,6 +156,12 @@ class TrainConfig:
             weight = src.get("weight", 1.0)
             if not isinstance(weight, int | float) or isinstance(weight, bool) or weight <= 0:
                 raise bad(f"data[{i}]: weight must be positive")
+            for key in ("batch_size", "global_batch"):
+                value = src.get(key, 1)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise bad(f"data[{i}]: {key} must be an integer of at least 1, not {value!r}")
+            if "global_batch" in src and self.grad_accum != 1:
+                raise bad(f"data[{i}] sets global_batch and grad_accum is {self.grad_accum}: set one of them")
         if self.timestep_sampling not in ("logit_normal", "uniform"):
             raise bad("timestep_sampling is 'logit_normal' or 'uniform'")
         if self.mixed_precision not in ("auto", "bf16", "no"):
@@ -152,6 +175,50 @@ class TrainConfig:
 
 
 HINTS = get_type_hints(TrainConfig)
+
+
+def source_batches(config: TrainConfig, source: dict) -> tuple[int, int | None]:
+    """A data source's micro-batch per process and its global batch per step (None: grad_accum micro-batches)."""
+    return source.get("batch_size", config.batch_size), source.get("global_batch", config.global_batch)
+
+
+def accumulation(config: TrainConfig, source: dict, name: str, processes: int) -> int:
+    """Micro-batches per process and optimizer step for a data source, so that micro-batch × processes × this is
+    its global batch; refuses a global batch the processes and micro-batch do not divide, naming the fix."""
+    batch, total = source_batches(config, source)
+    if total is None:
+        return config.grad_accum
+    per_step = batch * processes
+    if total % per_step:
+        fits = [n for n in range(1, total // batch + 1) if total % (batch * n) == 0]
+        raise MetaCanvasInputError(
+            f"recipe '{config.name}', source '{name}': global_batch {total} is not a multiple of batch_size {batch} x "
+            f"{processes} processes = {per_step}: run on a number of GPUs that divides it ({', '.join(map(str, fits))}"
+            f"), or change batch_size or global_batch (--set)."
+        )
+    return total // per_step
+
+
+def fresh_modules(config: TrainConfig) -> dict[str, str]:
+    """The modules of `init_expected` this run starts fresh (neither init_from nor init_checkpoint gives them), with
+    what the paper starts them from: they train, though the paper keeps them as initialised."""
+    if config.init_checkpoint:
+        return {}
+    given = config.init_from or {}
+    return {module: what for module, what in (config.init_expected or {}).items() if module not in given}
+
+
+def as_run(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """The config a run trains with (its fresh modules added to `trainable`) and the notices to show at start."""
+    fresh = fresh_modules(config)
+    notices = [
+        f"recipe '{config.name}': {module} starts from random weights and trains, where the paper starts it from "
+        f'{what} and keeps it frozen: give that file with --set \'init_from={{"{module}": "FILE"}}\' '
+        "(docs/TRAINING.md)."
+        for module, what in fresh.items()
+    ]
+    trainable = config.trainable + [m for m in fresh if m not in config.trainable]
+    return replace(config, trainable=trainable), notices
 
 
 def _pair(b) -> bool:

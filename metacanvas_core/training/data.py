@@ -13,7 +13,8 @@ folder (or absolute). Every record has a `kind`:
 
 Optional on every record: "width" and "height" of the target (saves opening the file for bucketing).
 A video is a video file or a folder of frames. Input files (source, image of i2v/recon, references) go
-to the MLLM and, for backbones that take input images, to the backbone as well (paper §2.1).
+to the MLLM and, for backbones that take input images, to the backbone as well (the paper's Fig. 1: both the MLLM's
+visual encoder and the VAE encode them).
 
 Every kind is validated; a backbone trains only on the kinds it can take (`BACKBONE_KINDS`).
 A bad record (unknown kind, missing field, missing or unreadable file) raises `ManifestError` naming
@@ -72,7 +73,7 @@ BACKBONE_KINDS: dict[str, tuple[str, ...]] = {
     "flux_kontext": ("edit",),  # FLUX-Kontext edits: every sample needs an input image
     "wan": tuple(RECORD_KINDS),
 }
-RECON_PROMPT = "Reconstruct this image."  # [D] the prompt of a recon record without one
+RECON_PROMPT = "Reconstruct this image."  # our choice (the paper gives none): a recon record without a prompt
 
 
 @dataclass(frozen=True)
@@ -342,11 +343,10 @@ class DataMix:
         weights = torch.tensor([s.weight for s in sources], dtype=torch.float64)
         self.weights = weights / weights.sum()
 
-    def next(self, step: int, world: int, rank: int, accum: int = 1) -> tuple[Source, list[tuple[int, list]]]:
-        """The step's source and this process's `accum` micro-batches of it, each with its draw number."""
+    def pick(self, step: int) -> int:
+        """The index of the step's source (`Source.draw` then gives each process its micro-batches of it)."""
         g = torch.Generator().manual_seed(_seed(self.seed, 7, step))
-        source = self.sources[int(torch.multinomial(self.weights, 1, generator=g))]
-        return source, source.draw(world, rank, accum)
+        return int(torch.multinomial(self.weights, 1, generator=g))
 
     def state(self) -> dict:
         """This process's position in every source."""

@@ -1,7 +1,7 @@
 """Start MetaCanvas modules from another project's trained weights (`init_from` in a recipe).
 
-`context_connector` ← UniWorld-V1's `denoise_projector` (paper §2.4: the FLUX-Kontext context MLP is initialised
-from it). UniWorld's module is `Sequential(Linear(3584, 3·4096), SiLU, Linear(3·4096, 4096))`
+`context_connector` ← UniWorld-V1's `denoise_projector` (the paper's editing setup initialises the FLUX-Kontext
+context MLP from it). UniWorld's module is `Sequential(Linear(3584, 3·4096), SiLU, Linear(3·4096, 4096))`
 (univa/models/modeling_univa_denoise_tower.py), so its keys are `denoise_projector.{0,2}.{weight,bias}` under
 whatever prefix the file has (`denoise_tower.` in a whole UniWorld model shard); ours names the two Linears
 `net.0` and `net.3` (SiLU and Dropout between them).

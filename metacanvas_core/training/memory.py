@@ -1,5 +1,7 @@
 """The memory plan of a recipe: parameters trained and frozen, and the bytes of weights, gradients and AdamW state
-per GPU under DDP and under FSDP, from the shipped configs of the real models built on the meta device.
+per GPU under DDP and under FSDP, from the shipped configs of the real models built on the meta device; and each data
+source's batch per optimizer step on that many GPUs (micro-batch per GPU × GPUs × micro-batches accumulated), which
+the trainer derives from the recipe's `global_batch` the same way (`config.accumulation`).
 
 Counted: every model the trainer loads (MLLM, DiT, VAE, SANA's Gemma-2) in the dtype it loads it in, the trained
 parameters' fp32 gradients and AdamW's two fp32 moments. Not counted: activations (recipes checkpoint them), the
@@ -19,7 +21,7 @@ import torch
 from .. import realconfigs
 from ..errors import MetaCanvasInputError
 from ..metacanvas import new_metacanvas
-from .config import TrainConfig
+from .config import TrainConfig, accumulation, as_run, source_batches
 from .parts import add_dit_lora, select_parameters
 
 # Model folder names of the recipes (or of folders exported from them) → shipped configs (metacanvas_core/configs/).
@@ -46,6 +48,7 @@ class Module:
 class MemoryPlan:
     recipe: str
     modules: list[Module]
+    config: TrainConfig  # as run: the batches per step come from its data sources
 
     def per_gpu(self, gpus: int, fsdp: bool) -> dict[str, float]:
         """GiB per GPU of weights, gradients and optimizer state (and their total)."""
@@ -68,6 +71,12 @@ class MemoryPlan:
             g = self.per_gpu(gpus, fsdp)
             row = "".join(f"{g[k]:>{w}.1f}" for k, w in (("weights", 10), ("gradients", 11), ("optimizer", 11)))
             lines.append(f"  {label:<34}{row}{g['total']:>9.1f}")
+        lines.append(f"  batch per step on {gpus} GPUs (accumulating micro-batches adds nothing to the memory above)")
+        for i, source in enumerate(self.config.data):
+            name = source.get("name") or f"data[{i}]"
+            per_gpu, _ = source_batches(self.config, source)
+            accum = accumulation(self.config, source, name, gpus)
+            lines.append(f"  {name:<34}{per_gpu * gpus * accum:>6} = {per_gpu}/GPU x {gpus} GPUs x {accum} accumulated")
         return "\n".join(lines)
 
 
@@ -90,6 +99,7 @@ def plan(config: TrainConfig) -> MemoryPlan:
 
     from ..backbones import BACKBONES
 
+    config, _ = as_run(config)  # with the modules it starts fresh (trained) when init_from does not give them
     stem = shipped_config(config.backbone)
     cfg = realconfigs.load(stem)
     kind = next(k for k, cls in BACKBONES.items() if cfg["model_index"]["_class_name"] in cls.pipeline_class_names)
@@ -121,4 +131,4 @@ def plan(config: TrainConfig) -> MemoryPlan:
     ]
     if text_encoder is not None:
         modules.insert(3, module("text encoder", text_encoder, backbone_bytes, False))
-    return MemoryPlan(config.name, modules)
+    return MemoryPlan(config.name, modules, config)

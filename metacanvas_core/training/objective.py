@@ -1,12 +1,15 @@
 """The training objective: rectified-flow velocity loss through MLLM → connectors → backbone.
 
-Per sample: x_t = (1 − σ)·x0 + σ·noise, target = noise − x0, the backbone called at t = σ·T (T = the
-scheduler's num_train_timesteps, 1000: the timesteps the sampler passes). Condition dropout: a dropped
-sample gets the empty prompt's context and no canvas, exactly the sampler's unconditional branch, so
-classifier-free guidance has a learned null branch (paper §2.6 [D]). Everything random in a step
-(dropout draws, σ, noise) comes from a generator seeded by (seed, step, draw), `draw` being the micro-batch's
-place in the step's global batch, so a resumed run repeats the loss trace of an uninterrupted one, and a step
-is the same whether its micro-batches run on several processes or one after another on one.
+Per sample: x_t = (1 − σ)·x0 + σ·noise, target = noise − x0, the backbone and the canvas connector called at
+t = σ·T in float32 (T = the scheduler's num_train_timesteps, 1000: the connector's clock on every path). Condition
+dropout, this project's decision (the paper trains with a velocity loss only and does not say how its guidance's
+null branch is learned; BLIP3o, whose code it builds on, drops conditions with p = 0.1): a dropped sample gets the
+empty prompt's context and no canvas, exactly the sampler's unconditional branch. Everything random about a sample
+(its dropout draw, σ, noise) comes from a generator seeded by (seed, step, place), `place` being the sample's place
+in the step's global batch, so a resumed run repeats the loss trace of an uninterrupted one, and a step is the same
+whether its samples run as one batch, as micro-batches one after another (gradient accumulation) or on several
+processes, up to the rounding of the sums (dropout inside trained modules, such as a LoRA's, draws from the global
+generator, seeded per micro-batch by the trainer).
 
 The projection is the inference path's (`conditioning.align_canvas`, `mllm_context`,
 `CanvasInjection.on_tokens`, `Backbone.prepare_references`), with gradients on.
@@ -89,15 +92,24 @@ class FlowMatchingObjective(nn.Module):
             self._text_cache.pop(next(iter(self._text_cache)))
         return hit
 
-    def forward(self, batch: Batch, step: int, draw: int = 0, train: bool = True) -> torch.Tensor:
+    def draws(self, n: int, step: int, first: int, shape: torch.Size, train: bool) -> tuple[torch.Tensor, ...]:
+        """Dropout flags (n,), noise (n, *shape) and σ (n,) of samples first .. first + n − 1 of a step's global batch,
+        each from its own generator: a sample's draws do not depend on how the batch is cut into micro-batches."""
+        drops, noises, sigmas = [], [], []
+        for place in range(first, first + n):
+            g = torch.Generator().manual_seed(_seed(self.config.seed, 11, step, place))
+            drops.append(bool(torch.rand(1, generator=g) < self.config.cond_dropout) if train else False)
+            noises.append(torch.randn(shape, generator=g))
+            sigmas.append(self.sigmas(1, g))
+        return torch.tensor(drops, dtype=torch.bool), torch.stack(noises), torch.cat(sigmas)
+
+    def forward(self, batch: Batch, step: int, first: int = 0, train: bool = True) -> torch.Tensor:
+        """The loss of a micro-batch whose first sample is sample `first` of the step's global batch."""
         c, mc = self.config, self.mc
         planner, backbone = self.frozen.planner, self.frozen.backbone
         dev = backbone.device
         b = len(batch.texts)
-        g = torch.Generator().manual_seed(_seed(c.seed, 11, step, draw))
-        drop = (torch.rand(b, generator=g) < c.cond_dropout) if train else torch.zeros(b, dtype=torch.bool)
-        noise = torch.randn(batch.latents.shape, generator=g)
-        sigma = self.sigmas(b, g)
+        drop, noise, sigma = self.draws(b, step, first, batch.latents.shape[1:], train)
         order = sorted(range(b), key=lambda i: bool(drop[i]))  # kept samples first: the canvas rows are 0..k
         kept = [i for i in order if not drop[i]]
         x0 = batch.latents[order].to(dev)
@@ -130,7 +142,7 @@ class FlowMatchingObjective(nn.Module):
                     f"recipe '{c.name}': the {backbone.kind} backbone takes one set of input images per call, "
                     "so batch_size must be 1 (scale the batch with more processes)."
                 )
-            v = backbone.predict(x_t, t, Branch(text, canvas, refs[0]))
+            v = backbone.predict(x_t, t, Branch(text, canvas, refs[0]), t)
             return F.mse_loss(v.float(), target.float())
         # Video backbones take one scalar timestep per call (their per-token timesteps): one call per sample.
         losses = []
@@ -138,7 +150,7 @@ class FlowMatchingObjective(nn.Module):
             row = None
             if canvas is not None and i < len(kept):
                 row = CanvasInjection(canvas.connector, canvas.canvas[i : i + 1], slice(0, 1))
-            v = backbone.predict(x_t[i : i + 1], t[i], Branch(text.sample(i), row, refs[i]))
+            v = backbone.predict(x_t[i : i + 1], t[i], Branch(text.sample(i), row, refs[i]), t[i])
             frames = backbone.loss_frames(refs[i])
             losses.append(F.mse_loss(v[:, :, frames].float(), target[i : i + 1, :, frames].float()))
         return torch.stack(losses).mean()

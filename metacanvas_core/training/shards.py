@@ -203,7 +203,16 @@ class ShardSource:
 
     @classmethod
     def from_spec(
-        cls, name: str, spec: dict, weight: float, buckets, config, rank: int, world: int, kinds: tuple[str, ...]
+        cls,
+        name: str,
+        spec: dict,
+        weight: float,
+        buckets,
+        config,
+        rank: int,
+        world: int,
+        kinds: tuple[str, ...],
+        batch_size: int,
     ) -> ShardSource:
         unknown = sorted(set(spec) - set(OPTIONS))
         if unknown or "shards" not in spec:
@@ -219,7 +228,7 @@ class ShardSource:
         decode = Decoder(kind, keys, list(buckets), config.frames)
         shards = expand_shards(spec["shards"])
         workers = spec.get("workers", 2)
-        return cls(name, shards, decode, weight, config.batch_size, config.seed, rank, world, workers,
+        return cls(name, shards, decode, weight, batch_size, config.seed, rank, world, workers,
                    config.skip_bad_records)  # fmt: skip
 
     # --- the stream -------------------------------------------------------------------------

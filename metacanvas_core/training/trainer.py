@@ -29,7 +29,7 @@ from ..metacanvas import default_context_source, new_metacanvas
 from ..planner import CanvasLora, Planner
 from . import checkpoints
 from .batches import BatchMaker, ImageEncoder
-from .config import TrainConfig, resolve_path
+from .config import TrainConfig, accumulation, as_run, resolve_path, source_batches
 from .data import BACKBONE_KINDS, DataMix, Source, _seed, read_manifest
 from .export import export_backbone, export_metacanvas
 from .init import init_modules
@@ -55,10 +55,12 @@ class Trainer:
         progress: bool = True,
         encode: ImageEncoder | None = None,
     ) -> None:
-        """`encode`: an image encoder for the targets in place of the backbone's VAE (experiments)."""
+        """`encode`: an image encoder for the targets in place of the backbone's VAE (experiments). `notices`: what
+        the run does differently from the paper's recipe and why (`config.as_run`), for the caller to show at start."""
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
+        config, self.notices = as_run(config)
         self.config = config
         self.out = Path(output_dir)
         self.max_steps = max_steps or config.max_steps
@@ -125,7 +127,8 @@ class Trainer:
         self.backbone_folder = self._model_folder(c.backbone)
         self.planner = Planner.from_folder(self.mllm_folder, dtype=frozen, device=self.device)
         torch.manual_seed(c.seed)  # the global RNG (dropout in LoRAs and connectors) follows the recipe
-        source = c.context_source or (ContextSource.MLLM if "context_connector" in c.trainable else None)
+        mllm_context = "context_connector" in c.trainable or "context_connector" in (c.init_from or {})
+        source = c.context_source or (ContextSource.MLLM if mllm_context else None)
         if c.init_checkpoint:
             self.mc = load_metacanvas(resolve_path(c.init_checkpoint), self.device)
             source = self.mc.config.context_source
@@ -197,13 +200,16 @@ class Trainer:
     # --- data -------------------------------------------------------------------------------
     def _load_data(self) -> DataMix:
         c = self.config
+        acc = self.accelerator
         buckets = [tuple(b) for b in c.buckets]
         kinds = BACKBONE_KINDS.get(self.backbone.kind, ("t2i",))
         sources = []
+        self.accum: list[int] = []  # micro-batches per process and step, by source
         for i, src in enumerate(c.data):
+            batch, _ = source_batches(c, src)
             if "webdataset" in src:
-                acc = self.accelerator
                 name = src.get("name") or f"{i}:webdataset"
+                self.accum.append(accumulation(c, src, name, acc.num_processes))
                 sources.append(
                     ShardSource.from_spec(
                         name,
@@ -214,6 +220,7 @@ class Trainer:
                         acc.process_index,
                         acc.num_processes,
                         kinds,
+                        batch,
                     )
                 )
                 continue
@@ -226,9 +233,10 @@ class Trainer:
                 manifest = folder / f"{spec.get('kind', 't2i')}.jsonl"
             else:
                 manifest = resolve_path(src["manifest"])
-            records = read_manifest(manifest, c.skip_bad_records, kinds)
             name = src.get("name") or f"{i}:{manifest.name}"
-            sources.append(Source(name, records, float(src.get("weight", 1.0)), buckets, c.batch_size, c.seed + i))
+            self.accum.append(accumulation(c, src, name, acc.num_processes))
+            records = read_manifest(manifest, c.skip_bad_records, kinds)
+            sources.append(Source(name, records, float(src.get("weight", 1.0)), buckets, batch, c.seed + i))
         mix = DataMix(sources, c.seed)
         if self.batches.cache is not None:
             if self.accelerator.is_main_process:
@@ -321,20 +329,25 @@ class Trainer:
             m.train(mode)
         return total / max(n, 1)
 
-    def _micro_step(self, source, draw: int, items: list, last: bool) -> torch.Tensor:
-        """Forward and backward of one micro-batch; gradients are reduced over the processes with the last one."""
+    def accumulate(self, source, micro: list[tuple[int, list]]) -> torch.Tensor:
+        """Forward and backward of this process's micro-batches of a step (`Source.draw`: each with its draw number,
+        its place among the step's micro-batches), gradients summed as one batch's mean; they are reduced over the
+        processes with the last one. Returns the mean loss."""
         acc, c = self.accelerator, self.config
-        torch.manual_seed(_seed(c.seed, 13, self.step, draw))  # dropout in LoRAs and connectors
-        batch = self.batches.make(source, items)
-        if last or acc.num_processes == 1:
-            sync = contextlib.nullcontext()
-        else:
-            sync = no_sync(self.module) if self.sharded else acc.no_sync(self.module)
-        with sync:
-            with acc.autocast():
-                loss = self.module(batch, self.step, draw)
-            acc.backward(loss / c.grad_accum)
-        return loss.detach()
+        losses = []
+        for i, (draw, items) in enumerate(micro):
+            torch.manual_seed(_seed(c.seed, 13, self.step, draw))  # dropout in LoRAs and connectors
+            batch = self.batches.make(source, items)
+            if i == len(micro) - 1 or acc.num_processes == 1:
+                sync = contextlib.nullcontext()
+            else:
+                sync = no_sync(self.module) if self.sharded else acc.no_sync(self.module)
+            with sync:
+                with acc.autocast():
+                    loss = self.module(batch, self.step, draw * source.batch_size)
+                acc.backward(loss / len(micro))
+            losses.append(loss.detach())
+        return torch.stack(losses).mean()
 
     def train(self) -> list[float]:
         """Run to `max_steps`; returns this run's losses (one per step)."""
@@ -353,12 +366,12 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not (self.progress and acc.is_main_process))
         saved_at = None
         while self.step < self.max_steps:
-            source, micro = self.mix.next(self.step, acc.num_processes, acc.process_index, c.grad_accum)
+            pick = self.mix.pick(self.step)
+            source = self.mix.sources[pick]
+            micro = source.draw(acc.num_processes, acc.process_index, self.accum[pick])
             start = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]
-            loss = torch.stack(
-                [self._micro_step(source, d, items, i == len(micro) - 1) for i, (d, items) in enumerate(micro)]
-            ).mean()
+            loss = self.accumulate(source, micro)
             if c.grad_clip:
                 acc.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], c.grad_clip)
             self.optimizer.step()
