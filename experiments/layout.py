@@ -5,7 +5,7 @@ in `toy_mllm`, or with `--mllm random` left random), the same tiny SANA-style Di
 (random init per seed, all parameters trained), the same data, steps, seed and learning rate, run by the
 pack's own trainer (`training.Trainer`):
 
-  global           context connector only (MLLM prompt states → DiT cross-attention), no canvas
+  global           context connector only (MLLM prompt states -> DiT cross-attention), no canvas
   canvas           MetaCanvas: canvas + canvas connector (align + fuse) + the same context connector
   no_timestep      canvas, the fuse block without timestep conditioning          (Table 3 row 2)
   no_fuse          canvas, no fuse block: the aligned canvas added to the patches (Table 3 row 3)
@@ -176,7 +176,7 @@ _HUES = _hsv(np.array([list(COLOURS.values())], dtype=np.uint8))[0, :, 0]
 def colour_mass(image) -> np.ndarray:
     """(colours, 9): the fraction of each grid cell's pixels of each palette colour.
 
-    A pixel is coloured when saturated and bright enough (S ≥ 0.35, V ≥ 0.25; the background is not) and
+    A pixel is coloured when saturated and bright enough (S >= 0.35, V >= 0.25; the background is not) and
     takes the palette colour of nearest hue, so a darker or paler shade of blue still counts as blue, as a
     person (or GenEval's colour classifier) would say.
     """
@@ -229,7 +229,7 @@ def judge_all(images, scenes) -> dict[str, float]:
 
 
 # --- the pixel autoencoder --------------------------------------------------------------------
-# (B, H, W, 3) in 0..1 ↔ (B, 4, H/4, W/4): 4×4 means in −1..1 plus a zero channel (the DiT has 4).
+# (B, H, W, 3) in 0..1 <-> (B, 4, H/4, W/4): 4×4 means in -1..1 plus a zero channel (the DiT has 4).
 PIXELS = PixelCodec(STRIDE, 4)
 
 
@@ -340,7 +340,7 @@ class Settings:
 
 @torch.no_grad()
 def generate(trainer, scenes: list[list[Obj]], use_canvas: bool, s: Settings) -> list[np.ndarray]:
-    """Held-out images from the trainer's current weights through the pack's Plan → Project → sample path."""
+    """Held-out images from the trainer's current weights through the pack's Plan -> Project -> sample path."""
     from metacanvas_core.conditioning import project
     from metacanvas_core.sampling import sample
 

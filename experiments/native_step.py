@@ -7,7 +7,7 @@ canvas path really runs. Run with ComfyUI's Python (the pack's benchmark command
 
 tiny: narrow models at small sizes (on CPU this measures the patch's overhead, not model time); real: random weights
 at the real configs (Wan2.2-TI2V-5B at 704×1280×121, FLUX.1-Kontext at 1024² with a 1024² reference), bf16, on a GPU.
-Target (issue 12): with ÷ without ≤ 1.05 per step; memory: + the connector's weights only.
+Target (issue 12): with ÷ without <= 1.05 per step; memory: + the connector's weights only.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         if peaks:
             connector = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
             line += (
-                f"; peak {peaks['without'] / 2**30:.2f} → {peaks['with'] / 2**30:.2f} GiB "
+                f"; peak {peaks['without'] / 2**30:.2f} -> {peaks['with'] / 2**30:.2f} GiB "
                 f"(connector weights {connector / 2**30:.2f} GiB)"
             )
         print(line)

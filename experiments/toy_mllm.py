@@ -27,7 +27,7 @@ SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 def answer_of(scene, cells: tuple[str, ...]) -> str:
     """The grounding answer: occupied cells in reading order, each with its object."""
     by_cell = {cell: f"{colour} {shape}" for shape, colour, cell in scene}
-    names = [c.split(" the ")[-1] for c in cells]  # "at the top left" → "top left"
+    names = [c.split(" the ")[-1] for c in cells]  # "at the top left" -> "top left"
     return "; ".join(f"{names[k]}: {by_cell[k]}" for k in sorted(by_cell))
 
 

@@ -126,7 +126,7 @@ def _interleaved(runs: dict[str, Callable], repeats: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in _timed(runs, repeats).items()}
 
 
-EXTRA_LAYERS = 2  # a layer's cost = (model with 1 + EXTRA_LAYERS layers − model with 1) / EXTRA_LAYERS
+EXTRA_LAYERS = 2  # a layer's cost = (model with 1 + EXTRA_LAYERS layers - model with 1) / EXTRA_LAYERS
 
 
 def connector_share(tokens: int, repeats: int) -> None:
@@ -220,7 +220,7 @@ def connector_share(tokens: int, repeats: int) -> None:
         step = times["base"] + sum((config[key] - 1) * per_layer[key] for key in layer_keys)
         layers = ", ".join(f"{config[k]} × {per_layer[k] * 1e3:.0f} ms" for k in layer_keys)
         print(
-            f"    {name} (width {width}): step ≈ {step * 1e3:.0f} ms ({layers}), connector "
+            f"    {name} (width {width}): step ~ {step * 1e3:.0f} ms ({layers}), connector "
             f"{times['connector'] * 1e3:.1f} ms = {100 * times['connector'] / step:.2f}% of a step"
         )
 

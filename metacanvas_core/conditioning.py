@@ -1,4 +1,4 @@
-"""Projection: what the MLLM wrote → what a DiT takes. One code path for inference and training.
+"""Projection: what the MLLM wrote -> what a DiT takes. One code path for inference and training.
 
 The canvas states are aligned to the DiT width once (`align_canvas`; they do not depend on the noise
 or the timestep), then interpolated to the token grid of the latents being denoised
@@ -47,7 +47,7 @@ class Conditioning:
 
 
 def align_canvas(connector: CanvasConnector, states: torch.Tensor, grid: CanvasGrid) -> torch.Tensor:
-    """Canvas states (B, K·Hc·Wc, mllm_dim) → the aligned canvas (B, K, Hc, Wc, dit_width)."""
+    """Canvas states (B, K·Hc·Wc, mllm_dim) -> the aligned canvas (B, K, Hc, Wc, dit_width)."""
     dtype = next(connector.parameters()).dtype
     aligned = connector.align(states.to(dtype))
     return rearrange(aligned, "b (k h w) d -> b k h w d", k=grid.frames, h=grid.height, w=grid.width)

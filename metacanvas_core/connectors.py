@@ -1,6 +1,6 @@
 """The two small modules that carry the MLLM's output into a DiT (paper §3.4, Fig. 2, Algorithm 1).
 
-CanvasConnector: align (Linear → pre-norm Transformer block → zero Linear) maps canvas states to DiT
+CanvasConnector: align (Linear -> pre-norm Transformer block -> zero Linear) maps canvas states to DiT
 width; fuse (one SANA linear-attention block with AdaLN-single timestep modulation and no
 cross-attention, then a zero `out_proj`) turns "patch embeddings + canvas" into a residual on the
 patch embeddings. Both projections start at zero, so an untrained connector leaves the backbone
@@ -77,7 +77,7 @@ def _zero_linear(dim_in: int, dim_out: int) -> nn.Linear:
 
 
 class CanvasConnector(ModelMixin, ConfigMixin):
-    """MLLM canvas states → a residual on the DiT's patch embeddings of the noisy target."""
+    """MLLM canvas states -> a residual on the DiT's patch embeddings of the noisy target."""
 
     FUSE_MODES = ("block", "none")
     INJECT_MODES = ("patch_embed", "latent")
@@ -126,7 +126,7 @@ class CanvasConnector(ModelMixin, ConfigMixin):
             self.out_proj = _zero_linear(dit_dim, dit_dim)
 
     def align(self, canvas_states: torch.Tensor) -> torch.Tensor:
-        """(B, N, mllm_dim) canvas hidden states → (B, N, dit_dim) (latent injection: latent channels × patch²)."""
+        """(B, N, mllm_dim) canvas hidden states -> (B, N, dit_dim) (latent injection: latent channels × patch²)."""
         return self.align_out(self.align_block(self.align_in(canvas_states)))
 
     @property
@@ -148,7 +148,7 @@ class CanvasConnector(ModelMixin, ConfigMixin):
         """Residual (N, H·W, D) for patch tokens (N, H·W, D) given the aligned canvas on the same grid.
 
         N folds batch and frames (the block attends within a frame); `timestep` (N,) is the connector's clock,
-        σ·1000. The block runs `chunk_tokens // (H·W)` frames at a time (at least one; None: all at once), so its
+        sigma·1000. The block runs `chunk_tokens // (H·W)` frames at a time (at least one; None: all at once), so its
         activations are bounded by the chunk, not the video, and computes in the patch tokens' dtype (the
         backbone's compute dtype), its weights cast to it once per call. fp32 stays where bf16/fp16 is not
         numerically safe: the clock and its embedding (a timestep near 1000 has only 8 significant bits in bf16, and
@@ -179,7 +179,7 @@ class CanvasConnector(ModelMixin, ConfigMixin):
 
 
 class ContextConnector(ModelMixin, ConfigMixin):
-    """MLLM prompt states → a backbone's text slot: the paper's 2-layer MLP, Linear → SiLU → Linear, with dropout."""
+    """MLLM prompt states -> a backbone's text slot: the paper's 2-layer MLP, Linear -> SiLU -> Linear, with dropout."""
 
     @register_to_config
     def __init__(self, mllm_dim: int, hidden_dim: int, text_dim: int, dropout: float = 0.0):
@@ -193,7 +193,7 @@ class ContextConnector(ModelMixin, ConfigMixin):
 
 
 class ConditionEmbedding(ModelMixin, ConfigMixin):
-    """Condition latents + masks → patch embeddings, added to the backbone's own (Wan-Animate style inputs).
+    """Condition latents + masks -> patch embeddings, added to the backbone's own (Wan-Animate style inputs).
 
     Equal to widening the backbone's patch-embedding conv by `in_channels` zero-initialised input
     channels (a conv is linear in its inputs), without touching the pretrained weights: no bias,
@@ -207,7 +207,7 @@ class ConditionEmbedding(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
-        """(B, in_channels, T, h, w) → (B, width, T, h/p, w/p), the patch embedding's layout."""
+        """(B, in_channels, T, h, w) -> (B, width, T, h/p, w/p), the patch embedding's layout."""
         return self.proj(condition.to(self.proj.weight.dtype))
 
 

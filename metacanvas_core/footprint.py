@@ -45,7 +45,7 @@ def count(model: nn.Module, skip: tuple[str, ...] = ()) -> Weights:
     return Weights(sum(p.numel() for p in params.values()), sum(p.numel() for n, p in params.items() if n in linear))
 
 
-# Model label → shipped config ('stem' or 'stem/part'). Qwen2.5-VL without its lm_head: the planner never decodes,
+# Model label -> shipped config ('stem' or 'stem/part'). Qwen2.5-VL without its lm_head: the planner never decodes,
 # and ComfyUI's single file has none (the pack ties it to the embeddings).
 MODELS = {
     "Qwen2.5-VL-7B": "qwen2_5_vl_7b_instruct",

@@ -172,7 +172,7 @@ class Plan:
 
 
 def _single_file_tokenizer(header: SafetensorsFile, folder: str | Path | None):
-    """The tokenizer of a single file: embedded in its metadata (`tokenizer`: file name → text), or `folder`'s."""
+    """The tokenizer of a single file: embedded in its metadata (`tokenizer`: file name -> text), or `folder`'s."""
     import tempfile
 
     from transformers import AutoTokenizer

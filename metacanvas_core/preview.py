@@ -13,7 +13,7 @@ NOISE_FLOOR = 1e-6
 
 
 def pca_rgb(features: torch.Tensor) -> torch.Tensor:
-    """(N, D) features → (N, 3) in 0..1: the first three principal components, each scaled to 0..1 over the N rows.
+    """(N, D) features -> (N, 3) in 0..1: the first three principal components, each scaled to 0..1 over the N rows.
 
     Deterministic: an exact SVD of the centred features (float64, CPU), each component's sign fixed so that its
     largest-magnitude loading is positive. Components that do not exist or carry no variance (an untrained

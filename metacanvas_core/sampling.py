@@ -36,7 +36,7 @@ def sample(
 
     Guidance, with v_c = (prompt, canvas, input images), v_i = (negative, no canvas, input images) and
     v_u = (negative, no canvas, no input images), as InstructPix2Pix combines them:
-    v = v_u + image_cfg·(v_i − v_u) + cfg·(v_c − v_i). `cfg` ≤ 1 drops the text term's null branch
+    v = v_u + image_cfg·(v_i - v_u) + cfg·(v_c - v_i). `cfg` <= 1 drops the text term's null branch
     (cfg counts as 1); `image_cfg` applies only to backbones with input-image references
     (FLUX-Kontext) and is off at 1. `guidance` is the embedded guidance of distilled models (FLUX).
     Both default to the conditioning's own (`Conditioning.guidance`, `.image_cfg`).
@@ -94,8 +94,8 @@ def sample(
 
 
 def connector_clock(scheduler, step: int, device: torch.device) -> torch.Tensor:
-    """The canvas connector's clock at a scheduler's step: σ·1000 in float32 from its sigmas, as the trainer
+    """The canvas connector's clock at a scheduler's step: sigma·1000 in float32 from its sigmas, as the trainer
     (`objective.py`) and ComfyUI's native path (`nodes/native.py`) compute it. The UniPC and DPM schedulers' own
-    timesteps are int64, rounded down from σ·1000 (up to one unit off), so the connector never reads them; the DiT
+    timesteps are int64, rounded down from sigma·1000 (up to one unit off), so the connector never reads them; the DiT
     still gets them, as the diffusers pipelines pass them."""
     return scheduler.sigmas[step].to(device, torch.float32) * 1000

@@ -67,7 +67,7 @@ def _byte_bpe(special: list[str], vocab_size: int, bos: str | None = None, corpu
 
 
 def write_tiny_qwen(folder: Path, seed: int = 0, corpus: list[str] = _CORPUS, vocab_size: int = 320) -> Path:
-    """Qwen2.5-VL with hidden size 64, 2 layers, a 2-block vision tower; images of 56×56 → 4 tokens.
+    """Qwen2.5-VL with hidden size 64, 2 layers, a 2-block vision tower; images of 56×56 -> 4 tokens.
 
     The tokenizer is a byte-level BPE of `vocab_size` trained on `corpus`.
     """
@@ -434,7 +434,7 @@ def write_all(models: Path) -> dict[str, Path]:
 
 
 # --- ComfyUI's own single files (native graphs: core loaders + MetaCanvas Apply) ----------------------------------
-# diffusers' Wan transformer names → the original (ComfyUI's, Comfy-Org's files) names: diffusers' own conversion
+# diffusers' Wan transformer names -> the original (ComfyUI's, Comfy-Org's files) names: diffusers' own conversion
 # (`convert_wan_transformer_to_diffusers`) read backwards. norm2/norm3 swap places (cross-attention's norm).
 _WAN_ORIGINAL_NAMES = [
     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
@@ -496,7 +496,7 @@ def tiny_native_wan(seed: int = 0):
 
 
 def _random_layout(name: str, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Seeded random weights for a shipped layout (key → shape of ComfyUI's own model class): norms 1, biases 0,
+    """Seeded random weights for a shipped layout (key -> shape of ComfyUI's own model class): norms 1, biases 0,
     other weights N(0, 1/fan_in), so activations stay finite through a real-size VAE or DiT."""
     import json
 

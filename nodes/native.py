@@ -11,7 +11,7 @@
 - DIFFUSION_MODEL (every model call): for the batch rows whose conditioning carries a canvas, sets what the hook
   adds with the pack's own functions (`wan.add_to_patch_embedding`, `flux.add_to_image_tokens`): only noisy target
   tokens (never Kontext reference tokens, Wan reference frames or frames at timestep 0), the connector's clock
-  σ·1000; under a context window, the canvas, its mask and Wan's source video cut to the window's frames. Every
+  sigma·1000; under a context window, the canvas, its mask and Wan's source video cut to the window's frames. Every
   assumption about ComfyUI's calling convention that decides where the canvas goes is checked here.
 
 Nothing of the model is replaced or object-patched: weights keep their names, so LoRA loaders, fp8 weight dtypes,
@@ -109,7 +109,7 @@ class ModelCall:
     """What the patch-embedding hook adds during one model call (set by the DIFFUSION_MODEL wrapper)."""
 
     canvas: CanvasInjection | None
-    clock: torch.Tensor  # the connector's σ·1000 per batch row
+    clock: torch.Tensor  # the connector's sigma·1000 per batch row
     n_ref: int = 0  # Wan: reference frames before the video
     noisy: torch.Tensor | None = None  # Wan: (B, F) 1 on the frames being denoised
     condition: torch.Tensor | None = None  # Wan: the condition embedding of the call's frames
@@ -242,7 +242,7 @@ class MetaCanvasPatch:
         chunk = x.shape[0] // len(uuids)
         with_canvas = [(i, run.canvases[u]) for i, u in enumerate(uuids) if u in run.canvases]
         rows = [i * chunk + r for i, _ in with_canvas for r in range(chunk)]
-        clock = torch.cat([options["sigmas"].float()] * len(uuids)).to(x.device) * 1000  # the connector's σ·1000
+        clock = torch.cat([options["sigmas"].float()] * len(uuids)).to(x.device) * 1000  # the connector's sigma·1000
         if self.spec.kind == FluxKontextBackbone.kind:
             run.call = self._flux(args, kwargs, x, with_canvas, rows, chunk, clock)
         else:

@@ -2,10 +2,10 @@
 by the core samplers (KSampler, SamplerCustomAdvanced, DualCFGGuider), with core LoRA loaders, fp8 weights, GGUF
 and ComfyUI's memory manager as they are.
 
-- MetaCanvas Apply (MODEL → MODEL): the canvas patch on the native model (`native.py`).
-- MetaCanvas Text Conditioning (plan → positive, negative): the MLLM's prompt through the context connector, as
+- MetaCanvas Apply (MODEL -> MODEL): the canvas patch on the native model (`native.py`).
+- MetaCanvas Text Conditioning (plan -> positive, negative): the MLLM's prompt through the context connector, as
   native CONDITIONING (the paper's text path for Wan2.2 and FLUX-Kontext; no umT5/T5 needed).
-- MetaCanvas Attach Canvas (CONDITIONING → CONDITIONING): the plan's canvas on a positive conditioning — from Text
+- MetaCanvas Attach Canvas (CONDITIONING -> CONDITIONING): the plan's canvas on a positive conditioning — from Text
   Conditioning, or from core Load CLIP + CLIP Text Encode (native context) — with strength and mask.
 - MetaCanvas Wan Inputs: reference images / a source video of the plan, encoded by the native Wan2.2 VAE, for
   in-context video and video editing (image-to-video's first frame goes through core Wan22ImageToVideoLatent).

@@ -94,7 +94,7 @@ def wan_cond(planner, tiny):
 
 
 def test_video_masks_per_frame_and_one_for_all(wan_cond):
-    """9 frames → 3 latent frames. A per-frame mask on the first pixel frame only reaches latent frame 0 (frames map
+    """9 frames -> 3 latent frames. A per-frame mask on the first pixel frame only reaches latent frame 0 (frames map
     onto latent frames linearly, ends aligned); one mask for all frames confines every frame to its region."""
     wan, cond = wan_cond
     frames = 9

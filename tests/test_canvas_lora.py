@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from metacanvas_core.checkpoint import load_metacanvas, save_metacanvas
 from metacanvas_core.errors import MetaCanvasInputError
@@ -138,7 +139,7 @@ def test_a_recipe_with_settings_inference_cannot_apply_is_refused(tiny):
 WITHOUT_PEFT = """
 import importlib.util, sys
 from pathlib import Path
-import torch
+from safetensors.torch import save_file
 sys.modules["peft"] = sys.modules["accelerate"] = None
 root, out = Path(sys.argv[1]), sys.argv[2]
 spec = importlib.util.spec_from_file_location(
@@ -152,7 +153,7 @@ m = pack.NODE_CLASS_MAPPINGS
 (backbone,) = m["MetaCanvasBackboneLoader"]().load("tiny-sana", "fp32", True)
 (mc,) = m["MetaCanvasConnectorLoader"]().load(mllm, "with_lora.safetensors", backbone=backbone)
 (plan,) = m["MetaCanvasPlan"]().plan(mllm, mc, sys.argv[3], "", 64, 64)
-torch.save(plan.canvas, out)
+save_file({"canvas": plan.canvas.contiguous()}, out)
 """
 
 
@@ -164,7 +165,7 @@ def test_nodes_plan_with_a_lora_checkpoint_without_peft(tiny, models_dir, tmp_pa
     planner = Planner.load(tiny["mllm_file"])
     mc = load_metacanvas(tiny["sana_metacanvas"]).with_lora(random_lora(planner, "with_lora"))
     save_metacanvas(mc, models / "metacanvas" / "with_lora.safetensors")
-    out = tmp_path / "canvas.pt"
+    out = tmp_path / "canvas.safetensors"
     env = {**os.environ, "METACANVAS_MODELS": str(models)}
     res = subprocess.run(
         [sys.executable, "-c", WITHOUT_PEFT, str(ROOT), str(out), PROMPT], env=env, capture_output=True, text=True
@@ -173,4 +174,4 @@ def test_nodes_plan_with_a_lora_checkpoint_without_peft(tiny, models_dir, tmp_pa
     planner.add_canvas_lora(mc.lora).eval()  # the same plan through peft
     with torch.no_grad():
         expected = load_metacanvas(models / "metacanvas" / "with_lora.safetensors").plan(planner, PROMPT, 64, 64)
-    assert torch.equal(torch.load(out), expected.canvas)
+    assert torch.equal(load_file(str(out))["canvas"], expected.canvas)

@@ -451,7 +451,7 @@ def pipeline_frames(api: dict, backbone, input_dir: Path, task: str) -> torch.Te
     out = pipe(
         **call,
         image=image,
-        true_cfg_scale=s["cfg"],  # ≤ 1: no true CFG, as our Sampler's cfg ≤ 1 drops the text term's null branch
+        true_cfg_scale=s["cfg"],  # <= 1: no true CFG, as our Sampler's cfg <= 1 drops the text term's null branch
         guidance_scale=guidance["guidance"],
         max_area=s["height"] * s["width"],
         _auto_resize=False,

@@ -83,7 +83,7 @@ if IN_HARNESS:
 
     def native_flux(guidance: bool = True, seed: int = 4):
         """ComfyUI's Flux, configured by its own detection from the weights (one head of 128, one block of each kind),
-        weights from a seeded diffusers FluxTransformer2DModel through ComfyUI's own diffusers→BFL key map."""
+        weights from a seeded diffusers FluxTransformer2DModel through ComfyUI's own diffusers->BFL key map."""
         from diffusers import FluxTransformer2DModel
 
         from experiments.native_step import comfy_model_config, flux_from_diffusers
@@ -328,7 +328,7 @@ if IN_HARNESS:
         pack_residual, native_residual = pack_on[0] - pack_off[0], native_on[0] - native_off[0]
         assert pack_residual.abs().max() > 0
         torch.testing.assert_close(native_residual, pack_residual, rtol=0, atol=1e-6)
-        print(f"residual: max |pack − native| = {(pack_residual - native_residual).abs().max().item():.3g}")
+        print(f"residual: max |pack - native| = {(pack_residual - native_residual).abs().max().item():.3g}")
 
     def test_strength_zero_and_a_zero_mask_are_no_canvas(pack, mllm, wan):
         model, _ = wan

@@ -73,7 +73,7 @@ NATIVE = [
     "native_image_editing",
 ]
 BYPASSED = "native_image_editing_bypassed"  # FluxKontextImageScale bypassed in the editor (mode 4)
-TINY_FILES = {  # the workflows' Comfy-Org file names → the tiny files (metacanvas_core.tiny.write_tiny_native)
+TINY_FILES = {  # the workflows' Comfy-Org file names -> the tiny files (metacanvas_core.tiny.write_tiny_native)
     "wan2.2_ti2v_5B_fp16.safetensors": "tiny-wan2.2_ti2v_5B.safetensors",
     "wan2.2_vae.safetensors": "tiny-wan2.2_vae.safetensors",
     "flux1-dev-kontext_fp8_scaled.safetensors": "tiny-flux1-dev-kontext.safetensors",

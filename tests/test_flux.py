@@ -54,7 +54,7 @@ def test_backbone_geometry(flux, trained, planner):
     assert flux.pixel_stride == 16 and flux.vae_stride == 8  # f8 VAE + 2×2 packing, as FLUX
     assert flux.default_size == (1024, 1024) and trained.config.canvas_grid == (1, 32, 32)  # the paper's 32×32
     assert trained.config.canvas_rule == "fixed" and trained.canvas_grid(1024, 512).as_thw() == [1, 32, 32]
-    connector = trained.context_connector.net  # Linear(MLLM → 3·text) → SiLU → Linear(→ text)
+    connector = trained.context_connector.net  # Linear(MLLM -> 3·text) -> SiLU -> Linear(-> text)
     assert (connector[0].in_features, connector[0].out_features) == (planner.hidden_size, 3 * flux.text_dim)
     assert connector[-1].out_features == flux.text_dim == flux.transformer.config.joint_attention_dim
     assert flux.pooled.shape == (1, flux.transformer.config.pooled_projection_dim) and flux.pooled.abs().sum() > 0
@@ -84,7 +84,7 @@ def test_reference_tokens_follow_kontext(planner, flux, trained):
     cond = make_cond(planner, flux, trained, image=photo(96, 48))
     refs = cond.references
     rh, rw = refs.size
-    assert (rh, rw) == (32, 80)  # 2:1 input → Kontext's 1456×720 bucket, scaled to the 64² output area
+    assert (rh, rw) == (32, 80)  # 2:1 input -> Kontext's 1456×720 bucket, scaled to the 64² output area
     n = (rh // 16) * (rw // 16)
     assert refs.tokens.shape == (1, n, 64) and refs.ids.shape == (n, 3)
     assert torch.all(refs.ids[:, 0] == 1)  # first id channel 1, as FluxKontextPipeline

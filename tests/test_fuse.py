@@ -1,5 +1,5 @@
 """The canvas connector's fuse block at real size: chunked over frames (bounded memory) with the same result, run in the
-backbone's compute dtype, one clock (σ·1000 in float32) on every backbone; stage S2's inert canvas skipped."""
+backbone's compute dtype, one clock (sigma·1000 in float32) on every backbone; stage S2's inert canvas skipped."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_live_tensor_bytes_counts_what_the_block_makes():
 
 @pytest.mark.parametrize("kind", ["sana", "flux_kontext", "wan"])
 def test_one_clock_on_every_backbone(kind, tiny, planner):
-    """Each backbone hands the fuse block the clock it is given (σ·1000 in float32), not the DiT's int64 timestep,
+    """Each backbone hands the fuse block the clock it is given (sigma·1000 in float32), not the DiT's int64 timestep,
     unrounded, even with a bf16 backbone and a bf16 connector (a bf16 clock would be 988 here)."""
     backbone = load_backbone(tiny[kind], dtype=torch.bfloat16, text_encoder=False)
     mc = new_metacanvas(planner.hidden_size, backbone.spec, "mllm").to(torch.bfloat16)
@@ -112,7 +112,7 @@ def test_one_clock_on_every_backbone(kind, tiny, planner):
         refs = backbone.prepare_references(VisualInputs(images=[Image.new("RGB", (s, s))]), s, s)
     seen = []
     mc.canvas_connector.time_embed.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    t, sigma_1000 = torch.tensor(987), torch.tensor(987.6543)  # a UniPC/DPM timestep and its step's σ·1000
+    t, sigma_1000 = torch.tensor(987), torch.tensor(987.6543)  # a UniPC/DPM timestep and its step's sigma·1000
     with torch.no_grad():
         backbone.predict(backbone.initial_noise(0, 1, s, s, frames), t, Branch(text, canvas, refs), sigma_1000)
     (clock,) = seen

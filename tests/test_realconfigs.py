@@ -46,7 +46,7 @@ def test_flux_kontext_geometry_and_connectors():
     assert (flux.width, flux.pixel_stride, flux.default_size, flux.text_dim) == (3072, 16, (1024, 1024), 4096)
     assert flux.token_grid(1024, 1024) == (1, 64, 64)  # Kontext's own size
     assert flux.spec.canvas_rule == "fixed" and flux.spec.canvas_grid() == CanvasGrid(1, 32, 32)  # the paper's 32×32
-    assert flux.spec.context_hidden_dim == 3 * 4096  # UniWorld-V1's: Linear(3584 → 3·4096) → SiLU → Linear(→ 4096)
+    assert flux.spec.context_hidden_dim == 3 * 4096  # UniWorld-V1's: Linear(3584 -> 3·4096) -> SiLU -> Linear(-> 4096)
     with torch.device("meta"):
         mc = new_metacanvas(3584, flux.spec, "mllm")
     for h, w in [(1024, 1024), (832, 1248), (1568, 672), (512, 512)]:  # Kontext's resolutions and the paper's 512²
@@ -79,7 +79,7 @@ def test_wan2_2_ti2v_5b_geometry_and_connectors():
     dit = sum(p.numel() for p in transformer.parameters())
     assert 4.9e9 < dit < 5.1e9  # the 5B transformer
     with torch.device("meta"):
-        mc = new_metacanvas(3584, wan.spec, "mllm")  # the paper's context MLP 3584 → 4× → 4096
+        mc = new_metacanvas(3584, wan.spec, "mllm")  # the paper's context MLP 3584 -> 4× -> 4096
     context = mc.context_connector
     assert context.net[0].out_features == 4 * 3584 and context.net[-1].out_features == 4096
     assert mc.config.context_connector["dropout"] == 0.1 and mc.config.canvas_grid == (3, 11, 20)

@@ -52,7 +52,7 @@ def test_untrained_equals_sana_pipeline(sana, fresh_cond, scheduler):
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_connector_clock_is_sigma_times_1000_in_float32(sana, fresh_cond, scheduler):
-    """Every scheduler: the fuse block's clock is the step's σ·1000 in float32 (what training and ComfyUI's native path
+    """Every scheduler: the fuse block's clock is the step's sigma·1000 in float32 (what training and ComfyUI's native path
     give it), not the scheduler's timestep, which UniPC and DPM round down to int64 for the DiT."""
     seen = []
     hook = fresh_cond.connector.time_embed.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))

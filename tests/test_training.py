@@ -20,7 +20,7 @@ from metacanvas_core.training.trainer import Trainer
 
 
 def chain(loaded, checkpoint):
-    """Connector Loader → Plan → Project → Sampler → Decode, as in test_nodes."""
+    """Connector Loader -> Plan -> Project -> Sampler -> Decode, as in test_nodes."""
     m, mllm, backbone = loaded
     (mc,) = run(m["MetaCanvasConnectorLoader"], mllm=mllm, backbone=backbone, checkpoint=checkpoint)
     kw = dict(width=64, height=64)
@@ -98,7 +98,7 @@ def test_loss_falls_on_the_synthetic_set(trained):
     assert end < 0.8 * start, (start, end)
     record = metrics(trained)[1]
     assert set(record) >= {"step", "loss", "lr", "samples_per_s"} and record["step"] == 1
-    assert any((trained / "latents").rglob("*.pt"))  # the latent cache was built and used
+    assert any((trained / "latents").rglob("*.safetensors"))  # the latent cache was built and used
 
 
 def test_four_samples_overfit(tiny, tmp_path):

@@ -41,8 +41,8 @@ def image_tokens(planner, prompt, images, budget):
 def test_budget_caps_each_image(real_processor_planner):
     p = real_processor_planner
     assert image_tokens(p, "edit", [WIDE], None) == 25 * 46  # Qwen's own limit: 1150 tokens for 1280×704
-    assert image_tokens(p, "edit", [WIDE], 144) == 8 * 16  # ≤ 144, aspect kept (224×448 px)
-    assert image_tokens(p, "edit", [WIDE], 1024) == 23 * 43  # ≤ 1024 (644×1204 px)
+    assert image_tokens(p, "edit", [WIDE], 144) == 8 * 16  # <= 144, aspect kept (224×448 px)
+    assert image_tokens(p, "edit", [WIDE], 1024) == 23 * 43  # <= 1024 (644×1204 px)
     assert image_tokens(p, "edit", [WIDE, WIDE, SMALL], 144) == 2 * 128 + 4  # each picture on its own; small stays
     # The limits handed to the processor: tokens × 28², never above the processor's own maximum.
     assert p.image_size_limits(144) == {"shortest_edge": 3136, "longest_edge": 144 * 28 * 28}
@@ -55,7 +55,7 @@ def test_video_frames_at_the_budget(real_processor_planner):
     frames = p.seen(video, 144)
     assert len(frames) == 8 and all(f.size == (16 * 28, 9 * 28) for f in frames)  # 9 × 16 = 144 tokens each
     assert image_tokens(p, "make it snow", frames, 144) == 8 * 144
-    assert all(f.size == (14 * 28, 7 * 28) for f in p.seen(video, 100))  # 7 × 14 = 98 ≤ 100
+    assert all(f.size == (14 * 28, 7 * 28) for f in p.seen(video, 100))  # 7 × 14 = 98 <= 100
 
 
 def test_default_budgets():
@@ -83,7 +83,7 @@ def test_recorded_and_used_by_the_plan(real_processor_planner, sana, tmp_path):
         wider = loaded.plan(p, "a boat", 64, 64, inputs, visual_tokens=144)  # the Plan node's override
         # the context-only pass (training's dropped samples) reads the same pictures
         alone = p.prompt_states("a boat", inputs, loaded.config.visual_tokens)
-    assert plan.context.shape[1] == text + 2 * 5 and wider.context.shape[1] == text + 8 * 16  # ≤ 16, ≤ 144
+    assert plan.context.shape[1] == text + 2 * 5 and wider.context.shape[1] == text + 8 * 16  # <= 16, <= 144
     assert alone.shape == plan.context.shape
 
     # A checkpoint from before the budget was trained with the processor's own limit, and plans so.

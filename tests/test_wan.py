@@ -17,7 +17,7 @@ from metacanvas_core.inputs import VisualInputs
 from metacanvas_core.metacanvas import new_metacanvas
 from metacanvas_core.sampling import sample
 
-H = W = 64  # tiny Wan: pixel stride 32, canvas factor 2 → a 1×1 canvas per keyframe; 128 → 2×2
+H = W = 64  # tiny Wan: pixel stride 32, canvas factor 2 -> a 1×1 canvas per keyframe; 128 -> 2×2
 PROMPT = "a red ball rolls from left to right"
 
 

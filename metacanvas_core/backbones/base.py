@@ -164,7 +164,7 @@ class CanvasInjection:
     def residual(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """The fuse block's residual (b, T, H, W, D) for the patch tokens (B, T, H, W, D) of `rows`, in their dtype.
 
-        `timestep` (B,) is the connector's clock, σ·1000, in float32 on every backbone (the fuse block keeps it so).
+        `timestep` (B,) is the connector's clock, sigma·1000, in float32 on every backbone (the fuse block keeps it so).
         The fuse block runs frame by frame, `(b t) (h w) d`, a chunk of frames at a time (`CanvasConnector.fuse`).
         """
         if self.in_latents:
@@ -202,7 +202,7 @@ class CanvasInjection:
 
 def mask_on_tokens(mask: torch.Tensor, token_grid: tuple[int, int, int]) -> torch.Tensor:
     """A mask (b, frames, height, width) in 0..1 on a token grid (T, H, W): each token the mean of its pixels;
-    frames interpolated linearly with the first and last aligned (4k+1 video frames → every 4th), one frame: all."""
+    frames interpolated linearly with the first and last aligned (4k+1 video frames -> every 4th), one frame: all."""
     t, h, w = token_grid
     b, f = mask.shape[:2]
     m = F.interpolate(mask.float().flatten(0, 1)[:, None], size=(h, w), mode="area")[:, 0].unflatten(0, (b, f))
@@ -415,21 +415,21 @@ class Backbone(ABC):
         """Velocity for `latents` at timestep `t` (a scalar or one per sample), for one branch.
 
         `t` goes to the DiT as the backbone's diffusers pipeline passes it (the UniPC and DPM schedulers' timesteps are
-        int64, up to one unit below σ·1000), so an untrained canvas gives the pipeline's output exactly. `clock` is the
-        canvas connector's: σ·1000 in float32 (a scalar or one per sample), as training and ComfyUI's native path give
-        it (`sampling.connector_clock`); None: `t` itself, for callers whose `t` is σ·1000 already (the trainer).
+        int64, up to one unit below sigma·1000), so an untrained canvas gives the pipeline's output exactly. `clock` is the
+        canvas connector's: sigma·1000 in float32 (a scalar or one per sample), as training and ComfyUI's native path give
+        it (`sampling.connector_clock`); None: `t` itself, for callers whose `t` is sigma·1000 already (the trainer).
         """
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images (B, H, W, 3) float in 0..1."""
+        """Latents -> images (B, H, W, 3) float in 0..1."""
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, H, W, 3) float in 0..1 → the latents `decode` inverts (training targets).
+        """Images (B, H, W, 3) float in 0..1 -> the latents `decode` inverts (training targets).
 
         Default for diffusers image VAEs: AutoencoderDC's `latent`, AutoencoderKL's distribution mode,
-        then (x − shift_factor) · scaling_factor. Backbones with other latent normalisations override it.
+        then (x - shift_factor) · scaling_factor. Backbones with other latent normalisations override it.
         """
         x = (images.permute(0, 3, 1, 2) * 2 - 1).to(self.device, self.vae.dtype)
         out = self.vae.encode(x)

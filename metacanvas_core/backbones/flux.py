@@ -6,15 +6,15 @@ channel; the transformer's output is sliced back to the target rows. The packing
 encoding, image resizing and timestep spacing are the pipeline's own helpers, so with the canvas off
 one branch computes what `FluxKontextPipeline` computes for the same prompt embeddings.
 
-Text: in the paper T5 is dropped; the MLLM's prompt states go through the context connector `Linear(MLLM → 3·4096) →
-SiLU → Linear(→ 4096)` into the joint text stream (the paper's editing setup: the MLP initialised from UniWorld-V1's).
+Text: in the paper T5 is dropped; the MLLM's prompt states go through the context connector `Linear(MLLM -> 3·4096) ->
+SiLU -> Linear(-> 4096)` into the joint text stream (the paper's editing setup: the MLP initialised from UniWorld-V1's).
 The native T5-XXL + CLIP-L from the folder (loaded on request) give the plain FLUX.1-Kontext output before any connector
 is trained; prompts are then encoded by diffusers' own `FluxKontextPipeline.encode_prompt`.
 
 Pooled projection (FLUX's 768-d CLIP pooled slot, which modulates every block with the timestep), this project's
 decision (the paper does not say): a constant, the CLIP-L pooled embedding of the empty prompt, computed once when the
 folder is loaded (CLIP is then released). Reason: UniWorld-V1, whose connector MetaCanvas starts from, feeds exactly
-that when it drops T5 (`encode_prompt(..., '' ...)` → pooled), so the connector's states meet the pooled input it was
+that when it drops T5 (`encode_prompt(..., '' ...)` -> pooled), so the connector's states meet the pooled input it was
 trained with, and every piece of prompt information then comes from the MLLM (no second text encoder reading the
 prompt). A folder without `text_encoder/` (the tiny test models may omit it) gets zeros.
 
@@ -52,7 +52,7 @@ CANVAS_SIDE = 32  # the paper's editing canvas, 32×32 = 1024 tokens, fixed over
 
 REFERENCE_RULE = (
     "The input image is resized, never cropped: to the FLUX.1-Kontext preferred resolution nearest its own "
-    "aspect ratio (1024×1024, 1248×832, 1568×672, ...), scaled by √(output width·height / 1024²), each side "
+    "aspect ratio (1024×1024, 1248×832, 1568×672, ...), scaled by sqrt(output width·height / 1024²), each side "
     "floored to a multiple of 16. So it keeps its aspect ratio whatever the output's, and holds about as "
     "many tokens as the output."
 )
@@ -89,7 +89,7 @@ def add_to_image_tokens(
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) VAE latents → (B, h/2·w/2, 4C) FLUX tokens, with the pipeline's own helper."""
+    """(B, C, h, w) VAE latents -> (B, h/2·w/2, 4C) FLUX tokens, with the pipeline's own helper."""
     b, c, h, w = latents.shape
     return FluxKontextPipeline._pack_latents(latents, b, c, h, w)
 
@@ -175,7 +175,7 @@ class FluxKontextBackbone(Backbone):
     ) -> BackboneSpec:
         """The spec of a FLUX.1-Kontext DiT of these dimensions (this adapter's, or ComfyUI's native model).
 
-        Context connector: UniWorld-V1's, MLLM → 3·4096 → 4096 (the paper's editing setup starts from it).
+        Context connector: UniWorld-V1's, MLLM -> 3·4096 -> 4096 (the paper's editing setup starts from it).
         """
         pixel_stride = vae_stride * 2  # 2×2 packing
         return BackboneSpec(
@@ -254,7 +254,7 @@ class FluxKontextBackbone(Backbone):
         return FluxReferences(pack(latents), ids, (rh, rw))
 
     def set_timesteps(self, scheduler, steps: int, height: int, width: int) -> None:
-        """FluxKontextPipeline's spacing: sigmas 1 → 1/steps, shifted by the target's token count."""
+        """FluxKontextPipeline's spacing: sigmas 1 -> 1/steps, shifted by the target's token count."""
         c = scheduler.config
         mu = None
         if c.get("use_dynamic_shifting"):
@@ -289,7 +289,7 @@ class FluxKontextBackbone(Backbone):
             context = context[:, mask[0].bool()]
         t_model = t.expand(b).to(dtype)  # as FluxKontextPipeline: the model divides by 1000, then scales back
         canvas = branch.canvas
-        clock = (t if clock is None else clock).expand(b).float()  # the connector's σ·1000
+        clock = (t if clock is None else clock).expand(b).float()  # the connector's sigma·1000
 
         def add_canvas(tokens: torch.Tensor) -> torch.Tensor:  # (B, target + reference rows, D)
             return add_to_image_tokens(tokens, canvas, clock, (lh // 2, lw // 2))

@@ -109,7 +109,7 @@ class SanaBackbone(Backbone):
         p = model.config.patch_size
         h, w = latents.shape[-2] // p, latents.shape[-1] // p
         canvas = branch.canvas
-        clock = (t if clock is None else clock).expand(latents.shape[0]).float()  # the connector's σ·1000
+        clock = (t if clock is None else clock).expand(latents.shape[0]).float()  # the connector's sigma·1000
 
         def add_canvas(tokens: torch.Tensor) -> torch.Tensor:  # (B, H·W, D)
             grid = tokens.unflatten(1, (1, h, w))

@@ -5,7 +5,7 @@ image-to-video first frame, reference frames) get timestep 0, noisy ones t; the 
 replaced by the clean image latent before every model call and at the end, as
 `WanImageToVideoPipeline` does, so with the canvas off the arithmetic is the pipeline's.
 
-Context: the paper's (video setup) is the MLLM's prompt states through the context connector (MLLM → 4× → a `text_dim`
+Context: the paper's (video setup) is the MLLM's prompt states through the context connector (MLLM -> 4× -> a `text_dim`
 of 4096, dropout 0.1), replacing umT5. The native umT5 from the folder (loaded on request) gives the plain Wan2.2 output
 before any connector is trained; prompts are then encoded by diffusers' own `WanPipeline.encode_prompt`.
 
@@ -14,7 +14,7 @@ frame; the fuse block runs frame by frame. It reaches the noisy target tokens on
 first frame.
 
 Condition inputs (Wan-Animate style as in the paper's Fig. 3 and App. D.2; the details below are this project's
-decisions): a zero-initialised `Conv3d(z + 2 → width)` patch embedding, kept in the MetaCanvas checkpoint, embeds per
+decisions): a zero-initialised `Conv3d(z + 2 -> width)` patch embedding, kept in the MetaCanvas checkpoint, embeds per
 latent frame [source-video latent (z) | is-reference (1) | has-source (1)] and is added to the backbone's own patch
 embedding. That is exactly the backbone's patch embedding with its input channels widened by zero-initialised channels
 (a conv is linear in its input channels), but the pretrained folder loads unchanged and an untrained checkpoint adds
@@ -188,7 +188,7 @@ class WanBackbone(Backbone):
     ) -> BackboneSpec:
         """The spec of a Wan2.2-TI2V DiT of these dimensions (this adapter's, or ComfyUI's native model).
 
-        Condition inputs: [source latent (z) | is-reference | has-source] per latent frame → the DiT width.
+        Condition inputs: [source latent (z) | is-reference | has-source] per latent frame -> the DiT width.
         """
         return BackboneSpec(
             kind=cls.kind,
@@ -237,7 +237,7 @@ class WanBackbone(Backbone):
 
     @torch.no_grad()
     def encode_video(self, frames: list[Image.Image], height: int, width: int) -> torch.Tensor:
-        """Frames → normalised latents (1, z, (n−1)/4+1, h, w), resized to height × width (stretched)."""
+        """Frames -> normalised latents (1, z, (n-1)/4+1, h, w), resized to height × width (stretched)."""
         pixels = self.video_processor.preprocess_video(frames, height=height, width=width)  # (1, 3, n, H, W)
         pixels = pixels.to(self.device, self.vae.dtype)
         latents = self.vae.encode(pixels).latent_dist.mode()
@@ -245,7 +245,7 @@ class WanBackbone(Backbone):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (1, z, F, h, w) → frames (4(F−1)+1, H, W, 3) on the CPU, one latent frame at a time.
+        """Latents (1, z, F, h, w) -> frames (4(F-1)+1, H, W, 3) on the CPU, one latent frame at a time.
 
         The same causal-cache loop as `AutoencoderKLWan._decode`, but each decoded chunk leaves the
         GPU at once, so a 121-frame 704×1280 video never sits decoded in GPU memory.
@@ -363,7 +363,7 @@ class WanBackbone(Backbone):
         if refs is not None and refs.condition is not None:
             condition = refs.condition(self._condition(refs, frames, latents.shape))
         canvas = branch.canvas
-        clock = (t if clock is None else clock).expand(b).float()  # the connector's σ·1000
+        clock = (t if clock is None else clock).expand(b).float()  # the connector's sigma·1000
 
         def add(out: torch.Tensor) -> torch.Tensor:  # (B, D, T, H', W') before Wan flattens it
             return add_to_patch_embedding(out, canvas, clock, n_ref, noisy, condition)

@@ -1,4 +1,4 @@
-"""Batch assembly: records of a data source → target latents, prompts and what each sample shows.
+"""Batch assembly: records of a data source -> target latents, prompts and what each sample shows.
 
 Targets are encoded by the backbone's VAE (images) or video VAE (clips), or read from a latent cache
 built once at the start (manifest sources); an experiment may give its own image encoder. Samples of
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from ..backbones import Backbone
 from ..errors import MetaCanvasInputError
@@ -24,7 +25,7 @@ from ..inputs import NO_INPUTS, ImageRole, VisualInputs
 from .data import RECORD_KINDS, DataMix, ManifestError, Record, Source, load_frames, load_image, load_input_image
 from .shards import ShardSample, ShardSource
 
-ImageEncoder = Callable[[torch.Tensor], torch.Tensor]  # images (B, H, W, 3) in 0..1 → latents (B, C, h, w)
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]  # images (B, H, W, 3) in 0..1 -> latents (B, C, h, w)
 
 
 @dataclass
@@ -85,7 +86,7 @@ class BatchMaker:
         return torch.cat(out)
 
     def _cache_path(self, source: Source, index: int, height: int, width: int) -> Path:
-        return self.cache / re.sub(r"\W", "_", source.name) / f"{index:08d}_{height}x{width}.pt"
+        return self.cache / re.sub(r"\W", "_", source.name) / f"{index:08d}_{height}x{width}.safetensors"
 
     def build_cache(self, mix: DataMix) -> None:
         """Encode every record's target at its bucket size once (call on the main process only)."""
@@ -105,7 +106,7 @@ class BatchMaker:
                 path = self._cache_path(source, index, h, w)
                 if not path.is_file():
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save(self.encode([record], h, w)[0].cpu(), path)
+                    save_file({"latent": self.encode([record], h, w)[0].cpu().contiguous()}, str(path))
 
     # --- batches ----------------------------------------------------------------------------
     def make(self, source: Source | ShardSource, draw: list) -> Batch:
@@ -116,7 +117,7 @@ class BatchMaker:
         records = [source.records[i] for i in indices]
         h, w = source.buckets[source.bucket_of[indices[0]]]
         if self.cache is not None:
-            latents = torch.stack([torch.load(self._cache_path(source, i, h, w)) for i in indices])
+            latents = torch.stack([load_file(str(self._cache_path(source, i, h, w)))["latent"] for i in indices])
         else:
             latents = self.encode(records, h, w)
         inputs = [self.visual_inputs(r, h, w) for r in records]

@@ -22,7 +22,7 @@ from ..planner import CANVAS_LORA_SETTINGS
 PARTS = (
     "canvas",  # canvas embeddings and start marker
     "canvas_connector",
-    "context_connector",  # MLLM → text-slot MLP (MLLM-context backbones)
+    "context_connector",  # MLLM -> text-slot MLP (MLLM-context backbones)
     "condition_embedding",  # Wan: the zero-initialised input channels for source video / reference frames
     "mllm_lora",  # canvas-only (activated) LoRA on the MLLM; needs `mllm_lora` settings
     "dit",  # every DiT parameter
@@ -52,8 +52,8 @@ class TrainConfig:
     buckets: list[list[int]]  # (height, width) pairs
     data: list[dict]
     init_checkpoint: str | None = None  # a MetaCanvas file to start from (e.g. the previous stage's)
-    init_from: dict | None = None  # module → weights file in another project's layout (`init.py`)
-    # module → the weights the paper starts it from (and keeps frozen). A run whose init_from (or init_checkpoint)
+    init_from: dict | None = None  # module -> weights file in another project's layout (`init.py`)
+    # module -> the weights the paper starts it from (and keeps frozen). A run whose init_from (or init_checkpoint)
     # does not give one starts that module fresh and trains it, and says so at start (`fresh_modules`).
     init_expected: dict | None = None
     context_source: str | None = None  # new checkpoints: "native" or "mllm" (default: mllm when the context MLP trains)
@@ -70,7 +70,7 @@ class TrainConfig:
     timestep_sampling: str = "logit_normal"  # or "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    flow_shift: float = 1.0  # σ → shift·σ / (1 + (shift − 1)·σ), as the backbone's scheduler shifts
+    flow_shift: float = 1.0  # sigma -> shift·sigma / (1 + (shift - 1)·sigma), as the backbone's scheduler shifts
     seed: int = 0
     log_every: int = 1
     save_every: int = 0  # 0: a resumable state only at the end

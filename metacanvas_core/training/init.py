@@ -1,6 +1,6 @@
 """Start MetaCanvas modules from another project's trained weights (`init_from` in a recipe).
 
-`context_connector` ← UniWorld-V1's `denoise_projector` (the paper's editing setup initialises the FLUX-Kontext
+`context_connector` <- UniWorld-V1's `denoise_projector` (the paper's editing setup initialises the FLUX-Kontext
 context MLP from it). UniWorld's module is `Sequential(Linear(3584, 3·4096), SiLU, Linear(3·4096, 4096))`
 (univa/models/modeling_univa_denoise_tower.py), so its keys are `denoise_projector.{0,2}.{weight,bias}` under
 whatever prefix the file has (`denoise_tower.` in a whole UniWorld model shard); ours names the two Linears
@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import MetaCanvasInputError
 from ..metacanvas import MetaCanvas
 
-UNIWORLD_LAYERS = {"0": "net.0", "2": "net.3"}  # UniWorld's denoise_projector index → ContextConnector name
+UNIWORLD_LAYERS = {"0": "net.0", "2": "net.3"}  # UniWorld's denoise_projector index -> ContextConnector name
 
 
 def uniworld_projector(path: Path) -> dict[str, torch.Tensor]:
@@ -60,7 +60,7 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path, wha
 
 
 def init_modules(mc: MetaCanvas, files: dict[str, Path]) -> None:
-    """Load `files` (module name → file) into the MetaCanvas; only `context_connector` has a known source."""
+    """Load `files` (module name -> file) into the MetaCanvas; only `context_connector` has a known source."""
     for name, path in files.items():
         if name != "context_connector":
             raise MetaCanvasInputError(f"init_from: no known source for {name!r} (only 'context_connector').")

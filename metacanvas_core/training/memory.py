@@ -24,7 +24,7 @@ from ..metacanvas import new_metacanvas
 from .config import TrainConfig, accumulation, as_run, source_batches
 from .parts import add_dit_lora, select_parameters
 
-# Model folder names of the recipes (or of folders exported from them) → shipped configs (metacanvas_core/configs/).
+# Model folder names of the recipes (or of folders exported from them) -> shipped configs (metacanvas_core/configs/).
 SHIPPED = {
     "qwen2.5-vl-3b-instruct": "qwen2_5_vl_3b_instruct",
     "qwen2.5-vl-7b-instruct": "qwen2_5_vl_7b_instruct",

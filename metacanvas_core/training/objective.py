@@ -1,11 +1,11 @@
-"""The training objective: rectified-flow velocity loss through MLLM → connectors → backbone.
+"""The training objective: rectified-flow velocity loss through MLLM -> connectors -> backbone.
 
-Per sample: x_t = (1 − σ)·x0 + σ·noise, target = noise − x0, the backbone and the canvas connector called at
-t = σ·T in float32 (T = the scheduler's num_train_timesteps, 1000: the connector's clock on every path). Condition
+Per sample: x_t = (1 - sigma)·x0 + sigma·noise, target = noise - x0, the backbone and the canvas connector called at
+t = sigma·T in float32 (T = the scheduler's num_train_timesteps, 1000: the connector's clock on every path). Condition
 dropout, this project's decision (the paper trains with a velocity loss only and does not say how its guidance's
 null branch is learned; BLIP3o, whose code it builds on, drops conditions with p = 0.1): a dropped sample gets the
 empty prompt's context and no canvas, exactly the sampler's unconditional branch. Everything random about a sample
-(its dropout draw, σ, noise) comes from a generator seeded by (seed, step, place), `place` being the sample's place
+(its dropout draw, sigma, noise) comes from a generator seeded by (seed, step, place), `place` being the sample's place
 in the step's global batch, so a resumed run repeats the loss trace of an uninterrupted one, and a step is the same
 whether its samples run as one batch, as micro-batches one after another (gradient accumulation) or on several
 processes, up to the rounding of the sums (dropout inside trained modules, such as a LoRA's, draws from the global
@@ -93,7 +93,7 @@ class FlowMatchingObjective(nn.Module):
         return hit
 
     def draws(self, n: int, step: int, first: int, shape: torch.Size, train: bool) -> tuple[torch.Tensor, ...]:
-        """Dropout flags (n,), noise (n, *shape) and σ (n,) of samples first .. first + n − 1 of a step's global batch,
+        """Dropout flags (n,), noise (n, *shape) and sigma (n,) of samples first .. first + n - 1 of a step's global batch,
         each from its own generator: a sample's draws do not depend on how the batch is cut into micro-batches."""
         drops, noises, sigmas = [], [], []
         for place in range(first, first + n):

@@ -18,7 +18,7 @@ from .data import Source, load_image
 
 
 class PixelCodec:
-    """Images (B, H, W, 3) in 0..1 ↔ latents (B, C, H/s, W/s): s×s means in −1..1, the other channels zero."""
+    """Images (B, H, W, 3) in 0..1 <-> latents (B, C, H/s, W/s): s×s means in -1..1, the other channels zero."""
 
     def __init__(self, stride: int, channels: int) -> None:
         self.stride, self.channels = stride, channels
@@ -35,7 +35,7 @@ class PixelCodec:
 @torch.no_grad()
 def write_samples(trainer, path: Path, count: int, steps: int = 20, cfg: float = 3.0) -> Path:
     """A grid: the first `count` targets of the first source (top row) and samples for their prompts (bottom row),
-    drawn through the pack's Plan → Project → sampler path with the trained weights."""
+    drawn through the pack's Plan -> Project -> sampler path with the trained weights."""
     from ..conditioning import project
     from ..sampling import sample
 

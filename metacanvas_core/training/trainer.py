@@ -315,7 +315,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Loss over the first `eval_samples` samples of the first source with fixed noise and σ, no dropout."""
+        """Loss over the first `eval_samples` samples of the first source with fixed noise and sigma, no dropout."""
         source = self.mix.sources[0]
         chunks = source.fixed(self.config.eval_samples)
         modes = [(m, m.training) for m in self.module.modules()]

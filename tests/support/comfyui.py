@@ -164,7 +164,7 @@ class ComfyServer:
     def start(
         cls, work: Path, model_folders: dict[str, Path | list[Path]], extra_args: tuple[str, ...] = ()
     ) -> ComfyServer:
-        """Start main.py --cpu on a free port; `model_folders`: model kind → folder (or folders, searched in order),
+        """Start main.py --cpu on a free port; `model_folders`: model kind -> folder (or folders, searched in order),
         read as extra model paths."""
         harness = harness_root()
         yaml = work / "extra_model_paths.yaml"

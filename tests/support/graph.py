@@ -23,7 +23,7 @@ def load_image(path: Path) -> torch.Tensor:
 
 
 def as_saved(frames) -> np.ndarray:
-    """(N, H, W, 3) float images → the uint8 arrays ComfyUI's SaveImage writes (nodes.py, SaveImage.save_images)."""
+    """(N, H, W, 3) float images -> the uint8 arrays ComfyUI's SaveImage writes (nodes.py, SaveImage.save_images)."""
     return np.stack([np.clip(255.0 * i.cpu().numpy(), 0, 255).astype(np.uint8) for i in frames])
 
 

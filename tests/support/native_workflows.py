@@ -367,7 +367,7 @@ def _kontext(specs) -> dict:
 
 
 def native_workflows(specs) -> dict[str, dict]:
-    """Workflow stem → UI-format workflow, for the five Wan/FLUX tasks."""
+    """Workflow stem -> UI-format workflow, for the five Wan/FLUX tasks."""
     out = {
         f"native_{task}": _wan(task, specs)
         for task in ("text_to_video", "image_to_video", "video_editing", "in_context_video")

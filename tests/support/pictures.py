@@ -68,7 +68,7 @@ def main() -> None:
                 height = round(picture.height * THUMBNAIL_WIDTH / picture.width)
                 thumbnail = picture.resize((THUMBNAIL_WIDTH, height), Image.LANCZOS)
                 thumbnail.save(ROOT / "workflows" / f"{name}.jpg", quality=85, optimize=True)
-                print(f"{name}: {picture.size[0]}×{picture.size[1]} → workflows/{name}.jpg")
+                print(f"{name}: {picture.size[0]}×{picture.size[1]} -> workflows/{name}.jpg")
         finally:
             server.stop()
 
