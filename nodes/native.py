@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -307,9 +307,9 @@ class MetaCanvasPatch:
             condition = self.mc.condition_embedding(self._condition(run, window, x)).to(x.device)
         p = self.spec.pixel_stride // WAN22_VAE_STRIDE
         canvas = None
-        if rows:
+        if rows:  # the fuse block in the DiT's compute dtype (x's), not the float32 ComfyUI embeds patches in
             canvas = self._injection(with_canvas, chunk, (run.frames, h // p, w // p), rows, x.device)
-            canvas = canvas.on_frames(window)
+            canvas = replace(canvas.on_frames(window), compute_dtype=x.dtype)
         return args, ModelCall(canvas, clock, n_ref, per_frame != 0, condition)
 
     def _condition(self, run: CanvasRun, window: list[int], x: torch.Tensor) -> torch.Tensor:

@@ -112,3 +112,26 @@ def test_video_masks_per_frame_and_one_for_all(wan_cond):
     rows = full.shape[1] // 2
     assert torch.equal(half[:, :rows], full[:, :rows]) and torch.equal(half[:, rows:], off[:, rows:])
     assert torch.equal(_tokens(wan, cond, frames, torch.zeros(1, frames, SIZE, SIZE)), off)
+
+
+def test_the_fuse_block_computes_in_the_dits_dtype():
+    """ComfyUI's Wan embeds patches in float32 and runs its DiT in bf16: with `compute_dtype` the residual is made in
+    bf16 and added to the float32 tokens (as the float32 residual, to bf16's precision); rows without the canvas stay
+    exact."""
+    from dataclasses import replace
+
+    from metacanvas_core.connectors import CanvasConnector
+
+    torch.manual_seed(0)
+    connector = CanvasConnector(mllm_dim=32, dit_dim=32, num_heads=2, head_dim=16)
+    with torch.no_grad():
+        connector.out_proj.weight.normal_(0, 0.2)
+    tokens, clock = torch.randn(2, 1, 2, 2, 32), torch.tensor([500.0, 500.0])
+    full = CanvasInjection.on_tokens(connector, torch.randn(1, 1, 2, 2, 32), (1, 2, 2), slice(1, 2))
+    half = replace(full, compute_dtype=torch.bfloat16)
+    assert half.residual(tokens, clock).dtype == torch.bfloat16
+    out = half.add_to(tokens, clock)
+    assert out.dtype == torch.float32 and torch.equal(out[0], tokens[0])
+    exact = full.residual(tokens, clock)
+    assert exact.abs().max() > 0.1 and not torch.equal(out[1:] - tokens[1:], exact)
+    torch.testing.assert_close(out[1:] - tokens[1:], exact, rtol=0.05, atol=0.05)

@@ -103,7 +103,9 @@ class CanvasInjection:
     token a caller leaves out (reference tokens, clean frames), keeps its patch embedding bit for bit.
     `strength` (per row) scales the residual and `mask` (per row, on the token grid, 0..1) confines it: the
     canvas as a dial. Strength 1 without a mask is the residual as trained; strength 0 or an all-zero mask adds
-    nothing.
+    nothing. `compute_dtype`: what the fuse block computes in when the tokens come in another (ComfyUI's Wan embeds
+    its patches in float32 and computes the DiT in bf16/fp16: the residual is then made in the DiT's dtype and added
+    to the float32 tokens); None: the tokens' own.
     """
 
     connector: CanvasConnector
@@ -111,6 +113,7 @@ class CanvasInjection:
     rows: slice | list[int]
     strength: torch.Tensor | None = None  # (b,); None: 1
     mask: torch.Tensor | None = None  # (b, T, H, W) on the token grid; None: everywhere
+    compute_dtype: torch.dtype | None = None
 
     @classmethod
     def on_tokens(
@@ -162,7 +165,8 @@ class CanvasInjection:
         return latents + residual
 
     def residual(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """The fuse block's residual (b, T, H, W, D) for the patch tokens (B, T, H, W, D) of `rows`, in their dtype.
+        """The fuse block's residual (b, T, H, W, D) for the patch tokens (B, T, H, W, D) of `rows`, in their dtype
+        (or `compute_dtype`).
 
         `timestep` (B,) is the connector's clock, sigma·1000, in float32 on every backbone (the fuse block keeps it so).
         The fuse block runs frame by frame, `(b t) (h w) d`, a chunk of frames at a time (`CanvasConnector.fuse`).
@@ -173,6 +177,8 @@ class CanvasInjection:
                 "backbone takes it."
             )
         x = tokens[self.rows]
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
         b, t, h, w, _ = x.shape
         r = self.connector.fuse(
             rearrange(x, "b t h w d -> (b t) (h w) d"),
@@ -196,7 +202,7 @@ class CanvasInjection:
         """Patch tokens (B, T, H, W, D) plus the residual on `rows`; other rows untouched (bit for bit)."""
         residual = self.residual(tokens, timestep)  # first: the copy below is not held while the fuse block runs
         out = tokens.clone()
-        out[self.rows] += residual
+        out[self.rows] += residual.to(out.dtype)
         return out
 
 
