@@ -51,7 +51,7 @@ class MetaCanvasPlan:
                     },
                 ),
                 **size_inputs(
-                    "Sets the canvas grid (and, for FLUX-Kontext, the input image's pixel area); use the same size in the sampler."
+                    "The output size the plan is made for (ignored when a latent is connected): it sizes the canvas grid (SANA, Wan2.2: the token grid / the checkpoint's factor; FLUX-Kontext: a fixed 32x32 grid) and, for FLUX-Kontext, the input image's pixel area; use the same size in the sampler."
                 ),
             },
             "optional": {
