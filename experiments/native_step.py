@@ -3,10 +3,13 @@ ComfyUI's own sampler (comfy.sample, euler, CFG so both branches run) with and w
 step (interleaved repeats, median), and on a GPU the peak memory of each. The connector is random and nonzero, so the
 canvas path really runs. Run with ComfyUI's Python (the pack's benchmark command starts it when it knows ComfyUI):
 
-    python -m experiments.native_step --comfyui PATH/TO/ComfyUI [--size tiny|real] [--steps N] [--repeats N]
+    python -m experiments.native_step --comfyui PATH/TO/ComfyUI [--size tiny|block|real] [--steps N] [--repeats N]
 
 tiny: narrow models at small sizes (on CPU this measures the patch's overhead, not model time); real: random weights
-at the real configs (Wan2.2-TI2V-5B at 704×1280×121, FLUX.1-Kontext at 1024² with a 1024² reference), bf16, on a GPU.
+at the real configs (Wan2.2-TI2V-5B at 704×1280×121, FLUX.1-Kontext at 1024² with a 1024² reference), bf16, on a GPU;
+block: the real width and sizes with one block of each kind (what a CPU can run), bf16, cfg 1 (one model call a step:
+CFG's second call runs no connector, so the ratio is an upper bound), each block timed in the run: the real depth's
+step is derived as the measured step + (depth - 1) x the measured block, with and without the canvas.
 Target (issue 12): with ÷ without <= 1.05 per step; memory: + the connector's weights only.
 """
 
@@ -29,6 +32,7 @@ SIZES = {  # (height, width, frames) of the output
     ("flux", "tiny"): (64, 64, 1),
     ("flux", "real"): (1024, 1024, 1),
 }
+BLOCKS = {"wan": ("blocks",), "flux": ("double_blocks", "single_blocks")}  # the DiT's block lists, by kind
 
 
 def comfy_modules(comfyui: Path):
@@ -90,11 +94,15 @@ def native_model(kind: str, size: str, device: torch.device, dtype: torch.dtype)
     from metacanvas_core.tiny import tiny_native_wan, wan_original_state
 
     if kind == "wan":
-        model = realconfigs.build("wan2_2_ti2v_5b/transformer") if size == "real" else tiny_native_wan()
+        if size == "tiny":
+            model = tiny_native_wan()
+        else:
+            model = realconfigs.build("wan2_2_ti2v_5b/transformer", **({"num_layers": 1} if size == "block" else {}))
         state = wan_original_state(model.state_dict())
     else:
-        tiny = {"num_attention_heads": 2, "num_layers": 1, "num_single_layers": 1} if size == "tiny" else {}
-        model = realconfigs.build("flux_1_kontext_dev/transformer", **tiny)
+        depth = {"tiny": {"num_attention_heads": 2, "num_layers": 1, "num_single_layers": 1}}
+        depth["block"] = {"num_layers": 1, "num_single_layers": 1}
+        model = realconfigs.build("flux_1_kontext_dev/transformer", **depth.get(size, {}))
         state = flux_from_diffusers(model)
     state = {k: v.to("meta") for k, v in state.items()}
     config = comfy_model_config(state)
@@ -139,10 +147,35 @@ def latent_and_refs(kind: str, hw_frames: tuple[int, int, int], device: torch.de
     return torch.zeros(1, 16, h // 8, w // 8), torch.randn(1, 16, h // 8, w // 8)
 
 
+def _timed_blocks(dm, kind: str) -> tuple[dict[str, list[float]], list]:
+    """Seconds spent in the first block of each kind of `dm` (appended per call), and the hook handles."""
+    spent: dict[str, list[float]] = {name: [] for name in BLOCKS[kind]}
+    handles = []
+    for name in BLOCKS[kind]:
+        block, started = getattr(dm, name)[0], []
+        handles.append(block.register_forward_pre_hook(lambda *_, s=started: s.append(time.perf_counter())))
+        handles.append(
+            block.register_forward_hook(lambda *_, s=started, n=name: spent[n].append(time.perf_counter() - s.pop()))
+        )
+    return spent, handles
+
+
+def _depths(kind: str) -> dict[str, int]:
+    """The real model's number of blocks of each kind (the shipped config)."""
+    from metacanvas_core import realconfigs
+
+    c = realconfigs.load("wan2_2_ti2v_5b" if kind == "wan" else "flux_1_kontext_dev")["transformer"]
+    return (
+        {"blocks": c["num_layers"]}
+        if kind == "wan"
+        else {"double_blocks": c["num_layers"], "single_blocks": c["num_single_layers"]}
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m experiments.native_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--comfyui", type=Path, required=True, help="the ComfyUI folder (with main.py)")
-    p.add_argument("--size", choices=("tiny", "real"), default="tiny")
+    p.add_argument("--size", choices=("tiny", "block", "real"), default="tiny")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
@@ -151,11 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     import comfy.sample
 
     device = comfy.model_management.get_torch_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" or args.size == "block" else torch.float32
+    cfg = 1.0 if args.size == "block" else 3.0
     apply = pack.NODE_CLASS_MAPPINGS["MetaCanvasApply"]()
-    print(f"[4] native model with ÷ without MetaCanvas Apply, per step ({args.size}, {device}, {dtype})")
+    print(f"[4] native model with ÷ without MetaCanvas Apply, per step ({args.size}, {device}, {dtype}, cfg {cfg})")
     for kind in ("wan", "flux"):
-        hwf = SIZES[kind, args.size]
+        hwf = SIZES[kind, "tiny" if args.size == "tiny" else "real"]
         model = native_model(kind, args.size, device, dtype)
         plain, with_canvas, negative, loaded = conditioning(pack, model, kind, hwf[:2])
         (patched,) = apply.apply(model, loaded)
@@ -166,29 +200,46 @@ def main(argv: list[str] | None = None) -> None:
             )
         runs = {"without": (model, plain), "with": (patched, with_canvas)}
         times: dict[str, list[float]] = {name: [] for name in runs}
+        blocks: dict[str, list[float]] = {name: [] for name in BLOCKS[kind]}
         peaks: dict[str, int] = {}
         noise = comfy.sample.prepare_noise(latent, 0)
+        spent, handles = _timed_blocks(model.model.diffusion_model, kind)
         for repeat in range(args.repeats + 1):  # the first round warms up
             for name, (m, positive) in runs.items():
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
+                for calls in spent.values():
+                    calls.clear()
                 start = time.perf_counter()
                 comfy.sample.sample(
-                    m, noise, args.steps, 3.0, "euler", "simple", positive, negative, latent, seed=0, disable_pbar=True
+                    m, noise, args.steps, cfg, "euler", "simple", positive, negative, latent, seed=0, disable_pbar=True
                 )
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     peaks[name] = torch.cuda.max_memory_allocated()
                 if repeat:
                     times[name].append((time.perf_counter() - start) / args.steps)
+                    for block, calls in spent.items():
+                        blocks[block].append(sum(calls) / args.steps)
+        for handle in handles:
+            handle.remove()
         step = {name: statistics.median(t) for name, t in times.items()}
         h, w, frames = hwf
         size = f"{h}×{w}" + (f"×{frames}" if kind == "wan" else "")
         line = (
             f"    {kind} {size}: {step['without'] * 1e3:.1f} ms/step without, {step['with'] * 1e3:.1f} ms/step with "
-            f"= {step['with'] / step['without']:.3f}×"
+            f"= {step['with'] / step['without']:.3f}× (median of {args.repeats}; min "
+            f"{min(times['with']) / min(times['without']):.3f}×)"
         )
+        if args.size == "block":  # the real depth: the measured step plus (depth - 1) more of each measured block
+            more = sum((n - 1) * statistics.median(blocks[b]) for b, n in _depths(kind).items())
+            full = {name: t + more for name, t in step.items()}
+            timed = ", ".join(f"{b} {statistics.median(blocks[b]):.2f} s x {n}" for b, n in _depths(kind).items())
+            line += (
+                f"\n      real depth ({timed}, derived): {full['without']:.1f} s/step without, "
+                f"{full['with']:.1f} s/step with = {full['with'] / full['without']:.4f}×"
+            )
         if peaks:
             connector = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
             line += (

@@ -246,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--comfyui", type=Path, help="a ComfyUI folder (with main.py) for [4]")
     p.add_argument(
+        "--native-size",
+        choices=("auto", "tiny", "block", "real"),
+        default="auto",
+        help="[4]'s models: tiny; block (the real width and sizes, one block of each kind, the real depth derived from "
+        "the timed blocks: what a CPU can run, minutes); real (a GPU); auto: real on a GPU, block on a CPU",
+    )
+    p.add_argument(
         "--comfyui-python", type=Path, help="ComfyUI's Python for [4] (default: this one; a harness: its venv's)"
     )
     args = p.parse_args(argv)
@@ -274,7 +281,8 @@ def run_all(args: argparse.Namespace) -> None:
         print("[3] ComfyUI vs direct: run `python -m pytest tests/test_comfyui_e2e.py -k timing -s`")
     else:
         print("[3] ComfyUI vs direct: skipped (set COMFYUI_HARNESS to a prepared ComfyUI harness)")
-    native_step(args.comfyui, args.comfyui_python, args.steps, args.repeats)
+    native_size = args.native_size if args.native_size != "auto" else "real" if torch.cuda.is_available() else "block"
+    native_step(args.comfyui, args.comfyui_python, native_size, args.steps, args.repeats)
     print("[5] weights on the GPU per workflow node (GiB; real configs on the meta device; activations not counted)")
     print(footprint.table())
     connector_at_video_size(args.video_repeats, VIDEO_DTYPES[args.video_dtype])
@@ -360,7 +368,7 @@ def connector_at_video_size(repeats: int, dtype: torch.dtype) -> None:
     )
 
 
-def native_step(comfyui: Path | None, python: Path | None, steps: int, repeats: int) -> None:
+def native_step(comfyui: Path | None, python: Path | None, size: str, steps: int, repeats: int) -> None:
     """[4]: experiments/native_step.py in ComfyUI's Python (this package never imports ComfyUI itself)."""
     checkout = Path(__file__).resolve().parents[1]
     env = dict(os.environ)
@@ -377,9 +385,13 @@ def native_step(comfyui: Path | None, python: Path | None, steps: int, repeats: 
         raise MetaCanvasInputError(f"--comfyui '{comfyui}' is not a ComfyUI folder (no main.py).")
     if not (checkout / "experiments" / "native_step.py").is_file():
         raise MetaCanvasInputError("[4] needs a checkout of the pack (experiments/native_step.py is not installed).")
-    size = "real" if torch.cuda.is_available() else "tiny"
     cmd = [str(python or sys.executable), "-m", "experiments.native_step", "--comfyui", str(comfyui), "--size", size]
-    cmd += ["--steps", str(min(steps, 4)), "--repeats", str(repeats)]
+    cmd += [
+        "--steps",
+        str(1 if size == "block" else min(steps, 4)),
+        "--repeats",
+        str(min(repeats, 2) if size == "block" else repeats),
+    ]
     done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(("[4]", "    "))]
     print("\n".join(lines))
