@@ -152,6 +152,8 @@ class MetaCanvasPatch:
         guider = executor.class_obj
         noise = args[0] if args else kwargs["noise"]
         run = self.run_of(guider.conds, guider.model_patcher.model, noise)
+        if not run.active:  # nothing to add: the run is the unpatched model's, without even the hook
+            return executor(*args, **kwargs)
         options = guider.model_options.setdefault("transformer_options", {})
         options[RUN_KEY] = run
         try:
