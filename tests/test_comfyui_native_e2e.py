@@ -525,6 +525,19 @@ def test_a_random_connector_changes_the_output(name, backbone, runs, editor, ran
     print(f"{name} with a random connector vs the plain graph: {changed}")
 
 
+def test_editing_keeps_the_inputs_aspect(runs, editor, inputs):
+    """native_image_editing on a 96×64 photo (FluxKontextImageScale bypassed): the sampler fills the input's own
+    VAE-encoded latent, so the edit keeps its aspect, and the plan is made for that size (no size typed twice)."""
+    write_png(inputs / "e2e_native_wide.png", 96, 64, seed=5)
+
+    def wide() -> dict:
+        api = latent_only(shipped(editor, "native_image_editing"))
+        api[one(api, "LoadImage")]["inputs"]["image"] = "e2e_native_wide.png"
+        return api
+
+    assert runs("native_image_editing_wide", wide).latent.shape == (1, 16, 64 // 8, 96 // 8)
+
+
 def test_strength_and_mask_through_the_server(runs, editor, random_connectors):
     """Attach Canvas's dial as an artist sets it, on native image-to-video with the random connector (latents):
     canvas_strength 0, and an all-zero mask from a core Solid Mask, sample the plain graph's latent exactly; an
