@@ -65,9 +65,16 @@ def mllm_context(connector: ContextConnector, states: list[torch.Tensor], pooled
     return TextContext.cat(parts)
 
 
-def text_pooled(mc: MetaCanvas, backbone: Backbone) -> torch.Tensor | None:
-    """The pooled vector of a text slot filled from the MLLM: the checkpoint's, else the backbone's default."""
-    return mc.pooled if mc.pooled is not None else backbone.default_pooled()
+def mllm_pooled(mc: MetaCanvas) -> torch.Tensor | None:
+    """The pooled vector of a text slot filled from the MLLM (FLUX's, which modulates every block): the one the
+    checkpoint stores and was trained with; None for backbones without one. One rule on every path (the pack's
+    sampler, training, the native Text Conditioning): a FLUX checkpoint from before it stored one is refused."""
+    if mc.config.backbone == "flux_kontext" and mc.pooled is None:
+        raise MetaCanvasInputError(
+            f"MetaCanvas checkpoint '{mc.name}' stores no pooled vector for FLUX's pooled slot (it predates it): "
+            "export it again with this version, or use native context (the backbone's own CLIP text encoder)."
+        )
+    return mc.pooled
 
 
 @torch.no_grad()
@@ -84,7 +91,7 @@ def project(plan: Plan, mc: MetaCanvas, backbone: Backbone) -> Conditioning:
     else:
         if plan.negative_context is None:
             raise MetaCanvasInputError("this plan has no negative context; re-run the Plan node with this checkpoint.")
-        pooled = text_pooled(mc, backbone)
+        pooled = mllm_pooled(mc)
         positive = mllm_context(mc.context_connector, [plan.context.to(device)], pooled)
         negative = mllm_context(mc.context_connector, [plan.negative_context.to(device)], pooled)
     mc.check_plan(plan)

@@ -13,15 +13,24 @@ and ComfyUI's memory manager as they are.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 
-from metacanvas_core.conditioning import align_canvas, mllm_context
+from metacanvas_core.backbones.wan import vae_pixels
+from metacanvas_core.conditioning import align_canvas, mllm_context, mllm_pooled
 from metacanvas_core.errors import MetaCanvasInputError
 from metacanvas_core.inputs import ContextSource, ImageRole
 
-from .native import CANVAS_KEY, PATCH_KEY, WAN_KEY, MetaCanvasPatch, NativeCanvas, WanConditions, native_spec
+from .native import (
+    CANVAS_KEY,
+    PATCH_KEY,
+    WAN22_VAE_STRIDE,
+    WAN_KEY,
+    MetaCanvasPatch,
+    NativeCanvas,
+    WanConditions,
+    native_spec,
+)
 from .runtime import intermediate_device, load, patcher_extension
 from .widgets import CANVAS_DIAL, CATEGORY, Loaded, check_numbers
 
@@ -125,16 +134,12 @@ class MetaCanvasTextConditioning:
                     "Loader's context to 'mllm' (a checkpoint trained with MLLM context)."
                 )
             return (clip_positive, clip_negative)
-        if mc.config.backbone == "flux_kontext" and mc.pooled is None:
-            raise MetaCanvasInputError(
-                f"MetaCanvas checkpoint '{mc.name}' stores no pooled vector for FLUX's pooled slot (it predates it): "
-                "export it again with this version, or use native context (core CLIP Text Encode)."
-            )
+        pooled = mllm_pooled(mc)
         device = load(*metacanvas.managed())
         out = intermediate_device()
         with torch.no_grad():
             texts = [
-                mllm_context(mc.context_connector, [states.to(device)], mc.pooled)
+                mllm_context(mc.context_connector, [states.to(device)], pooled)
                 for states in (plan.context, plan.negative_context)
             ]
         conditioning = []
@@ -222,9 +227,10 @@ class MetaCanvasWanInputs:
 
 
 def _encode(vae, frames: list[Image.Image], width: int, height: int) -> torch.Tensor:
-    """Frames resized (stretched) to width × height, encoded by a core VAE: raw latents (1, z, frames', h, w)."""
-    pixels = np.stack([np.asarray(f.convert("RGB").resize((width, height), Image.BICUBIC)) for f in frames])
-    return vae.encode(torch.from_numpy(pixels.astype(np.float32) / 255.0)).to(intermediate_device())
+    """Frames resized (stretched) to width × height as training resizes them (`wan.vae_pixels`), encoded by a core
+    VAE (which takes pixels in 0..1): raw latents (1, z, frames', h, w)."""
+    pixels = (vae_pixels(frames, height, width, WAN22_VAE_STRIDE)[0].permute(1, 2, 3, 0) + 1) / 2
+    return vae.encode(pixels).to(intermediate_device())
 
 
 NODE_CLASS_MAPPINGS = {

@@ -284,3 +284,19 @@ def test_edit_guidance_node_documents_itself(pack):
     assert required["guidance"][1]["default"] == 2.5 and required["image_cfg"][1]["default"] == 1.5
     tip = pack.NODE_CLASS_MAPPINGS["MetaCanvasPlan"].INPUT_TYPES()["optional"]["images"][1]["tooltip"]
     assert "never cropped" in tip and "multiple of 16" in tip
+
+
+def test_one_pooled_rule_under_mllm_context(planner, flux):
+    """FLUX with MLLM context takes the pooled vector the checkpoint stores, on every path (the pack's projection,
+    training, the native Text Conditioning: `conditioning.mllm_pooled`); a checkpoint from before it stored one is
+    refused, no longer given the backbone's default on the pack's path only."""
+    from metacanvas_core.conditioning import mllm_pooled
+
+    mc = new_metacanvas(planner.hidden_size, flux.spec, "mllm", pooled=torch.randn(1, flux.spec.pooled_dim))
+    with torch.no_grad():
+        plan = mc.plan(planner, PROMPT, 64, 64, VisualInputs([photo()]), NEGATIVE)
+        cond = project(plan, mc, flux)
+    assert torch.equal(mllm_pooled(mc), mc.pooled) and torch.equal(cond.positive.pooled, mc.pooled)
+    mc.pooled = None  # as a FLUX checkpoint from before the pooled vector was stored
+    with pytest.raises(MetaCanvasInputError, match="stores no pooled vector for FLUX's pooled slot"):
+        project(plan, mc, flux)

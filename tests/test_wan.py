@@ -205,3 +205,29 @@ def test_each_task_through_the_nodes(pack, task):
     assert frames.shape == (9, H, W, 3) and torch.isfinite(frames).all()
     assert torch.equal(video.images, frames) and video.frame_rate == 16
     assert m["MetaCanvasSampler"].VALIDATE_INPUTS(width=W, height=H, length=8).startswith("length 8 must be 1")
+
+
+def test_native_wan_inputs_reach_the_vae_as_in_training(pack):
+    """MetaCanvas Wan Inputs resizes reference images and source frames the one way training does (`wan.vae_pixels`:
+    diffusers' VideoProcessor, Lanczos): the 0..1 pixels it hands ComfyUI's VAE become, once that VAE maps them to
+    [-1, 1] (x * 2 - 1), training's pixels to float32 rounding; the bicubic resize it used before differs."""
+    import numpy as np
+    from PIL import Image
+
+    from metacanvas_core.backbones.wan import vae_pixels
+
+    nodes_native = __import__("metacanvas_pack.nodes.nodes_native", fromlist=["_encode"])
+    frames = [Image.fromarray(np.random.default_rng(k).integers(0, 256, (48, 80, 3), dtype=np.uint8)) for k in range(3)]
+
+    class RecordingVAE:  # stands in for ComfyUI's VAE: records the pixels it is given
+        def encode(self, pixels):
+            self.pixels = pixels
+            return torch.zeros(1)
+
+    vae = RecordingVAE()
+    nodes_native._encode(vae, frames, 64, 32)
+    trained = vae_pixels(frames, 32, 64)[0].permute(1, 2, 3, 0)  # (n, H, W, 3) in [-1, 1]
+    assert vae.pixels.shape == (3, 32, 64, 3)
+    torch.testing.assert_close(vae.pixels * 2 - 1, trained, rtol=0, atol=2.4e-7)
+    bicubic = np.stack([np.asarray(f.resize((64, 32), Image.BICUBIC)) for f in frames]).astype(np.float32) / 255
+    assert (torch.from_numpy(bicubic) * 2 - 1 - trained).abs().max() > 1e-2

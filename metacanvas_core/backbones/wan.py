@@ -62,6 +62,13 @@ class WanReferences:
         return 0 if self.reference is None else self.reference.shape[2]
 
 
+def vae_pixels(frames: list[Image.Image], height: int, width: int, vae_stride: int = 16) -> torch.Tensor:
+    """Frames as the Wan VAE reads them for the DiT (reference images, a source video), resized (stretched) to
+    height × width the one way training does: diffusers' VideoProcessor (Lanczos), in [-1, 1]: (1, 3, n, H, W).
+    The pack's Wan and the native Wan Inputs node both call this, so a checkpoint sees its inputs as trained."""
+    return VideoProcessor(vae_scale_factor=vae_stride).preprocess_video(frames, height=height, width=width)
+
+
 def add_to_patch_embedding(
     out: torch.Tensor,
     canvas: CanvasInjection | None,
@@ -102,7 +109,6 @@ class WanBackbone(Backbone):
 
     def __init__(self, folder: str, transformer, vae, scheduler_config: dict, text_encoder=None, tokenizer=None):
         super().__init__(folder, transformer, vae, scheduler_config)
-        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_stride)
         self.text_encoder = text_encoder
         # Used only for its prompt encoding: the denoising loop is ours (sampling.py).
         self.pipeline = WanPipeline(
@@ -238,7 +244,7 @@ class WanBackbone(Backbone):
     @torch.no_grad()
     def encode_video(self, frames: list[Image.Image], height: int, width: int) -> torch.Tensor:
         """Frames -> normalised latents (1, z, (n-1)/4+1, h, w), resized to height × width (stretched)."""
-        pixels = self.video_processor.preprocess_video(frames, height=height, width=width)  # (1, 3, n, H, W)
+        pixels = vae_pixels(frames, height, width, self.vae_stride)  # (1, 3, n, H, W)
         pixels = pixels.to(self.device, self.vae.dtype)
         latents = self.vae.encode(pixels).latent_dist.mode()
         return self._normalize(latents.to(self.device, torch.float32))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone, Branch, CanvasInjection, TextContext
-from ..conditioning import align_canvas, mllm_context, text_pooled
+from ..conditioning import align_canvas, mllm_context, mllm_pooled
 from ..errors import MetaCanvasInputError
 from ..inputs import ContextSource
 from ..metacanvas import MetaCanvas
@@ -175,7 +175,7 @@ class FlowMatchingObjective(nn.Module):
                 else:
                     text = batch.texts[i] if i in kept else ""
                     states.append(planner.prompt_states(text, batch.inputs[i], mc.config.visual_tokens))
-        return mllm_context(mc.context_connector, [s.to(backbone.device) for s in states], text_pooled(mc, backbone))
+        return mllm_context(mc.context_connector, [s.to(backbone.device) for s in states], mllm_pooled(mc))
 
     def references(self, batch: Batch, i: int):
         """The backbone's own inputs for sample i (FLUX-Kontext reference tokens, Wan first frame/references/source)."""
