@@ -187,6 +187,14 @@ if IN_HARNESS:
         (patched,) = run(pack.NODE_CLASS_MAPPINGS["MetaCanvasApply"], model=model, metacanvas=mc)
         return patched
 
+    def aligned_plan(pack, mllm, model):
+        """A trained (random) checkpoint for `model`, its 64×64 plan, and the plan's aligned canvas."""
+        mc = metacanvas(pack, mllm, model, True)
+        plan = plan_for(pack, mllm, mc, 64, 64)
+        with torch.no_grad():
+            aligned = align_canvas(mc.model.canvas_connector, plan.canvas, plan.grid)
+        return mc, plan, aligned
+
     WAN_LATENT = torch.zeros(1, 48, 3, 4, 4)  # 9 frames of 64×64: the canvas grid is 3 keyframes × 1×1
     FLUX_LATENT = torch.zeros(1, 16, 8, 8)  # 64×64
 
@@ -290,11 +298,9 @@ if IN_HARNESS:
         WanBackbone adds to the same weights (diffusers). Both run `add_to_patch_embedding` on patch embeddings of the
         same fp32 Conv3d weights; measured bit-equal here, asserted to 1e-6 (the convolutions are different calls)."""
         model, diffusers_wan = wan
-        mc = metacanvas(pack, mllm, model, True)
-        plan = plan_for(pack, mllm, mc, 64, 64)
+        mc, plan, aligned = aligned_plan(pack, mllm, model)
         mcm = mc.model
         with torch.no_grad():
-            aligned = align_canvas(mcm.canvas_connector, plan.canvas, plan.grid)
             x = torch.randn(1, 48, 3, 4, 4, generator=torch.Generator().manual_seed(1))
             sigma = torch.tensor([0.7])
             context = torch.randn(1, 5, 4096, generator=torch.Generator().manual_seed(2))
@@ -548,13 +554,11 @@ if IN_HARNESS:
         from metacanvas_pack.nodes.native import CanvasRun, MetaCanvasPatch, NativeCanvas, native_spec
 
         model, _ = wan
-        mc = metacanvas(pack, mllm, model, True)
+        mc, plan, aligned = aligned_plan(pack, mllm, model)
         mcm = mc.model
         with torch.no_grad():
             for p in mcm.condition_embedding.parameters():  # nonzero, as trained
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.1)
-            plan = plan_for(pack, mllm, mc, 64, 64)
-            aligned = align_canvas(mcm.canvas_connector, plan.canvas, plan.grid)
             g = torch.Generator().manual_seed(3)
             x = torch.randn(1, 48, 9, 4, 4, generator=g)
             source, reference = torch.randn(1, 48, 9, 4, 4, generator=g), torch.randn(1, 48, 1, 4, 4, generator=g)
@@ -597,11 +601,8 @@ if IN_HARNESS:
         from metacanvas_core.errors import MetaCanvasInputError
 
         model, _ = wan
-        mc = metacanvas(pack, mllm, model, True)
-        plan = plan_for(pack, mllm, mc, 64, 64)
+        mc, _, aligned = aligned_plan(pack, mllm, model)
         mcm = mc.model
-        with torch.no_grad():
-            aligned = align_canvas(mcm.canvas_connector, plan.canvas, plan.grid)
         patch, dm = MetaCanvasPatch(mcm, native_spec(model)), model.model.diffusion_model
         run_ = CanvasRun({0: NativeCanvas(aligned, mcm.name, mcm.identity, (64, 64))}, 9)
         x, sigma, context = torch.randn(1, 48, 6, 4, 4), torch.tensor([0.5]), torch.randn(1, 5, 4096)
@@ -670,11 +671,8 @@ if IN_HARNESS:
         from metacanvas_pack.nodes.native import CanvasRun, MetaCanvasPatch, NativeCanvas, native_spec
 
         model, _ = wan
-        mc = metacanvas(pack, mllm, model, True)
+        mc, plan, aligned = aligned_plan(pack, mllm, model)
         mcm = mc.model
-        plan = plan_for(pack, mllm, mc, 64, 64)
-        with torch.no_grad():
-            aligned = align_canvas(mcm.canvas_connector, plan.canvas, plan.grid)
         patch, dm = MetaCanvasPatch(mcm, native_spec(model)), model.model.diffusion_model
         g = torch.Generator().manual_seed(0)
         x, context = torch.randn(2, 48, 5, 4, 4, generator=g), torch.randn(2, 5, 4096, generator=g)
