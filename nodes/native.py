@@ -182,11 +182,12 @@ class MetaCanvasPatch:
                 f"the sampler's latent has shape {tuple(noise.shape)}; MetaCanvas on {self.spec.kind} knows latents of "
                 f"{5 if video else 4} dimensions (ComfyUI {comfyui_version()}): sample an empty latent of that model."
             )
+        positive = conds.get("positive", [])
+        if video and any(e.get(CANVAS_KEY) is not None or e.get(WAN_KEY) is not None for e in positive):
+            _check_wan_latent_size(noise.shape[-2], noise.shape[-1], self.spec.pixel_stride // WAN22_VAE_STRIDE)
         canvases, wan = {}, []
-        for entry in conds.get("positive", []):
+        for entry in positive:
             canvas = entry.get(CANVAS_KEY)
-            if video and (canvas is not None or entry.get(WAN_KEY) is not None):
-                _check_wan_latent_size(noise.shape[-2], noise.shape[-1], self.spec.pixel_stride // WAN22_VAE_STRIDE)
             if canvas is not None:
                 if canvas.identity != self.mc.identity:
                     raise MetaCanvasInputError(
