@@ -439,14 +439,12 @@ def run_arm(arm: str, seed: int, manifest: Path, models: dict, out: Path, s: Set
 def prompt_share(trainer, scenes: list[list[Obj]]) -> dict[str, float]:
     """How much the canvas depends on the prompt: the share of its variance (over prompts × positions) that is
     across prompts, for the MLLM's canvas states and for the aligned canvas. Near 0: a per-position embedding."""
-    from metacanvas_core.conditioning import align_canvas
-
     mc, planner = trainer.mc, trainer.planner
     states, aligned = [], []
     for scene in scenes:
         plan = mc.plan(planner, prompt_of(scene), SIZE, SIZE, negative=False)
         states.append(plan.canvas[0].float())
-        aligned.append(align_canvas(mc.canvas_connector, plan.canvas, plan.grid)[0].flatten(0, 2))
+        aligned.append(mc.align(plan)[0].flatten(0, 2))
     out = {}
     for name, x in (("states", torch.stack(states)), ("aligned", torch.stack(aligned))):
         total = x.var(dim=(0, 1)).sum()

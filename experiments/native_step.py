@@ -117,11 +117,10 @@ def native_model(kind: str, size: str, device: torch.device, dtype: torch.dtype)
 
 def conditioning(pack, model, kind: str, hw: tuple[int, int]):
     """Random text conditioning; the same with a random plan's canvas (nonzero connector) attached; the checkpoint."""
-    from metacanvas_core.conditioning import align_canvas
-    from metacanvas_core.metacanvas import new_metacanvas
+    from metacanvas_core.metacanvas import align_canvas, new_metacanvas
 
-    native = sys.modules["metacanvas_pack.nodes.native"]
-    runtime, widgets = sys.modules["metacanvas_pack.nodes.runtime"], sys.modules["metacanvas_pack.nodes.widgets"]
+    native = sys.modules["metacanvas_pack.nodes.model_patch"]
+    runtime = sys.modules["metacanvas_pack.nodes.runtime"]
     mc = new_metacanvas(HIDDEN, native.native_spec(model), "mllm")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -136,7 +135,7 @@ def conditioning(pack, model, kind: str, hw: tuple[int, int]):
     negative = [[torch.randn(1, 64, 4096, generator=g), dict(extra)]]
     canvas = native.NativeCanvas(aligned, mc.name, mc.identity, hw)
     with_canvas = [[text[0][0], {**extra, native.CANVAS_KEY: canvas}]]
-    return text, with_canvas, negative, widgets.Loaded(mc, {"metacanvas": runtime.Managed(mc)})
+    return text, with_canvas, negative, runtime.Loaded(mc, {"metacanvas": mc})
 
 
 def latent_and_refs(kind: str, hw_frames: tuple[int, int, int], device: torch.device):

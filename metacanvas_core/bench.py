@@ -34,17 +34,23 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from . import cli, footprint, realconfigs  # noqa: E402
-from .connectors import CanvasConnector  # noqa: E402
+from .connectors import FUSE_CHUNK_TOKENS, CanvasConnector  # noqa: E402
 from .errors import MetaCanvasInputError  # noqa: E402
+from .specs import wan_spec  # noqa: E402
 
 
 def sampler_vs_pipeline(mllm: Path, sana_folder: Path, steps: int, repeats: int, tokenizer: Path | None = None) -> None:
@@ -330,12 +336,139 @@ def _spread(seconds: list[float] | tuple[float, ...]) -> str:
     return f"min {min(seconds):.2f} s, median {statistics.median(seconds):.2f} s"
 
 
+# --- Measurement, for [6] ---------------------------------------------------------------------------------------------
+# Only the benchmark (and tests/test_fuse.py, which checks these tools) uses them, so they live here, not in the
+# library: a connector at Wan2.2-5B's real size, a fuse call's time and peak memory, and the live-tensor counter.
+
+
+def wan22_canvas_connector(
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    width: int | None = None,
+    frames: int = 121,
+    seed: int = 0,
+) -> tuple[CanvasConnector, tuple[int, int, int]]:
+    """The canvas connector of Wan2.2-TI2V-5B + Qwen2.5-VL-7B (shipped configs; built as `metacanvas.new_metacanvas`
+    builds it) with random weights, its zero-initialised projections included, so it computes as a trained one; and the
+    DiT token grid (T, H, W) of a `frames`-frame video at Wan2.2's 704×1280 (121: the paper's 5 s at 24 fps). For [6]
+    (`measure_fuse`) and tests/test_fuse.py.
+
+    `width`: a narrower DiT (a multiple of 32: Algorithm 1's heads of 32) to measure on a CPU and extrapolate; the
+    MLLM side stays 3584. `device` "meta": shapes only, no memory (`measure_fuse` then reports memory, not time).
+    """
+    config = realconfigs.load("wan2_2_ti2v_5b")
+    dit, vae = config["transformer"], config["vae"]
+    spec = wan_spec(
+        width or dit["num_attention_heads"] * dit["attention_head_dim"],
+        dit["text_dim"],
+        dit["in_channels"],
+        tuple(dit["patch_size"]),
+        vae["scale_factor_spatial"],
+    )
+    heads, head_dim = spec.attention_heads
+    mllm = realconfigs.load("qwen2_5_vl_7b_instruct")["hidden_size"]
+    meta = torch.device(device).type == "meta"
+    with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
+        torch.manual_seed(seed)
+        connector = CanvasConnector(mllm, spec.width, heads, head_dim)
+        if not meta:
+            for layer in (connector.align_out, connector.out_proj):
+                nn.init.normal_(layer.weight, std=0.02)
+    height, width_px = spec.default_size
+    grid = (
+        (frames - 1) // vae["scale_factor_temporal"] + 1,
+        height // spec.pixel_stride,
+        width_px // spec.pixel_stride,
+    )
+    return nn.Module.to(connector, device, dtype).eval(), grid  # plain `to`: it has no fp32-only modules to warn of
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of tensors made inside the block while they are alive: `peak` is the most at once.
+
+    Storage by storage (views are free), on any device: the meta device gives real-size figures without computing.
+    What existed before the block (inputs, weights) is not counted; the allocator's caching and rounding are not
+    either, so a CUDA allocator's peak is somewhat higher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._alive: set[int] = set()
+        self._before: set[int] = set()  # storages made before the block (seen as inputs of an op)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self._alive:
+                self._before.add(id(t.untyped_storage()))
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if id(storage) not in self._alive and id(storage) not in self._before:
+                    self._alive.add(id(storage))
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, id(storage), storage.nbytes())
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._alive.discard(key)
+        self.live -= nbytes
+
+
+@dataclass(frozen=True)
+class FuseCost:
+    """What one fuse-block call over a whole video costs (the connector's per-step work)."""
+
+    times: tuple[float, ...]  # wall seconds of each timed call (after a warm-up); none on the meta device
+    peak_bytes: int  # most bytes alive at once of what the call makes (`LiveTensorBytes`): activations + cast weights
+    cuda_peak_bytes: int | None  # CUDA only: the allocator's peak above what was allocated before the call
+
+
+@torch.no_grad()
+def measure_fuse(
+    connector: CanvasConnector,
+    token_grid: tuple[int, int, int],
+    dtype: torch.dtype = torch.bfloat16,
+    repeats: int = 3,
+    chunk_tokens: int | None = FUSE_CHUNK_TOKENS,
+) -> FuseCost:
+    """Time and memory of `connector.fuse` on random patch tokens and canvas of a (T, H, W) token grid in `dtype` (the
+    backbone's compute dtype), on the connector's device; one sample, all T frames, as one denoising step calls it."""
+    device = next(connector.parameters()).device
+    t, h, w = token_grid
+    width = connector.config.dit_dim
+    tokens = torch.randn(t, h * w, width, device=device, dtype=dtype)
+    canvas = torch.randn(t, h * w, width, device=device, dtype=dtype)
+    clock = torch.full((t,), 500.0, device=device)
+
+    def call():
+        return connector.fuse(tokens, canvas, clock, h, w, chunk_tokens)
+
+    with LiveTensorBytes() as live:  # on a real device also the warm-up: the same kernels, untimed
+        call()
+    if device.type == "meta":
+        return FuseCost((), live.peak, None)
+    cuda = device.type == "cuda"
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    cuda_peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
+    return FuseCost(tuple(times), live.peak, cuda_peak)
+
+
 def connector_at_video_size(repeats: int, dtype: torch.dtype) -> None:
     """[6]: the fuse block at 704×1280×121 — peak memory exactly; its time against Wan2.2-5B's blocks, both measured
     at the real width (one block × the config's layers)."""
-    from .connectors import measure_fuse
-    from .metacanvas import wan22_canvas_connector
-
     layers = realconfigs.load("wan2_2_ti2v_5b")["transformer"]["num_layers"]
     meta, grid = wan22_canvas_connector("meta")
     tokens = math.prod(grid)

@@ -1,6 +1,6 @@
 """Projection: what the MLLM wrote -> what a DiT takes. One code path for inference and training.
 
-The canvas states are aligned to the DiT width once (`align_canvas`; they do not depend on the noise
+The canvas states are aligned to the DiT width once (`MetaCanvas.align`; they do not depend on the noise
 or the timestep), then interpolated to the token grid of the latents being denoised
 (`CanvasInjection.on_tokens`); the fuse half of the canvas connector runs inside every model call.
 The text slot is filled by the backbone's own text encoder ("native") or from the MLLM's prompt
@@ -14,18 +14,20 @@ its batches with gradients on.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from einops import rearrange
 
-from .backbones import Backbone, TextContext
-from .canvas import CanvasGrid
 from .connectors import CanvasConnector, ContextConnector
 from .errors import MetaCanvasInputError
 from .inputs import ContextSource
 from .metacanvas import MetaCanvas
 from .planner import Plan
+from .specs import FLUX_KONTEXT
+from .text import TextContext
+
+if TYPE_CHECKING:  # only called: ComfyUI's native path imports this module without the diffusers adapters
+    from .backbones import Backbone
 
 
 @dataclass
@@ -46,13 +48,6 @@ class Conditioning:
         return replace(self, negative=other.positive)
 
 
-def align_canvas(connector: CanvasConnector, states: torch.Tensor, grid: CanvasGrid) -> torch.Tensor:
-    """Canvas states (B, K·Hc·Wc, mllm_dim) -> the aligned canvas (B, K, Hc, Wc, dit_width)."""
-    dtype = next(connector.parameters()).dtype
-    aligned = connector.align(states.to(dtype))
-    return rearrange(aligned, "b (k h w) d -> b k h w d", k=grid.frames, h=grid.height, w=grid.width)
-
-
 def mllm_context(connector: ContextConnector, states: list[torch.Tensor], pooled: torch.Tensor | None) -> TextContext:
     """The MLLM's prompt states (one (1, L, mllm_dim) per sample) through the context connector, padded into a
     batch; `pooled`: the backbone's pooled vector for a text slot filled from the MLLM (FLUX), or None."""
@@ -69,7 +64,7 @@ def mllm_pooled(mc: MetaCanvas) -> torch.Tensor | None:
     """The pooled vector of a text slot filled from the MLLM (FLUX's, which modulates every block): the one the
     checkpoint stores and was trained with; None for backbones without one. One rule on every path (the pack's
     sampler, training, the native Text Conditioning): a FLUX checkpoint from before it stored one is refused."""
-    if mc.config.backbone == "flux_kontext" and mc.pooled is None:
+    if mc.config.backbone == FLUX_KONTEXT and mc.pooled is None:
         raise MetaCanvasInputError(
             f"MetaCanvas checkpoint '{mc.name}' stores no pooled vector for FLUX's pooled slot (it predates it): "
             "export it again with this version, or use native context (the backbone's own CLIP text encoder)."
@@ -85,7 +80,8 @@ def project(plan: Plan, mc: MetaCanvas, backbone: Backbone) -> Conditioning:
             f"MetaCanvas checkpoint '{mc.name}' is for {mc.config.backbone}, the backbone is {backbone.kind}."
         )
     device = backbone.device
-    if mc.config.context_source == ContextSource.NATIVE:
+    canvas = mc.align(plan, device)
+    if mc.config.context_source == ContextSource.TEXT_ENCODER:
         positive = backbone.encode_prompt([plan.prompt])
         negative = backbone.encode_negative([plan.negative_prompt])
     else:
@@ -94,7 +90,5 @@ def project(plan: Plan, mc: MetaCanvas, backbone: Backbone) -> Conditioning:
         pooled = mllm_pooled(mc)
         positive = mllm_context(mc.context_connector, [plan.context.to(device)], pooled)
         negative = mllm_context(mc.context_connector, [plan.negative_context.to(device)], pooled)
-    mc.check_plan(plan)
-    canvas = align_canvas(mc.canvas_connector, plan.canvas.to(device), plan.grid)
     references = backbone.prepare_references(plan.inputs, *plan.size, mc.condition_embedding)
     return Conditioning(positive, negative, canvas, mc.canvas_connector, backbone.kind, references)

@@ -13,10 +13,6 @@ ConditionEmbedding: extra input channels of a video DiT's patch embedding, zero-
 
 from __future__ import annotations
 
-import time
-import weakref
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -25,14 +21,12 @@ from diffusers.models.normalization import AdaLayerNormSingle
 from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 from torch import nn
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 # Patch tokens per fuse-block call, this project's choice: frames are processed a chunk at a time, so the block's
 # activations stay bounded whatever the video length. At Wan2.2-5B's 704×1280 (22×40 = 880 tokens a frame, width 3072) a
-# chunk is 4 frames. Peak memory of one fuse call over 121 frames (31 latent frames), measured with `measure_fuse` on
-# the meta device (live tensor bytes: activations, the residual itself, the weights' bf16 copy): bf16 676 MiB, fp32 900
-# MiB; all frames at once 2626 / 4800 MiB.
+# chunk is 4 frames. Peak memory of one fuse call over 121 frames (31 latent frames), measured with `measure_fuse` (in
+# bench.py, its [6]) on the meta device (live tensor bytes: activations, the residual itself, the weights' bf16 copy):
+# bf16 676 MiB, fp32 900 MiB; all frames at once 2626 / 4800 MiB.
 FUSE_CHUNK_TOKENS = 4096
 
 
@@ -209,86 +203,3 @@ class ConditionEmbedding(ModelMixin, ConfigMixin):
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, T, h, w) -> (B, width, T, h/p, w/p), the patch embedding's layout."""
         return self.proj(condition.to(self.proj.weight.dtype))
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of tensors made inside the block while they are alive: `peak` is the most at once.
-
-    Storage by storage (views are free), on any device: the meta device gives real-size figures without computing.
-    What existed before the block (inputs, weights) is not counted; the allocator's caching and rounding are not
-    either, so a CUDA allocator's peak is somewhat higher."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._alive: set[int] = set()
-        self._before: set[int] = set()  # storages made before the block (seen as inputs of an op)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self._alive:
-                self._before.add(id(t.untyped_storage()))
-        out = func(*args, **kwargs)
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                if id(storage) not in self._alive and id(storage) not in self._before:
-                    self._alive.add(id(storage))
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, id(storage), storage.nbytes())
-        return out
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._alive.discard(key)
-        self.live -= nbytes
-
-
-@dataclass(frozen=True)
-class FuseCost:
-    """What one fuse-block call over a whole video costs (the connector's per-step work)."""
-
-    times: tuple[float, ...]  # wall seconds of each timed call (after a warm-up); none on the meta device
-    peak_bytes: int  # most bytes alive at once of what the call makes (`LiveTensorBytes`): activations + cast weights
-    cuda_peak_bytes: int | None  # CUDA only: the allocator's peak above what was allocated before the call
-
-
-@torch.no_grad()
-def measure_fuse(
-    connector: CanvasConnector,
-    token_grid: tuple[int, int, int],
-    dtype: torch.dtype = torch.bfloat16,
-    repeats: int = 3,
-    chunk_tokens: int | None = FUSE_CHUNK_TOKENS,
-) -> FuseCost:
-    """Time and memory of `connector.fuse` on random patch tokens and canvas of a (T, H, W) token grid in `dtype` (the
-    backbone's compute dtype), on the connector's device; one sample, all T frames, as one denoising step calls it."""
-    device = next(connector.parameters()).device
-    t, h, w = token_grid
-    width = connector.config.dit_dim
-    tokens = torch.randn(t, h * w, width, device=device, dtype=dtype)
-    canvas = torch.randn(t, h * w, width, device=device, dtype=dtype)
-    clock = torch.full((t,), 500.0, device=device)
-
-    def call():
-        return connector.fuse(tokens, canvas, clock, h, w, chunk_tokens)
-
-    with LiveTensorBytes() as live:  # on a real device also the warm-up: the same kernels, untimed
-        call()
-    if device.type == "meta":
-        return FuseCost((), live.peak, None)
-    cuda = device.type == "cuda"
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-        start = time.perf_counter()
-        call()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    cuda_peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
-    return FuseCost(tuple(times), live.peak, cuda_peak)

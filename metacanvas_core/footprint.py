@@ -125,11 +125,6 @@ def _native(kind: str, dit: str, vae: str, encodes: bool) -> tuple[Step, ...]:
 WAN, FLUX = ("Wan2.2-5B DiT", "Wan2.2 VAE"), ("FLUX.1-Kontext DiT", "FLUX AE")
 WORKFLOWS: dict[str, tuple[Step, ...]] = {
     "text_to_image": _pack("sana", "SANA-1.6B DiT", "DC-AE", ("Gemma-2-2B",), encodes=False),
-    "image_editing": _pack("flux_kontext", *FLUX, ("T5-XXL", "CLIP-L"), encodes=True),
-    "text_to_video": _pack("wan", *WAN, ("umT5-XXL",), encodes=False),
-    "image_to_video": _pack("wan", *WAN, ("umT5-XXL",), encodes=True),
-    "video_editing": _pack("wan", *WAN, ("umT5-XXL",), encodes=True),
-    "in_context_video": _pack("wan", *WAN, ("umT5-XXL",), encodes=True),
     "native_text_to_video": _native("wan", *WAN, encodes=False),
     "native_image_to_video": _native("wan", *WAN, encodes=True),
     "native_video_editing": _native("wan", *WAN, encodes=True),

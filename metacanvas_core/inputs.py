@@ -34,7 +34,9 @@ class ImageRole(_Choice):
 class ContextSource(_Choice):
     """Where a backbone's text slot is filled from."""
 
-    NATIVE = "native"  # the backbone's own text encoder (Gemma-2, umT5, T5 + CLIP)
+    # The backbone's own text encoder (Gemma-2, umT5, T5 + CLIP); "native" in checkpoints and the Connector Loader's
+    # widget, where saved files and workflows keep it.
+    TEXT_ENCODER = "native"
     MLLM = "mllm"  # the MLLM's prompt states through the context connector (the paper's Wan/FLUX path)
 
 

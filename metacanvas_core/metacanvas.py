@@ -11,16 +11,16 @@ import uuid
 from dataclasses import dataclass, replace
 
 import torch
+from einops import rearrange
 from torch import nn
 
-from . import realconfigs
-from .backbones import BACKBONES, BackboneSpec
-from .backbones.wan import WanBackbone
 from .canvas import CANVAS_POSITIONS, FACTOR_RULE, FIXED_RULE, CanvasEmbedding, CanvasGrid, canvas_grid_for
 from .connectors import CanvasConnector, ConditionEmbedding, ContextConnector
 from .errors import MetaCanvasInputError
 from .inputs import NO_INPUTS, ContextSource, VisualInputs
 from .planner import VIDEO_FRAME_TOKENS, CanvasLora, Plan, Planner
+from .sizes import check_size
+from .specs import EDITING_KINDS, VIDEO_KINDS, BackboneSpec
 
 UNTRAINED = "new (untrained)"
 
@@ -61,8 +61,7 @@ def default_visual_tokens(spec: BackboneSpec) -> int:
     its attention, and in training every token carries gradients to the canvas LoRA) for detail the 32×32 plan
     cannot hold, while the DiT still sees the image at full resolution through its own reference tokens.
     """
-    backbone = BACKBONES.get(spec.kind)
-    if backbone is not None and backbone.is_video:
+    if spec.kind in VIDEO_KINDS:
         return VIDEO_FRAME_TOKENS
     grid = spec.canvas_grid()
     return grid.height * grid.width
@@ -71,7 +70,7 @@ def default_visual_tokens(spec: BackboneSpec) -> int:
 def default_context_source(has_text_encoder: bool) -> ContextSource:
     """An untrained MetaCanvas's context: the backbone's own text encoder when it is loaded (then the output is
     exactly the plain backbone's), else the MLLM through a new context connector."""
-    return ContextSource.NATIVE if has_text_encoder else ContextSource.MLLM
+    return ContextSource.TEXT_ENCODER if has_text_encoder else ContextSource.MLLM
 
 
 class MetaCanvas(nn.Module):
@@ -108,13 +107,10 @@ class MetaCanvas(nn.Module):
         s = c.pixel_stride
         fixed = c.canvas_rule == FIXED_RULE
         step = s if fixed else s * c.canvas_factor
-        why = f"pixel stride {s}" + ("" if fixed else f" × this checkpoint's canvas factor {c.canvas_factor}")
+        why = f"the {c.backbone} backbone's pixel stride {s}"
+        why += "" if fixed else f" × this checkpoint's canvas factor {c.canvas_factor}"
         for name, value in (("width", width), ("height", height)):
-            if value % step or value <= 0:
-                raise MetaCanvasInputError(
-                    f"{name} {value} is not a positive multiple of {step} (the {c.backbone} backbone's {why}): set "
-                    f"{name} to {max(step, value // step * step)} or {(value // step + 1) * step}."
-                )
+            check_size(name, value, step, why)
         frames = keyframes or c.canvas_grid[0]
         if fixed:
             return CanvasGrid(frames, *c.canvas_grid[1:])
@@ -139,19 +135,28 @@ class MetaCanvas(nn.Module):
         trained with). Differentiable in the canvas and LoRA under the caller's grad mode (training); inference
         callers run it under `torch.no_grad()`.
         """
-        backbone = BACKBONES.get(self.config.backbone)
-        if backbone is not None and backbone.needs_input_image and not inputs.images:
+        kind = self.config.backbone
+        if kind in EDITING_KINDS and not inputs.images:
             raise MetaCanvasInputError(
-                f"images: this MetaCanvas checkpoint is for {backbone.kind} image editing, which needs the image "
-                "to edit. Connect it (e.g. a core Load Image) to the 'images' input of MetaCanvas Plan."
+                f"images: this MetaCanvas checkpoint is for {kind} image editing, which needs the image to edit. "
+                "Connect it (e.g. a core Load Image) to the 'images' input of MetaCanvas Plan."
             )
         grid = self.canvas_grid(height, width, keyframes)
         if negative is None:
             negative = self.config.context_source == ContextSource.MLLM
         budget = visual_tokens or self.config.visual_tokens
-        plan = planner.plan(prompt, self.canvas(grid), grid, inputs, negative_prompt, negative, self.lora, budget)
-        plan.size, plan.checkpoint, plan.identity = (height, width), self.name, self.identity
-        return plan
+        context, canvas = planner.write(prompt, self.canvas(grid), grid, inputs, self.lora, budget)
+        negative_context = planner.prompt_states(negative_prompt, inputs, budget) if negative else None
+        return Plan(
+            prompt, negative_prompt, context, canvas, grid, inputs, (height, width), self.name, self.identity,
+            negative_context,
+        )  # fmt: skip
+
+    def align(self, plan: Plan, device: torch.device | str | None = None) -> torch.Tensor:
+        """A plan's canvas aligned to the DiT width by this checkpoint's canvas connector (B, K, Hc, Wc, dit_width),
+        on `device` (default: the plan's); a plan made with another checkpoint is refused first (`check_plan`)."""
+        self.check_plan(plan)
+        return align_canvas(self.canvas_connector, plan.canvas.to(device or plan.canvas.device), plan.grid)
 
     def check_plan(self, plan: Plan) -> None:
         """Refuse a plan made with another checkpoint (its canvas states would not fit this connector)."""
@@ -196,7 +201,7 @@ class MetaCanvas(nn.Module):
                 f"MetaCanvas checkpoint '{self.name}' expects a text slot of width {c.text_dim}, but backbone "
                 f"'{backbone}' has {spec.text_dim}."
             )
-        if c.context_source == ContextSource.NATIVE and not has_text_encoder:
+        if c.context_source == ContextSource.TEXT_ENCODER and not has_text_encoder:
             raise MetaCanvasInputError(
                 f"MetaCanvas checkpoint '{self.name}' was made with the backbone's native text encoder as context, "
                 f"but backbone '{backbone}' was loaded without it: turn load_text_encoder on in the Backbone "
@@ -217,6 +222,13 @@ class MetaCanvas(nn.Module):
         self.lora = lora
         self.config = replace(self.config, lora=dict(lora.config) if lora is not None else None)
         return self
+
+
+def align_canvas(connector: CanvasConnector, states: torch.Tensor, grid: CanvasGrid) -> torch.Tensor:
+    """Canvas states (B, K·Hc·Wc, mllm_dim) -> the aligned canvas (B, K, Hc, Wc, dit_width)."""
+    dtype = next(connector.parameters()).dtype
+    aligned = connector.align(states.to(dtype))
+    return rearrange(aligned, "b (k h w) d -> b k h w d", k=grid.frames, h=grid.height, w=grid.width)
 
 
 def new_metacanvas(
@@ -287,45 +299,3 @@ def new_metacanvas(
     if pooled is not None and mc.pooled is not None:
         mc.pooled.copy_(pooled.reshape(mc.pooled.shape))
     return mc
-
-
-def wan22_canvas_connector(
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    width: int | None = None,
-    frames: int = 121,
-    seed: int = 0,
-) -> tuple[CanvasConnector, tuple[int, int, int]]:
-    """The canvas connector of Wan2.2-TI2V-5B + Qwen2.5-VL-7B (shipped configs; built as `new_metacanvas` builds it)
-    with random weights, its zero-initialised projections included, so it computes as a trained one; and the DiT
-    token grid (T, H, W) of a `frames`-frame video at Wan2.2's 704×1280 (121: the paper's 5 s at 24 fps). For the
-    benchmark (`connectors.measure_fuse`).
-
-    `width`: a narrower DiT (a multiple of 32: Algorithm 1's heads of 32) to measure on a CPU and extrapolate; the
-    MLLM side stays 3584. `device` "meta": shapes only, no memory (`measure_fuse` then reports memory, not time).
-    """
-    config = realconfigs.load("wan2_2_ti2v_5b")
-    dit, vae = config["transformer"], config["vae"]
-    spec = WanBackbone.spec_for(
-        width or dit["num_attention_heads"] * dit["attention_head_dim"],
-        dit["text_dim"],
-        dit["in_channels"],
-        tuple(dit["patch_size"]),
-        vae["scale_factor_spatial"],
-    )
-    heads, head_dim = spec.attention_heads
-    mllm = realconfigs.load("qwen2_5_vl_7b_instruct")["hidden_size"]
-    meta = torch.device(device).type == "meta"
-    with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
-        torch.manual_seed(seed)
-        connector = CanvasConnector(mllm, spec.width, heads, head_dim)
-        if not meta:
-            for layer in (connector.align_out, connector.out_proj):
-                nn.init.normal_(layer.weight, std=0.02)
-    height, width_px = spec.default_size
-    grid = (
-        (frames - 1) // vae["scale_factor_temporal"] + 1,
-        height // spec.pixel_stride,
-        width_px // spec.pixel_stride,
-    )
-    return nn.Module.to(connector, device, dtype).eval(), grid  # plain `to`: it has no fp32-only modules to warn of

@@ -152,19 +152,20 @@ def activated_lora(model: nn.Module, lora: CanvasLora, start: int, device: torch
 
 @dataclass
 class Plan:
-    """What the MLLM wrote: prompt states and canvas states, on the MLLM's device and dtype."""
+    """What the MLLM wrote for one request with one MetaCanvas checkpoint (`MetaCanvas.plan` makes it): prompt
+    states and canvas states, on the MLLM's device and dtype, and what they were made for."""
 
     prompt: str
     negative_prompt: str
     context: torch.Tensor  # (1, L, D) last hidden states of the prompt tokens
     canvas: torch.Tensor  # (1, K·Hc·Wc, D) frame-major
     grid: CanvasGrid
-    negative_context: torch.Tensor | None = None  # (1, L', D), only for MLLM-context backbones
     # What the MLLM saw besides the prompt; backbones that take images or video themselves get it too.
-    inputs: VisualInputs = field(default_factory=VisualInputs)
-    size: tuple[int, int] | None = None  # (height, width) of the output the canvas was sized for
-    checkpoint: str = ""  # the MetaCanvas checkpoint whose canvas tokens the MLLM read (its name, for messages)
-    identity: str = ""  # and what it is (`MetaCanvas.identity`: its content hash)
+    inputs: VisualInputs
+    size: tuple[int, int]  # (height, width) of the output the canvas was sized for
+    checkpoint: str  # the MetaCanvas checkpoint whose canvas tokens the MLLM read (its name, for messages)
+    identity: str  # and what it is (`MetaCanvas.identity`: its content hash)
+    negative_context: torch.Tensor | None = None  # (1, L', D), only for MLLM-context backbones
 
     def to(self, device: torch.device | str) -> Plan:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
@@ -351,18 +352,17 @@ class Planner:
         frame sized to `visual_tokens` tokens; VIDEO_FRAME_TOKENS without a budget)."""
         return list(inputs.images) + video_frames_for_mllm(list(inputs.video), visual_tokens or VIDEO_FRAME_TOKENS)
 
-    def plan(
+    def write(
         self,
         prompt: str,
         canvas_embeddings: torch.Tensor,
         grid: CanvasGrid,
         inputs: VisualInputs = NO_INPUTS,
-        negative_prompt: str = "",
-        with_negative_context: bool = False,
         lora: CanvasLora | None = None,
         visual_tokens: int | None = None,
-    ) -> Plan:
-        """Run the planner. `canvas_embeddings` is `CanvasEmbedding(grid)`: start marker, then the canvas.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the planner: the prompt states (1, L, D) and the canvas states (1, K·Hc·Wc, D) it writes.
+        `canvas_embeddings` is `CanvasEmbedding(grid)`: start marker, then the canvas.
 
         A video reaches the MLLM as up to VIDEO_FRAMES evenly spaced frames, after the images; every picture costs at
         most `visual_tokens` MLLM tokens (None: the image processor's own limit; video frames VIDEO_FRAME_TOKENS).
@@ -371,17 +371,7 @@ class Planner:
         """
         seen = self.seen(inputs, visual_tokens)
         hidden, n_prompt = self.forward(prompt, seen, canvas_embeddings, grid, lora, visual_tokens)
-        plan = Plan(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            context=hidden[:, :n_prompt],
-            canvas=hidden[:, n_prompt + 1 :],
-            grid=grid,
-            inputs=inputs,
-        )
-        if with_negative_context:
-            plan.negative_context = self.prompt_states(negative_prompt, inputs, visual_tokens)
-        return plan
+        return hidden[:, :n_prompt], hidden[:, n_prompt + 1 :]
 
     def prompt_states(
         self, prompt: str, inputs: VisualInputs = NO_INPUTS, visual_tokens: int | None = None

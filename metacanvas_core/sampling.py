@@ -8,9 +8,11 @@ from collections.abc import Callable
 
 import torch
 
-from .backbones import Backbone, Branch, CanvasInjection, TextContext
+from .backbones import Backbone, Branch
 from .conditioning import Conditioning
 from .errors import MetaCanvasInputError
+from .injection import CanvasInjection, canvas_acts
+from .text import TextContext
 
 
 @torch.no_grad()
@@ -61,7 +63,7 @@ def sample(
     batched = text_guided and backbone.batch_guidance
     positive, negative = cond.positive.to(device), cond.negative.to(device)
     canvas = None
-    if use_canvas and canvas_strength != 0 and (canvas_mask is None or bool(canvas_mask.any())):
+    if use_canvas and canvas_acts(canvas_strength, canvas_mask):
         token_grid = backbone.token_grid(height, width, frames)
         rows = slice(1, 2) if batched else slice(0, 1)
         canvas = CanvasInjection.on_tokens(

@@ -1,4 +1,4 @@
-"""Loaders: the planner MLLM, the pack's own backbones (diffusers folders), and MetaCanvas checkpoints.
+"""Loaders: the planner MLLM, the pack's own SANA backbone (a diffusers folder), and MetaCanvas checkpoints.
 
 Every model name is resolved inside its model folders (never outside them) and every file is checked before it
 is read, so a wrong or damaged file is refused with its name at validation. Each loaded part registers with
@@ -7,7 +7,13 @@ ComfyUI's memory manager on its own and is loaded when a node needs it.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path, PurePath
+
 from metacanvas_core.backbones import load_backbone
+from metacanvas_core.backbones.flux import FluxKontextBackbone
+from metacanvas_core.backbones.sana import SanaBackbone
+from metacanvas_core.backbones.wan import WanBackbone
 from metacanvas_core.checkpoint import load_metacanvas
 from metacanvas_core.errors import MetaCanvasInputError
 from metacanvas_core.files import SafetensorsFile
@@ -17,16 +23,15 @@ from metacanvas_core.planner import Planner
 from metacanvas_core.qwen_file import is_qwen25_vl
 
 from .runtime import (
-    Managed,
+    Loaded,
     bundled_qwen_tokenizer,
     find_model,
     list_files,
     list_folders,
     offload_device,
     resolve_dtype,
-    validate_model,
 )
-from .widgets import CATEGORY, DTYPES, Loaded
+from .widgets import CATEGORY, DTYPES
 
 MLLM_KINDS = ("text_encoders", "LLM")
 
@@ -88,32 +93,106 @@ class MetaCanvasMLLMLoader:
     def load(self, mllm_folder: str, dtype: str, weight_dtype: str = "default"):
         path = find_model(MLLM_KINDS, mllm_folder, "MLLM")
         planner = Planner.load(path, resolve_dtype(dtype), offload_device(), bundled_qwen_tokenizer(), weight_dtype)
-        return (Loaded(planner, {"mllm": Managed(planner.model)}),)
+        return (Loaded(planner, {"mllm": planner.model}),)
+
+
+DIFFUSERS = ("diffusers",)
+BACKBONE_FOLDER = "Backbone folder"
+# What runs Wan2.2 and FLUX-Kontext in ComfyUI instead of the Backbone Loader: the native patch (core Load Diffusion
+# Model + MetaCanvas Apply + core samplers), in these templates.
+NATIVE_REPLACEMENTS = {
+    WanBackbone: (
+        "Wan2.2",
+        "core Load Diffusion Model (diffusion_models/wan2.2_ti2v_5B_fp16.safetensors) + MetaCanvas Apply + core "
+        "KSampler: open the template native_text_to_video (or native_image_to_video, native_video_editing, "
+        "native_in_context_video)",
+    ),
+    FluxKontextBackbone: (
+        "FLUX.1-Kontext",
+        "core Load Diffusion Model (diffusion_models/flux1-dev-kontext_fp8_scaled.safetensors) + MetaCanvas Apply + "
+        "core FluxGuidance, DualCFGGuider and SamplerCustomAdvanced: open the template native_image_editing",
+    ),
+}
+
+
+def _pipeline_class(folder: Path) -> str | None:
+    """The `_class_name` in a diffusers folder's model_index.json, or None when it cannot be read."""
+    try:
+        name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _kind_of_name(name: str) -> type | None:
+    """Wan2.2 or FLUX-Kontext from a folder name alone (a saved graph naming a folder that is not installed)."""
+    last = PurePath(name).name.lower()
+    return WanBackbone if "wan2" in last else FluxKontextBackbone if "kontext" in last else None
+
+
+def _refusal(name: str, kind: type | None) -> str | None:
+    """The message for a Wan2.2 or FLUX-Kontext folder given to the Backbone Loader: what replaces it."""
+    if kind not in NATIVE_REPLACEMENTS:
+        return None
+    model, replacement = NATIVE_REPLACEMENTS[kind]
+    return (
+        f"{BACKBONE_FOLDER} '{name}' is {model}: the MetaCanvas Backbone Loader loads SANA only. {model} runs in "
+        f"ComfyUI as the native patch: {replacement} (Workflow -> Browse Templates -> MetaCanvas)."
+    )
+
+
+def check_backbone_folder(name: str) -> Path:
+    """The SANA folder `name` names, or MetaCanvasInputError: for a Wan2.2 or FLUX-Kontext folder (installed, or
+    named in a saved graph) the message says which native template replaces it."""
+    try:
+        folder = find_model(DIFFUSERS, name, BACKBONE_FOLDER)
+    except MetaCanvasInputError as e:
+        plain = not PurePath(name).is_absolute() and ".." not in PurePath(name).parts
+        raise MetaCanvasInputError((plain and _refusal(name, _kind_of_name(name))) or str(e)) from None
+    pipeline = _pipeline_class(folder)
+    if pipeline in SanaBackbone.pipeline_class_names:
+        return folder
+    kind = next((cls for cls in NATIVE_REPLACEMENTS if pipeline in cls.pipeline_class_names), None)
+    sana = ", ".join(SanaBackbone.pipeline_class_names)
+    found = f"is a '{pipeline}' folder" if pipeline else "has no model_index.json naming its pipeline"
+    raise MetaCanvasInputError(
+        _refusal(name, kind)
+        or f"{BACKBONE_FOLDER} '{name}' {found}: the MetaCanvas Backbone Loader loads SANA only (a diffusers folder "
+        f"whose model_index.json names {sana}, e.g. Sana_1600M_512px_diffusers)."
+    )
+
+
+def sana_folders() -> list[str]:
+    """The diffusers folders holding a SANA pipeline (the Backbone Loader's choices)."""
+    names = list_folders(DIFFUSERS, "model_index.json")
+    return [
+        n
+        for n in names
+        if _pipeline_class(find_model(DIFFUSERS, n, BACKBONE_FOLDER)) in SanaBackbone.pipeline_class_names
+    ]
 
 
 class MetaCanvasBackboneLoader:
     DESCRIPTION = (
-        "Loads a diffusion backbone from a diffusers folder for the pack's own sampler; its kind (SANA text-to-image, "
-        "FLUX.1-Kontext image editing, Wan2.2-TI2V-5B video) is read from model_index.json. For Wan2.2 and "
-        "FLUX-Kontext the native graphs (core loaders + MetaCanvas Apply) use the single files you already have."
+        "Loads SANA (text-to-image; ComfyUI has no SANA loader) from a diffusers folder for the pack's own Project, "
+        "Sampler and Decode. Wan2.2 and FLUX-Kontext run as the native patch instead: core Load Diffusion Model + "
+        "MetaCanvas Apply (templates native_text_to_video, native_image_editing, ...); a Wan2.2 or FLUX-Kontext "
+        "folder is refused with the template that replaces it."
     )
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("METACANVAS_BACKBONE",)
     RETURN_NAMES = ("backbone",)
-    OUTPUT_TOOLTIPS = (
-        "The backbone: transformer, VAE and, when load_text_encoder is on, its own text encoder (SANA: Gemma-2, "
-        "Wan2.2: umT5, FLUX-Kontext: T5 + CLIP).",
-    )
+    OUTPUT_TOOLTIPS = ("SANA: transformer, DC-AE and, when load_text_encoder is on, its own Gemma-2 text encoder.",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "backbone_folder": (
-                    list_folders(("diffusers",), "model_index.json"),
+                    sana_folders(),
                     {
-                        "tooltip": "A diffusers pipeline folder in models/diffusers, e.g. Sana_1600M_512px_diffusers (text-to-image), FLUX.1-Kontext-dev (image editing) or Wan2.2-TI2V-5B-Diffusers (video)."
+                        "tooltip": "A SANA diffusers pipeline folder in models/diffusers (model_index.json names SanaPipeline), e.g. Sana_1600M_512px_diffusers. Wan2.2 and FLUX-Kontext: the native templates (core Load Diffusion Model + MetaCanvas Apply)."
                     },
                 ),
                 "dtype": (
@@ -127,7 +206,7 @@ class MetaCanvasBackboneLoader:
                     "BOOLEAN",
                     {
                         "default": True,
-                        "tooltip": "Also load the backbone's own text encoder from the folder (native context: the plain backbone's output with an untrained MetaCanvas). Off saves memory when the checkpoint takes its context from the MLLM.",
+                        "tooltip": "Also load SANA's own Gemma-2 text encoder from the folder (native context: the plain SANA output with an untrained MetaCanvas). Off saves memory when the checkpoint takes its context from the MLLM.",
                     },
                 ),
             }
@@ -135,12 +214,16 @@ class MetaCanvasBackboneLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, backbone_folder):
-        return validate_model(("diffusers",), backbone_folder, "Backbone folder")
+        try:
+            check_backbone_folder(backbone_folder)
+        except MetaCanvasInputError as e:
+            return str(e)
+        return True
 
     def load(self, backbone_folder: str, dtype: str, load_text_encoder: bool = True):
-        folder = find_model(("diffusers",), backbone_folder, "Backbone folder")
+        folder = check_backbone_folder(backbone_folder)
         backbone = load_backbone(folder, resolve_dtype(dtype), offload_device(), load_text_encoder)
-        return (Loaded(backbone, {name: Managed(m) for name, m in backbone.parts().items()}),)
+        return (Loaded(backbone, backbone.parts()),)
 
 
 class MetaCanvasConnectorLoader:
@@ -213,7 +296,7 @@ class MetaCanvasConnectorLoader:
             bb = backbone.model
             spec, name, has_text_encoder, pooled = bb.spec, bb.folder, bb.has_text_encoder, bb.default_pooled()
         else:
-            from .native import native_spec
+            from .model_patch import native_spec
 
             # a native model's text encoder is core Load CLIP's (MetaCanvas Text Conditioning's CLIP inputs)
             spec, name, has_text_encoder, pooled = native_spec(model), "the native MODEL", True, None
@@ -226,7 +309,7 @@ class MetaCanvasConnectorLoader:
             if wanted is not None:
                 mc.check_context_source(wanted)
         mc.check_compatible(planner.hidden_size, planner.folder, spec, name, has_text_encoder)
-        return (Loaded(mc, {"metacanvas": Managed(mc)}),)
+        return (Loaded(mc, {"metacanvas": mc}),)
 
 
 NODE_CLASS_MAPPINGS = {

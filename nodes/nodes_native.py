@@ -2,7 +2,7 @@
 by the core samplers (KSampler, SamplerCustomAdvanced, DualCFGGuider), with core LoRA loaders, fp8 weights, GGUF
 and ComfyUI's memory manager as they are.
 
-- MetaCanvas Apply (MODEL -> MODEL): the canvas patch on the native model (`native.py`).
+- MetaCanvas Apply (MODEL -> MODEL): the canvas patch on the native model (`model_patch.py`).
 - MetaCanvas Text Conditioning (plan -> positive, negative): the MLLM's prompt through the context connector, as
   native CONDITIONING (the paper's text path for Wan2.2 and FLUX-Kontext; no umT5/T5 needed).
 - MetaCanvas Attach Canvas (CONDITIONING -> CONDITIONING): the plan's canvas on a positive conditioning — from Text
@@ -16,23 +16,15 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from metacanvas_core.backbones.wan import vae_pixels
-from metacanvas_core.conditioning import align_canvas, mllm_context, mllm_pooled
+from metacanvas_core.conditioning import mllm_context, mllm_pooled
 from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.injection import vae_pixels
 from metacanvas_core.inputs import ContextSource, ImageRole
+from metacanvas_core.specs import WAN_VAE_STRIDE
 
-from .native import (
-    CANVAS_KEY,
-    PATCH_KEY,
-    WAN22_VAE_STRIDE,
-    WAN_KEY,
-    MetaCanvasPatch,
-    NativeCanvas,
-    WanConditions,
-    native_spec,
-)
-from .runtime import intermediate_device, load, patcher_extension
-from .widgets import CANVAS_DIAL, CATEGORY, Loaded, check_numbers
+from .model_patch import CANVAS_KEY, PATCH_KEY, WAN_KEY, MetaCanvasPatch, NativeCanvas, WanConditions, native_spec
+from .runtime import Loaded, intermediate_device, load, patcher_extension
+from .widgets import CANVAS_DIAL, CATEGORY, check_numbers
 
 
 def _with(conditioning: list, key: str, value) -> list:
@@ -78,7 +70,7 @@ class MetaCanvasApply:
         patch = MetaCanvasPatch(mc, spec)
         patched.add_wrapper_with_key(extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY, patch.outer_sample)
         patched.add_wrapper_with_key(extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY, patch.diffusion_model)
-        patched.set_additional_models(PATCH_KEY, [m.patcher for m in metacanvas.managed()])
+        patched.set_additional_models(PATCH_KEY, [m.patcher for m in metacanvas.parts()])
         return (patched,)
 
 
@@ -118,14 +110,14 @@ class MetaCanvasTextConditioning:
     def check_lazy_status(self, plan, metacanvas: Loaded, **clip):
         """The CLIP inputs are evaluated (their text encoder loaded and run) only for a checkpoint with native
         context; linked inputs not yet evaluated arrive as None."""
-        if metacanvas.model.config.context_source != ContextSource.NATIVE:
+        if metacanvas.model.config.context_source != ContextSource.TEXT_ENCODER:
             return []
         return [name for name in self.CLIP_INPUTS if name in clip and clip[name] is None]
 
     def encode(self, plan, metacanvas: Loaded, clip_positive=None, clip_negative=None):
         mc = metacanvas.model
         mc.check_plan(plan)
-        if mc.config.context_source == ContextSource.NATIVE:
+        if mc.config.context_source == ContextSource.TEXT_ENCODER:
             if clip_positive is None or clip_negative is None:
                 raise MetaCanvasInputError(
                     f"MetaCanvas checkpoint {mc.describe()} takes the prompt from the model's own text encoder "
@@ -135,7 +127,7 @@ class MetaCanvasTextConditioning:
                 )
             return (clip_positive, clip_negative)
         pooled = mllm_pooled(mc)
-        device = load(*metacanvas.managed())
+        device = load(*metacanvas.parts())
         out = intermediate_device()
         with torch.no_grad():
             texts = [
@@ -179,10 +171,8 @@ class MetaCanvasAttachCanvas:
 
     def attach(self, conditioning: list, plan, metacanvas: Loaded, canvas_strength: float, canvas_mask=None):
         mc = metacanvas.model
-        mc.check_plan(plan)
-        device = load(*metacanvas.managed())
         with torch.no_grad():
-            aligned = align_canvas(mc.canvas_connector, plan.canvas.to(device), plan.grid)
+            aligned = mc.align(plan, load(*metacanvas.parts()))
         mask = None if canvas_mask is None else canvas_mask.to(intermediate_device())
         canvas = NativeCanvas(aligned.to(intermediate_device()), mc.name, mc.identity, plan.size, canvas_strength, mask)
         return (_with(conditioning, CANVAS_KEY, canvas),)
@@ -227,9 +217,9 @@ class MetaCanvasWanInputs:
 
 
 def _encode(vae, frames: list[Image.Image], width: int, height: int) -> torch.Tensor:
-    """Frames resized (stretched) to width × height as training resizes them (`wan.vae_pixels`), encoded by a core
+    """Frames resized (stretched) to width × height as training resizes them (`injection.vae_pixels`), encoded by a core
     VAE (which takes pixels in 0..1): raw latents (1, z, frames', h, w)."""
-    pixels = (vae_pixels(frames, height, width, WAN22_VAE_STRIDE)[0].permute(1, 2, 3, 0) + 1) / 2
+    pixels = (vae_pixels(frames, height, width, WAN_VAE_STRIDE)[0].permute(1, 2, 3, 0) + 1) / 2
     return vae.encode(pixels).to(intermediate_device())
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from metacanvas_core.backbones.flux import REFERENCE_RULE
-from metacanvas_core.backbones.wan import MAX_REFERENCES
 from metacanvas_core.errors import MetaCanvasInputError
 from metacanvas_core.inputs import ImageRole, VisualInputs
+from metacanvas_core.specs import WAN_MAX_REFERENCES
 
-from .native import latent_size
-from .runtime import load
-from .widgets import CATEGORY, Loaded, check_numbers, check_size, images_to_pil, size_inputs
+from .model_patch import latent_size
+from .runtime import Loaded, load
+from .widgets import CATEGORY, check_numbers, check_size, images_to_pil, size_inputs
 
 
 class MetaCanvasPlan:
@@ -58,8 +57,7 @@ class MetaCanvasPlan:
                 "images": (
                     "IMAGE",
                     {
-                        "tooltip": "Input images the MLLM looks at with the prompt. Required for FLUX-Kontext editing (one image: the image to edit, which the DiT also sees as reference tokens). "
-                        + REFERENCE_RULE
+                        "tooltip": "Input images the MLLM looks at with the prompt. Required for FLUX-Kontext editing: one image, the image to edit, which the DiT also sees as reference tokens (give the Plan the same scaled image the core ReferenceLatent's VAE Encode gets, from core FluxKontextImageScale)."
                     },
                 ),
                 "video": (
@@ -72,7 +70,7 @@ class MetaCanvasPlan:
                     ImageRole.values(),
                     {
                         "default": ImageRole.REFERENCES.value,
-                        "tooltip": f"Video backbones (Wan2.2): 'first frame' = image-to-video (one image, kept exactly as the first frame); 'references' = reference-images-to-video (1 to {MAX_REFERENCES} images). Images are resized (stretched) to width × height for the DiT. Ignored by image backbones.",
+                        "tooltip": f"Video backbones (Wan2.2): 'first frame' = image-to-video (one image, kept exactly as the first frame); 'references' = reference-images-to-video (1 to {WAN_MAX_REFERENCES} images). Images are resized (stretched) to width × height for the DiT. Ignored by image backbones.",
                     },
                 ),
                 "keyframes": (
@@ -149,7 +147,7 @@ class MetaCanvasPlan:
             for p in images_to_pil(batch, name)
         ]
         inputs = VisualInputs(pictures, images_to_pil(video, "video"), image_role)
-        device = load(*mllm.managed(), *metacanvas.managed())
+        device = load(*mllm.parts(), *metacanvas.parts())
         mc, planner = metacanvas.on(device), mllm.on(device)
         budget = visual_tokens or None  # 0: the checkpoint's
         with torch.no_grad():

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from metacanvas_core.conditioning import align_canvas
 from metacanvas_core.preview import plan_preview
 
-from .runtime import intermediate_device, load
-from .widgets import CATEGORY, Loaded, check_numbers
+from .runtime import Loaded, intermediate_device, load
+from .widgets import CATEGORY, check_numbers
 
 
 class MetaCanvasPlanPreview:
@@ -57,11 +56,8 @@ class MetaCanvasPlanPreview:
         return check_numbers(cls, blend=blend)
 
     def preview(self, plan, metacanvas: Loaded, image: torch.Tensor | None = None, blend: float = 0.5):
-        mc = metacanvas.model
-        mc.check_plan(plan)
-        device = load(*metacanvas.managed())
         with torch.no_grad():
-            aligned = align_canvas(mc.canvas_connector, plan.canvas.to(device), plan.grid)
+            aligned = metacanvas.model.align(plan, load(*metacanvas.parts()))
         return (plan_preview(aligned, plan.size, image, blend).to(intermediate_device()),)
 
 

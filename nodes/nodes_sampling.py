@@ -1,18 +1,20 @@
-"""The pack's own sampling path (SANA, and Wan/FLUX from diffusers folders): project the plan for the backbone,
-sample with the pack's sampler, decode with the backbone's VAE."""
+"""The pack's own sampling path, for SANA (ComfyUI has no SANA): project the plan for the backbone, sample with the
+pack's sampler, decode with the backbone's VAE. Wan2.2 and FLUX-Kontext run in ComfyUI as the native patch
+(nodes_native.py); the Edit Guidance node of the former FLUX path stays, deprecated, so old graphs still load."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from metacanvas_core.backbones import SCHEDULERS
 from metacanvas_core.conditioning import Conditioning, project
+from metacanvas_core.errors import MetaCanvasInputError
 from metacanvas_core.sampling import sample
 
-from .runtime import intermediate_device, load, make_video, step_callback
-from .widgets import CANVAS_DIAL, CATEGORY, Loaded, check_numbers, check_size, size_inputs
+from .runtime import Loaded, intermediate_device, load, make_video, step_callback
+from .widgets import CANVAS_DIAL, CATEGORY, check_numbers, check_size, size_inputs
 
 
 @dataclass
@@ -24,7 +26,11 @@ class Projected:
 
 
 class MetaCanvasProject:
-    DESCRIPTION = "Projects the plan for the backbone: the canvas connector aligns the canvas to the DiT width; the prompt goes into the backbone's text slot."
+    DESCRIPTION = (
+        "Projects the plan for the SANA backbone: the canvas connector aligns the canvas to the DiT width; the prompt "
+        "goes into the backbone's text slot (native context: SANA's Gemma-2). Native graphs use Text Conditioning "
+        "and Attach Canvas instead."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "project"
     RETURN_TYPES = ("METACANVAS_COND",)
@@ -37,33 +43,34 @@ class MetaCanvasProject:
             "required": {
                 "plan": ("METACANVAS_PLAN", {"tooltip": "The MLLM's plan."}),
                 "metacanvas": ("METACANVAS", {"tooltip": "The same MetaCanvas checkpoint the plan was made with."}),
-                "backbone": ("METACANVAS_BACKBONE", {"tooltip": "The backbone that will sample."}),
+                "backbone": ("METACANVAS_BACKBONE", {"tooltip": "The SANA backbone that will sample."}),
             }
         }
 
     def project(self, plan, metacanvas: Loaded, backbone: Loaded):
         # Native context needs the text encoders, input images the VAE; the DiT is not loaded here.
-        device = load(*backbone.managed("text_encoder", "text_encoder_2", "vae"), *metacanvas.managed())
+        device = load(*backbone.parts("text_encoder", "text_encoder_2", "vae"), *metacanvas.parts())
         bb, mc = backbone.on(device), metacanvas.on(device)
         return (Projected(project(plan.to(device), mc, bb), metacanvas),)
 
 
 class MetaCanvasSampler:
     DESCRIPTION = (
-        "Denoises with the backbone: flow matching with classifier-free guidance; the canvas residual is added to "
-        "the patch embeddings of the conditional branch only."
+        "Denoises with the SANA backbone (images): flow matching with classifier-free guidance; the canvas residual "
+        "is added to the patch embeddings of the conditional branch only. Wan2.2 video and FLUX-Kontext editing are "
+        "sampled by core samplers on a MetaCanvas Apply model (the native_* templates)."
     )
     CATEGORY = CATEGORY
     FUNCTION = "sample"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The denoised latent, in the backbone's own latent space (decode with MetaCanvas Decode).",)
+    OUTPUT_TOOLTIPS = ("The denoised latent, in SANA's own latent space (decode with MetaCanvas Decode).",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "backbone": ("METACANVAS_BACKBONE", {"tooltip": "The backbone to sample with."}),
+                "backbone": ("METACANVAS_BACKBONE", {"tooltip": "The SANA backbone to sample with."}),
                 "cond": ("METACANVAS_COND", {"tooltip": "From MetaCanvas Project."}),
                 "seed": (
                     "INT",
@@ -87,7 +94,7 @@ class MetaCanvasSampler:
                         "tooltip": "Classifier-free (text) guidance scale; its unconditional branch has the negative prompt and no canvas. 1 or less turns it off (one model call per step fewer).",
                     },
                 ),
-                **size_inputs("A multiple of the backbone's pixel stride (32 for SANA, 16 for FLUX-Kontext)."),
+                **size_inputs("A multiple of 32 (SANA's pixel stride)."),
                 "scheduler": (
                     list(SCHEDULERS),
                     {
@@ -117,7 +124,7 @@ class MetaCanvasSampler:
                         "min": 1,
                         "max": 1025,
                         "step": 4,
-                        "tooltip": "Frames to make: 1 for images; for Wan2.2 video 4k+1 (121 = 5 s at 24 fps).",
+                        "tooltip": "1: SANA makes images. Kept so saved graphs load; video is sampled by the native Wan2.2 graphs (native_text_to_video etc.: core Load Diffusion Model + MetaCanvas Apply + core KSampler).",
                     },
                 ),
                 "frame_rate": (
@@ -127,7 +134,7 @@ class MetaCanvasSampler:
                         "min": 1.0,
                         "max": 120.0,
                         "step": 1.0,
-                        "tooltip": "Frames per second of the VIDEO that Decode makes (Wan2.2 is trained at 24).",
+                        "tooltip": "Frames per second of the one-frame VIDEO that Decode makes (for core Save Video).",
                     },
                 ),
                 **CANVAS_DIAL,
@@ -147,8 +154,12 @@ class MetaCanvasSampler:
         )
         if numbers is not True:
             return numbers
-        if length is not None and (length - 1) % 4:
-            return f"length {length} must be 1 (an image) or 4k+1 frames for video: try {(length - 1) // 4 * 4 + 1} or {((length - 1) // 4 + 1) * 4 + 1}."
+        if length is not None and length != 1:
+            return (
+                f"length {length}: MetaCanvas Sampler samples SANA, which makes images (length 1). Video is sampled "
+                "by the native Wan2.2 graphs (template native_text_to_video etc.: core Load Diffusion Model + "
+                "MetaCanvas Apply + core KSampler)."
+            )
         return check_size(width, height)
 
     def sample(
@@ -168,7 +179,7 @@ class MetaCanvasSampler:
         canvas_strength: float = 1.0,
         canvas_mask: torch.Tensor | None = None,
     ):
-        device = load(*backbone.managed("transformer", "vae"), *cond.metacanvas.managed())
+        device = load(*backbone.parts("transformer", "vae"), *cond.metacanvas.parts())
         bb, conditioning = backbone.on(device), cond.cond
         if negative is not None:
             conditioning = conditioning.with_negative(negative.cond)
@@ -190,23 +201,31 @@ class MetaCanvasSampler:
         return ({"samples": latents.to(intermediate_device()), "frame_rate": frame_rate},)
 
 
+EDIT_GUIDANCE_REPLACED = (
+    "MetaCanvas Edit Guidance is deprecated: it set FLUX-Kontext's guidance on the pack's own sampler, and "
+    "FLUX-Kontext now runs in ComfyUI only as the native patch. Use the template native_image_editing: core "
+    "FluxGuidance sets the embedded guidance, core DualCFGGuider (cfg_cond2_negative) the image guidance."
+)
+
+
 class MetaCanvasEditGuidance:
+    DEPRECATED = True  # ComfyUI hides it from search; old graphs still load it
     DESCRIPTION = (
-        "Sets the editing guidance a conditioning is sampled with (like the core FluxGuidance node): FLUX-Kontext's "
-        "embedded guidance and the image guidance against a branch without the input image. Without this node: "
-        "guidance 3.5 (diffusers' FluxKontextPipeline default) and image guidance off."
+        "Deprecated (kept so old graphs load; running it stops with a message). It set FLUX-Kontext's embedded "
+        "guidance and image guidance on the pack's sampler. FLUX-Kontext runs as the native patch: template "
+        "native_image_editing, with core FluxGuidance (embedded guidance) and DualCFGGuider (image guidance)."
     )
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = ("METACANVAS_COND",)
     RETURN_NAMES = ("cond",)
-    OUTPUT_TOOLTIPS = ("The same conditioning with these guidance values; connect it to MetaCanvas Sampler.",)
+    OUTPUT_TOOLTIPS = ("Deprecated node: running it stops the graph (native_image_editing replaces it).",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "cond": ("METACANVAS_COND", {"tooltip": "From MetaCanvas Project."}),
+                "cond": ("METACANVAS_COND", {"tooltip": "Deprecated node. Was: from MetaCanvas Project."}),
                 "guidance": (
                     "FLOAT",
                     {
@@ -215,7 +234,7 @@ class MetaCanvasEditGuidance:
                         "max": 100.0,
                         "step": 0.1,
                         "round": 0.01,
-                        "tooltip": "FLUX-Kontext's embedded (distilled) guidance; 2.5 in its model card. Backbones without a guidance embedding (SANA) ignore it.",
+                        "tooltip": "Deprecated node. Was: FLUX-Kontext's embedded guidance; now core FluxGuidance in native_image_editing.",
                     },
                 ),
                 "image_cfg": (
@@ -226,7 +245,7 @@ class MetaCanvasEditGuidance:
                         "max": 30.0,
                         "step": 0.1,
                         "round": 0.01,
-                        "tooltip": "Image guidance (InstructPix2Pix-style): how strongly the output follows the input image, against a branch with the negative prompt, no canvas and no input image; 1.5 is MetaQuery's setting. 1 = off (one model call per step fewer). Only for backbones that take the input image themselves (FLUX-Kontext).",
+                        "tooltip": "Deprecated node. Was: image guidance against a branch without the input image; now core DualCFGGuider's cfg_cond2_negative in native_image_editing.",
                     },
                 ),
             }
@@ -237,28 +256,28 @@ class MetaCanvasEditGuidance:
         return check_numbers(cls, guidance=guidance, image_cfg=image_cfg)
 
     def apply(self, cond: Projected, guidance: float, image_cfg: float):
-        return (replace(cond, cond=replace(cond.cond, guidance=guidance, image_cfg=image_cfg)),)
+        raise MetaCanvasInputError(EDIT_GUIDANCE_REPLACED)
 
 
 class MetaCanvasDecode:
     DESCRIPTION = (
-        "Decodes a MetaCanvas latent with the backbone's VAE: IMAGE (video frames stacked on the batch) for the "
-        "core Preview/Save Image nodes, and VIDEO (with the sampler's frame rate) for core Save Video."
+        "Decodes a MetaCanvas Sampler latent with SANA's VAE (DC-AE): IMAGE for the core Preview/Save Image nodes, "
+        "and a one-frame VIDEO (with the sampler's frame rate) for core Save Video."
     )
     CATEGORY = CATEGORY
     FUNCTION = "decode"
     RETURN_TYPES = ("IMAGE", "VIDEO")
     RETURN_NAMES = ("image", "video")
     OUTPUT_TOOLTIPS = (
-        "Decoded images or video frames, float 0..1, [B, H, W, C].",
-        "The frames as a video at the sampler's frame rate (a one-frame video for images).",
+        "Decoded images, float 0..1, [B, H, W, C].",
+        "The image as a one-frame video at the sampler's frame rate.",
     )
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "backbone": ("METACANVAS_BACKBONE", {"tooltip": "The backbone whose VAE made the latent space."}),
+                "backbone": ("METACANVAS_BACKBONE", {"tooltip": "The SANA backbone whose VAE made the latent space."}),
                 "latent": ("LATENT", {"tooltip": "From MetaCanvas Sampler."}),
             }
         }

@@ -1,4 +1,6 @@
-"""ComfyUI's services when the nodes run inside ComfyUI; plain torch equivalents when they don't.
+"""ComfyUI's services when the nodes run inside ComfyUI (model folders, devices, the memory manager, progress, video);
+plain torch equivalents when they don't. `Loaded` is what loader nodes hand on: a model whose parts ComfyUI's memory
+manager loads one by one.
 
 Nothing here imports ComfyUI at module import time: each helper looks for it when called, so the
 nodes load on any ComfyUI release and are tested without one.
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -135,13 +138,13 @@ def bundled_qwen_tokenizer() -> Path | None:
     return folder if folder.is_dir() else None
 
 
-class Managed:
-    """One model registered with ComfyUI's memory manager (a ModelPatcher of its own), or moved by hand outside it.
+class Part:
+    """One module of a `Loaded` model, registered with ComfyUI's memory manager (a ModelPatcher of its own), or moved
+    by hand outside ComfyUI.
 
     Inside ComfyUI its weights become castable (`casting.make_castable`): a model larger than the free VRAM is loaded
     partially and the rest streamed layer by layer, by ComfyUI's own manager (never a second one). Its buffers (RoPE
-    tables, which partial loading does not move) follow the compute device on every load. Being its own patcher,
-    each part is loaded when a node needs it and can be offloaded while another part runs.
+    tables, which partial loading does not move) follow the compute device on every load.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -155,6 +158,30 @@ class Managed:
             # A container: ModelPatcher sets `.device` on its model, which transformers models make read-only.
             self.patcher = ModelPatcher(nn.ModuleDict({"model": module}), mm.get_torch_device(), offload_device())
             self.patcher.add_callback(patcher_extension().CallbacksMP.ON_LOAD, _buffers_to)
+
+
+class Loaded:
+    """What a loader node hands on (the planner, the SANA adapter, a MetaCanvas): the model and its parts by role
+    ("mllm", "transformer", "vae", "text_encoder"...), each a `Part` of its own, so a node loads only the parts it
+    runs and one part can be offloaded while another runs."""
+
+    def __init__(self, model: Any, parts: dict[str, nn.Module]) -> None:
+        self.model = model
+        self._parts = {name: Part(module) for name, module in parts.items()}
+
+    def parts(self, *names: str) -> list[Part]:
+        """These parts (every part when none is named); names of parts this model lacks are skipped."""
+        return [self._parts[n] for n in names or self._parts if n in self._parts]
+
+    def on(self, device: torch.device) -> Any:
+        """The model, told where its computation runs (its weights may be streamed there)."""
+        if not isinstance(self.model, nn.Module):
+            self.model.device = device
+        return self.model
+
+    def ready(self, *names: str) -> Any:
+        """The model with these parts (all when none is named) loaded, as far as they fit."""
+        return self.on(load(*self.parts(*names)))
 
 
 def patcher_extension():
@@ -172,15 +199,15 @@ def _buffers_to(patcher, device_to, *_args) -> None:
                 module._buffers[name] = buffer.to(device_to)
 
 
-def load(*models: Managed) -> torch.device:
-    """Load these models together, as far as they fit (ComfyUI's partial loading streams the rest); returns the
+def load(*parts: Part) -> torch.device:
+    """Load these parts together, as far as they fit (ComfyUI's partial loading streams the rest); returns the
     device the computation runs on."""
     mm = _comfy("comfy.model_management")
     if mm is None:
-        for m in models:
-            m.module.to(torch_device())
+        for part in parts:
+            part.module.to(torch_device())
         return torch_device()
-    mm.load_models_gpu([m.patcher for m in models])
+    mm.load_models_gpu([part.patcher for part in parts])
     return mm.get_torch_device()
 
 

@@ -1,47 +1,20 @@
-"""What the MetaCanvas nodes share: the category, widget declarations, input conversions, and `Loaded`
-(a core model with its parts registered with ComfyUI's memory manager)."""
+"""What the MetaCanvas nodes share: the category, widget declarations, their validation and input conversions."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from metacanvas_core.errors import MetaCanvasInputError
-
-from .runtime import Managed, load
+from metacanvas_core.sizes import size_problem
 
 CATEGORY = "MetaCanvas"
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 MAX_SIZE = 8192
 SIZE_MULTIPLE = 16  # every backbone's pixel stride is a multiple of this; the exact one is checked when sampling
-
-
-@dataclass
-class Loaded:
-    """A core model (planner, backbone or MetaCanvas) and its parts, each registered with the memory manager."""
-
-    model: Any
-    parts: dict[str, Managed]
-
-    def managed(self, *names: str) -> list[Managed]:
-        """These parts (every part when none is named); names of parts this model lacks are skipped."""
-        return [self.parts[n] for n in names or self.parts if n in self.parts]
-
-    def on(self, device: torch.device) -> Any:
-        """The model, told where its computation runs (its weights may be streamed there)."""
-        if not isinstance(self.model, nn.Module):
-            self.model.device = device
-        return self.model
-
-    def ready(self, *names: str) -> Any:
-        """The model with these parts (all when none is named) loaded, as far as they fit."""
-        return self.on(load(*self.managed(*names)))
 
 
 # The canvas as a dial, on every node that applies it (the pack's Sampler, Attach Canvas on native graphs).
@@ -99,15 +72,13 @@ def check_numbers(node: type, **values: object) -> bool | str:
 
 
 def check_size(width: int | None, height: int | None) -> bool | str:
-    """VALIDATE_INPUTS for width/height: what every backbone needs (each one's own stride is checked when sampling).
+    """VALIDATE_INPUTS for width/height: what every backbone needs (each one's own stride is checked when it runs).
     None: linked (known only when the graph runs)."""
+    why = "every backbone's pixel stride: Wan2.2 and SANA take multiples of 32, FLUX-Kontext of 16"
     for name, value in (("width", width), ("height", height)):
-        if value is not None and (value <= 0 or value % SIZE_MULTIPLE):
-            low = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
-            return (
-                f"{name} {value} must be a positive multiple of {SIZE_MULTIPLE} (Wan2.2 and SANA take multiples of 32, "
-                f"FLUX-Kontext of 16): try {low} or {low + SIZE_MULTIPLE}."
-            )
+        problem = None if value is None else size_problem(name, value, SIZE_MULTIPLE, why)
+        if problem:
+            return problem
     return True
 
 

@@ -61,11 +61,11 @@ def test_interpolation_to_token_grid():
 
 def test_a_size_the_canvas_cannot_take_names_the_input_and_its_neighbours():
     """Wan2.2: pixel stride 32 × canvas factor 2, so 96 passes the stride but not the canvas (issue 17)."""
-    from metacanvas_core.backbones.wan import WanBackbone
     from metacanvas_core.metacanvas import new_metacanvas
+    from metacanvas_core.specs import wan_spec
 
     with torch.device("meta"):
-        mc = new_metacanvas(64, WanBackbone.spec_for(3072, 4096, 48, (1, 2, 2), 16), "native")
+        mc = new_metacanvas(64, wan_spec(3072, 4096, 48, (1, 2, 2), 16), "native")
     assert mc.canvas_grid(704, 1280) == CanvasGrid(3, 11, 20)
     with pytest.raises(MetaCanvasInputError, match=r"^height 96 is not a positive multiple of 64 .* 64 or 128\.$"):
         mc.canvas_grid(96, 1280)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metacanvas_core.backbones import Branch, CanvasInjection, load_backbone
+from metacanvas_core.backbones import Branch, load_backbone
 from metacanvas_core.canvas import interpolate_canvas
 from metacanvas_core.checkpoint import load_metacanvas
 from metacanvas_core.conditioning import project
+from metacanvas_core.injection import CanvasInjection
 from metacanvas_core.inputs import VisualInputs
 from metacanvas_core.sampling import sample
 

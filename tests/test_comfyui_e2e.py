@@ -1,12 +1,14 @@
-"""End to end in a real ComfyUI: every shipped workflow loads in the editor and runs on the server.
+"""End to end in a real ComfyUI: the pack's own workflow (text_to_image: SANA, which ComfyUI has no loader for) loads in
+the editor and runs on the server; graphs saved with the pack's former Wan2.2/FLUX-Kontext workflows are refused.
 
-One editor session loads each workflow (served by ComfyUI's template endpoint) and an old-style saved
-text_to_image, exports each as an API-format prompt; the prompts are pointed at the tiny models, shrunk (64×64 images,
-128×128 × 5-frame videos, 2 steps), given small generated inputs (PNG images, a 9-frame mp4) and run; the saved
-images and videos are checked (video frames counted with PyAV in the harness's Python). With "new (untrained)"
-and native context each workflow's saved pixels equal, exactly, what diffusers' own pipeline (SanaPipeline,
-WanPipeline, WanImageToVideoPipeline, FluxKontextPipeline) makes here for the same inputs. A timing test (-k timing
--s) compares the graph in ComfyUI with the same node calls made in-process (metacanvas_core/bench.py [3]).
+One editor session loads text_to_image (from disk, and served by ComfyUI's template endpoint), an old-style saved
+text_to_image and an old-style FLUX-Kontext graph (the pack's former image_editing: Backbone Loader naming
+FLUX.1-Kontext-dev, the deprecated Edit Guidance between Project and Sampler), exports each as an API-format prompt;
+the prompts are pointed at the tiny models, shrunk (64x64 images, 2 steps) and run; the saved images are checked.
+With "new (untrained)" and native context the saved pixels equal, exactly, what diffusers' own SanaPipeline makes here
+for the same inputs. Wan2.2 and FLUX-Kontext run in ComfyUI only as the native patch: tests/test_comfyui_native_e2e.py
+runs the native_* workflows. A timing test (-k timing -s) compares the graph in ComfyUI with the same node calls made
+in-process (metacanvas_core/bench.py [3]).
 
 Needs a prepared harness (../shared/comfyui-harness/setup.sh): set COMFYUI_HARNESS to its HARNESS_ROOT, with
 this pack linked into ComfyUI/custom_nodes. The harness scripts are found in COMFYUI_HARNESS_SCRIPTS, else in
@@ -30,21 +32,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support.comfyui import HARNESS, SKIP_REASON, ComfyServer, cached, ids, load_saved, one
+from support.comfyui import (
+    HARNESS,
+    SKIP_REASON,
+    ComfyServer,
+    cached,
+    execution_errors,
+    ids,
+    load_saved,
+    one,
+    validation_messages,
+)
 from support.graph import as_saved, run, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / "workflows" / "text_to_image.json"
-SHIPPED = sorted(
-    p.stem for p in (ROOT / "workflows").glob("*.json") if not p.stem.startswith("native_")
-)  # native: test_comfyui_native_e2e.py
-OLD_STYLE = "old_text_to_image"
-TINY_BACKBONES = {"Sana": "tiny-sana", "FLUX.1-Kontext": "tiny-flux-kontext", "Wan2.2": "tiny-wan2_2-ti2v"}
-IMAGE_SIZE, VIDEO_SIZE, VIDEO_LENGTH = 64, 128, 5
-INPUT_IMAGES = {"e2e_landscape.png": (80, 48), "e2e_square.png": (64, 64)}  # different sizes: Image Batch resizes
-SAME_SIZE_PAIR = ("e2e_landscape.png", "e2e_landscape_b.png")  # Image Batch passes these through unchanged
-INPUT_VIDEO, INPUT_VIDEO_FRAMES, INPUT_VIDEO_FPS = "e2e_source.mp4", 9, 16  # not 24: video editing keeps its rate
-CORE_NODES = ["SaveImage", "SaveVideo", "LoadImage", "LoadVideo", "GetVideoComponents", "ImageFromBatch"]
+SHIPPED = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
+PACK_WORKFLOWS = [name for name in SHIPPED if not name.startswith("native_")]  # native: test_comfyui_native_e2e.py
+OLD_STYLE, OLD_FLUX = "old_text_to_image", "old_pack_image_editing"
+TINY_BACKBONES = {"Sana": "tiny-sana"}
+IMAGE_SIZE = 64
+CORE_NODES = ["SaveImage", "PreviewImage"]
 PACK_NODES = [
     "MetaCanvasMLLMLoader",
     "MetaCanvasBackboneLoader",
@@ -54,6 +62,7 @@ PACK_NODES = [
     "MetaCanvasSampler",
     "MetaCanvasDecode",
 ]
+DEPRECATED = "MetaCanvasEditGuidance"  # still registered, so old graphs load; running it stops with its replacement
 PLANNING = {"MetaCanvasMLLMLoader", "MetaCanvasBackboneLoader", "MetaCanvasConnectorLoader", "MetaCanvasPlan"}
 
 pytestmark = pytest.mark.skipif(not HARNESS, reason=SKIP_REASON)
@@ -74,7 +83,7 @@ def server(models_dir, tmp_path_factory):
     server = ComfyServer.start(tmp_path_factory.mktemp("comfyui"), folders)
     try:
         _, object_info = server.http("GET", "/object_info")
-        missing = [n for n in PACK_NODES if n not in object_info]
+        missing = [n for n in [*PACK_NODES, DEPRECATED] if n not in object_info]
         assert not missing, f"the pack's nodes {missing} are not registered:\n{server.log_tail()}"
         yield server
     finally:
@@ -101,17 +110,50 @@ def old_style(wf: dict) -> dict:
     return wf
 
 
+def old_pack_image_editing(wf: dict) -> dict:
+    """A graph saved with the pack's former image_editing workflow, as far as this test needs it: text_to_image's
+    chain with the Backbone Loader naming FLUX.1-Kontext-dev and the now deprecated Edit Guidance (2.5, 1.5) between
+    Project and Sampler, wired as that workflow had it."""
+    wf = json.loads(json.dumps(wf))
+    nodes = {n["type"]: n for n in wf["nodes"]}
+    nodes["MetaCanvasBackboneLoader"]["widgets_values"][0] = "FLUX.1-Kontext-dev"
+    project, sampler = nodes["MetaCanvasProject"], nodes["MetaCanvasSampler"]
+    (cond_link,) = project["outputs"][0]["links"]  # Project -> Sampler.cond becomes Project -> Edit Guidance.cond
+    guidance_id, out_link = wf["last_node_id"] + 1, wf["last_link_id"] + 1
+    link = next(link for link in wf["links"] if link[0] == cond_link)
+    link[3], link[4] = guidance_id, 0
+    wf["links"].append([out_link, guidance_id, 0, sampler["id"], 1, "METACANVAS_COND"])
+    next(i for i in sampler["inputs"] if i["name"] == "cond")["link"] = out_link
+    wf["nodes"].append(
+        {
+            "id": guidance_id,
+            "type": DEPRECATED,
+            "pos": [project["pos"][0], project["pos"][1] + 130],
+            "size": [250, 82],
+            "flags": {},
+            "order": project["order"],
+            "mode": 0,
+            "inputs": [{"name": "cond", "type": "METACANVAS_COND", "link": cond_link}],
+            "outputs": [{"name": "cond", "type": "METACANVAS_COND", "links": [out_link], "slot_index": 0}],
+            "properties": {**project["properties"], "Node name for S&R": DEPRECATED},
+            "widgets_values": [2.5, 1.5],
+        }
+    )
+    wf["last_node_id"], wf["last_link_id"] = guidance_id, out_link
+    return wf
+
+
 @pytest.fixture(scope="module")
 def editor(server, artifacts) -> dict[str, dict]:
-    """Every shipped workflow (and the old-style text_to_image) loaded in the real editor, exported as API format.
+    """text_to_image and the old graphs loaded in the real editor, exported as API format.
 
-    One browser session: text_to_image.json from disk first, then each workflow from the template endpoint, the
-    old-style one, and text_to_image last (so the screenshot shows it)."""
-    pack = server.template_pack(SHIPPED)
-    sources = [[name, f"/api/workflow_templates/{pack}/{name}.json"] for name in SHIPPED if name != "text_to_image"]
-    sources += [[OLD_STYLE, old_style(json.loads(WORKFLOW.read_text()))]]
+    One browser session: text_to_image.json from disk first, then the old-style text_to_image, the old pack FLUX
+    graph, and text_to_image from the template endpoint last (so the screenshot shows it)."""
+    pack = server.template_pack(PACK_WORKFLOWS)
+    text_to_image = json.loads(WORKFLOW.read_text())
+    sources = [[OLD_STYLE, old_style(text_to_image)], [OLD_FLUX, old_pack_image_editing(text_to_image)]]
     sources += [["text_to_image", f"/api/workflow_templates/{pack}/text_to_image.json"]]
-    exported = server.load_in_editor(sources, artifacts, PACK_NODES + ["MetaCanvasEditGuidance"] + CORE_NODES, WORKFLOW)
+    exported = server.load_in_editor(sources, artifacts, [*PACK_NODES, DEPRECATED, *CORE_NODES], WORKFLOW)
     # The editor exports the same prompt whether the workflow comes from disk or from the template endpoint.
     assert json.loads((artifacts / "text_to_image_api.json").read_text()) == exported["text_to_image"]
     return exported
@@ -123,56 +165,33 @@ def api_prompt(editor) -> dict:
     return editor["text_to_image"]
 
 
-@pytest.fixture(scope="module")
-def inputs(server) -> Path:
-    """Small input files in ComfyUI's (temporary) input folder: PNGs (two of different sizes, a third of the
-    first's size), a 9-frame 16 fps mp4."""
-    from PIL import Image
-
-    folder = server.work / "input"
-    for k, (name, (w, h)) in enumerate({**INPUT_IMAGES, SAME_SIZE_PAIR[1]: INPUT_IMAGES[SAME_SIZE_PAIR[0]]}.items()):
-        pixels = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / name)
-    server.write_video(folder / INPUT_VIDEO, INPUT_VIDEO_FRAMES, VIDEO_SIZE, INPUT_VIDEO_FPS)
-    video = server.probe_video(folder / INPUT_VIDEO)
-    assert (video["frames"], video["fps"]) == (INPUT_VIDEO_FRAMES, INPUT_VIDEO_FPS), video
-    return folder
-
-
-def _is_video(api: dict) -> bool:
-    return any(node["class_type"] == "SaveVideo" for node in api.values())
-
-
-def tiny(api: dict, seed: int | None = None, width: int | None = None) -> dict:
-    """The exported prompt pointed at the tiny models and the e2e inputs: images 64×64, videos 128×128 × 5 frames,
-    2 steps. `width` overrides the Sampler's width only (to test its check)."""
+def tiny(api: dict, seed: int | None = None, width: int | None = None, backbone: str | None = None) -> dict:
+    """The exported prompt pointed at the tiny models: 64x64 images, 2 steps. `width` overrides the Sampler's width
+    only (to test its check); `backbone` names the Backbone Loader's folder (else the tiny SANA)."""
     api = json.loads(json.dumps(api))
-    size = VIDEO_SIZE if _is_video(api) else IMAGE_SIZE
-    images = iter(INPUT_IMAGES)
     for nid in sorted(api, key=int):
         inputs, kind = api[nid]["inputs"], api[nid]["class_type"]
         if kind == "MetaCanvasMLLMLoader":  # the planner from ComfyUI's single-file layout, as the workflows name it
             inputs["mllm_folder"] = "tiny-qwen2_5-vl.safetensors"
         elif kind == "MetaCanvasBackboneLoader":
             real = inputs["backbone_folder"]
-            tiny_name = next((t for prefix, t in TINY_BACKBONES.items() if real.startswith(prefix)), None)
+            tiny_name = backbone or next((t for prefix, t in TINY_BACKBONES.items() if real.startswith(prefix)), None)
             assert tiny_name, f"no tiny model stands in for backbone {real!r}"
             inputs["backbone_folder"] = tiny_name
         elif kind == "MetaCanvasPlan":
-            inputs.update(width=size, height=size)
+            inputs.update(width=IMAGE_SIZE, height=IMAGE_SIZE)
         elif kind == "MetaCanvasSampler":
-            inputs.update(width=width or size, height=size, steps=2)
-            if inputs.get("length", 1) > 1:
-                inputs["length"] = VIDEO_LENGTH
+            inputs.update(width=width or IMAGE_SIZE, height=IMAGE_SIZE, steps=2)
             if seed is not None:
                 inputs["seed"] = seed
-        elif kind == "LoadImage":
-            inputs["image"] = next(images)
-        elif kind == "LoadVideo":
-            inputs["file"] = INPUT_VIDEO
-        elif kind == "ImageFromBatch":  # the source frames the Sampler's length needs
-            inputs["length"] = VIDEO_LENGTH
     return api
+
+
+def test_the_pack_ships_one_own_workflow():
+    """Wan2.2 and FLUX-Kontext run in ComfyUI only as the native patch: the pack's own loader and sampler serve
+    SANA, in text_to_image alone; the five native_* graphs are the other shipped workflows."""
+    assert PACK_WORKFLOWS == ["text_to_image"]
+    assert len(SHIPPED) == 6
 
 
 def test_editor_loads_the_workflow(api_prompt):
@@ -187,6 +206,16 @@ def test_editor_loads_the_workflow(api_prompt):
         "dpm_solver_flow",
         True,
     )
+    # Every widget value the file holds reaches the prompt (the seed's control_after_generate is the editor's).
+    ui = {n["type"]: n["widgets_values"] for n in json.loads(WORKFLOW.read_text())["nodes"]}
+    plan = api_prompt[one(api_prompt, "MetaCanvasPlan")]["inputs"]
+    names = ("prompt", "negative_prompt", "width", "height", "image_role", "keyframes", "visual_tokens")
+    assert [plan[k] for k in names] == ui["MetaCanvasPlan"]
+    names = ("seed", "steps", "cfg", "width", "height", "scheduler", "use_canvas", "length", "frame_rate")
+    names += ("canvas_strength",)
+    assert [sampler[k] for k in names] == [v for i, v in enumerate(ui["MetaCanvasSampler"]) if i != 1]
+    backbone = api_prompt[one(api_prompt, "MetaCanvasBackboneLoader")]["inputs"]
+    assert [backbone[k] for k in ("backbone_folder", "dtype", "load_text_encoder")] == ui["MetaCanvasBackboneLoader"]
 
 
 def test_workflow_makes_an_image(server, api_prompt, artifacts):
@@ -237,69 +266,83 @@ def test_bad_width_is_rejected_and_server_survives(server, api_prompt):
     assert status == 200 and queue["queue_running"] == [] and queue["queue_pending"] == []
 
 
+# A Backbone Loader folder of a graph saved with the pack's former Wan2.2/FLUX-Kontext workflows -> (the model the
+# message names, the native template it names): the tiny folders are installed here, the real names (as the former
+# text_to_video.json and image_editing.json held them) are not.
+OLD_BACKBONES = {
+    "tiny-wan2_2-ti2v": ("Wan2.2", "native_text_to_video"),
+    "Wan2.2-TI2V-5B-Diffusers": ("Wan2.2", "native_text_to_video"),
+    "tiny-flux-kontext": ("FLUX.1-Kontext", "native_image_editing"),
+    "FLUX.1-Kontext-dev": ("FLUX.1-Kontext", "native_image_editing"),
+}
+
+
+def test_old_wan_and_flux_graphs_are_refused_and_server_survives(server, editor):
+    """A graph saved with the pack's former Wan2.2 or FLUX-Kontext workflows: the Backbone Loader's list offers only
+    SANA folders, and POST /prompt refuses the saved folder at validation with the loader's one message, naming the
+    folder and the native template that replaces it (core Load Diffusion Model + MetaCanvas Apply). The old FLUX
+    graph, deprecated Edit Guidance included, loads in the real editor (no unknown node). Nothing is queued and the
+    server stays up."""
+    status, info = server.http("GET", "/object_info/MetaCanvasBackboneLoader")
+    assert status == 200, info
+    choices = info["MetaCanvasBackboneLoader"]["input"]["required"]["backbone_folder"][0]
+    assert "tiny-sana" in choices and not set(OLD_BACKBONES) & set(choices), choices
+    old_flux = editor[OLD_FLUX]
+    assert old_flux[one(old_flux, "MetaCanvasBackboneLoader")]["inputs"]["backbone_folder"] == "FLUX.1-Kontext-dev"
+    guidance = old_flux[one(old_flux, DEPRECATED)]["inputs"]
+    assert (guidance["guidance"], guidance["image_cfg"], guidance["cond"][0]) == (
+        2.5,
+        1.5,
+        one(old_flux, "MetaCanvasProject"),
+    )
+    for folder, (model, template) in OLD_BACKBONES.items():
+        graph = old_flux if model == "FLUX.1-Kontext" else editor["text_to_image"]
+        api = tiny(graph, backbone=folder)
+        if model == "Wan2.2":  # as the former text_to_video saved its Sampler: 121 frames
+            api[one(api, "MetaCanvasSampler")]["inputs"]["length"] = 121
+        loader = one(api, "MetaCanvasBackboneLoader")
+        status, body = server.submit(api)
+        assert status == 400, body
+        message = validation_messages(body, loader)
+        assert f"Backbone folder '{folder}' is {model}: the MetaCanvas Backbone Loader loads SANA only" in message
+        assert "(input backbone_folder)" in message and template in message and "MetaCanvas Apply" in message
+        print(f"{folder}: {message}")
+    server.healthy()
+
+
+def test_deprecated_edit_guidance_stops_the_run_naming_its_replacement(server, editor, api_prompt, artifacts):
+    """The old FLUX graph on the tiny SANA passes validation (Edit Guidance keeps its inputs), and running it stops at
+    the deprecated Edit Guidance with the message naming what replaces it in native_image_editing; the server then
+    runs text_to_image as before."""
+    api = tiny(editor[OLD_FLUX], backbone="tiny-sana", seed=11)
+    status, body = server.submit(api)
+    assert status == 200, body
+    entry = server.wait(body["prompt_id"])
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    (error,) = execution_errors(entry)
+    assert error["node_type"] == DEPRECATED, error
+    for needle in ("Edit Guidance is deprecated", "native_image_editing", "FluxGuidance", "DualCFGGuider"):
+        assert needle in error["exception_message"], error["exception_message"]
+    print(f"{DEPRECATED}: {error['exception_type']}: {error['exception_message']}")
+    server.healthy()
+    rc, report, _ = server.run_prompt(tiny(api_prompt, seed=11), "after_deprecated", artifacts / "after_deprecated")
+    assert rc == 0, report
+
+
 def test_workflows_are_listed_as_templates(server):
+    """The template browser lists the shipped workflows (the pack's former Wan/FLUX ones are gone) and serves each
+    as it is on disk."""
     pack = server.template_pack(SHIPPED)
+    status, templates = server.http("GET", "/api/workflow_templates")
+    assert status == 200 and sorted(templates[pack]) == SHIPPED, templates[pack]
     for name in SHIPPED:
         status, served = server.http("GET", f"/api/workflow_templates/{pack}/{name}.json")
         assert status == 200 and served == json.loads((ROOT / "workflows" / f"{name}.json").read_text()), name
 
 
-@pytest.mark.parametrize("name", [n for n in SHIPPED if n != "text_to_image"])
-def test_workflow_runs(name, server, editor, inputs, artifacts):
-    """The workflow as the editor exports it, on the tiny models: the saved image, or video with 5 frames."""
-    wf = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
-    api = editor[name]
-    sent = sorted(n["type"] for n in wf["nodes"] if n["type"] not in ("Note", "MarkdownNote"))
-    assert sorted(node["class_type"] for node in api.values()) == sent
-    ui = {n["type"]: n["widgets_values"] for n in wf["nodes"]}
-    plan, sampler = (api[one(api, k)]["inputs"] for k in ("MetaCanvasPlan", "MetaCanvasSampler"))
-    assert [
-        plan[k] for k in ("prompt", "negative_prompt", "width", "height", "image_role", "keyframes", "visual_tokens")
-    ] == ui["MetaCanvasPlan"]
-    names = (
-        "seed",
-        "steps",
-        "cfg",
-        "width",
-        "height",
-        "scheduler",
-        "use_canvas",
-        "length",
-        "frame_rate",
-        "canvas_strength",
-    )
-    values = [v for i, v in enumerate(ui["MetaCanvasSampler"]) if i != 1]
-    linked = {k for k in names if isinstance(sampler[k], list)}  # a widget with a link: the link's value is sent
-    assert [sampler[k] for k in names if k not in linked] == [
-        v for k, v in zip(names, values, strict=True) if k not in linked
-    ]
-    frame_rate = INPUT_VIDEO_FPS if "frame_rate" in linked else sampler["frame_rate"]  # video_editing: the source's
-
-    t0 = time.time()
-    rc, report, entry = server.run_prompt(tiny(api), name, artifacts / name)
-    assert rc == 0, report
-    if _is_video(api):
-        outputs = entry["outputs"][one(api, "SaveVideo")]
-        (saved,) = outputs["images"]
-        assert saved["filename"].endswith(".mp4") and outputs.get("animated") == [True], outputs
-        video = server.probe_video(artifacts / name / saved["filename"])
-        assert video["frames"] == VIDEO_LENGTH, video
-        assert video["size"] == [VIDEO_SIZE, VIDEO_SIZE] and video["fps"] == frame_rate, video
-        result = video
-    else:
-        from PIL import Image
-
-        (saved,) = entry["outputs"][one(api, "SaveImage")]["images"]
-        with Image.open(artifacts / name / saved["filename"]) as im:
-            assert im.format == "PNG" and im.size == (IMAGE_SIZE, IMAGE_SIZE)
-            result = {"size": im.size}
-    print(f"{name}: {time.time() - t0:.1f}s, {saved['filename']} {result}")
-
-
 def test_old_saved_workflow_loads_and_runs(server, editor, artifacts):
     """Saved-workflow compatibility: a text_to_image saved before the Plan's image_role/keyframes and the Sampler's
     length/frame_rate were appended loads with their defaults and makes the image today's file makes."""
-    import numpy as np
     from PIL import Image
 
     old, new = editor[OLD_STYLE], editor["text_to_image"]
@@ -327,66 +370,41 @@ def test_old_saved_workflow_loads_and_runs(server, editor, artifacts):
 
 # --- Untrained + native context = the backbone itself, in a real ComfyUI ------------------------------------------
 #
-# Each workflow with checkpoint "new (untrained)" and context "auto" (native: the Backbone Loader loads the text
-# encoder) must save exactly what diffusers' own pipeline makes for the same prompt, negative prompt, seed, steps,
-# guidance, scheduler, size and input image. The pipeline runs here, in the pytest process, on the same tiny folders;
-# its decoded float image is turned into uint8 the way ComfyUI's SaveImage does it (nodes.py:
+# text_to_image with checkpoint "new (untrained)" and context "auto" (native: the Backbone Loader loads the text
+# encoder) must save exactly what diffusers' own SanaPipeline makes for the same prompt, negative prompt, seed, steps,
+# guidance, scheduler and size. The pipeline runs here, in the pytest process, on the same tiny folder; its decoded
+# float image is turned into uint8 the way ComfyUI's SaveImage does it (nodes.py:
 # `np.clip(255. * i.cpu().numpy(), 0, 255).astype(np.uint8)`) and compared with the saved PNG, array for array.
-# SaveVideo is lossy (h264), so video workflows get an extra core SaveImage on MetaCanvas Decode's IMAGE output
-# (the frames) and those PNGs are compared.
+# (The native Wan2.2/FLUX-Kontext graphs: tests/test_comfyui_native_e2e.py, against the plain native graph.)
 
 
-FRAMES_NODE = "9001"  # the extra SaveImage on Decode's IMAGE output of video workflows
-
-
-def native_prompt(name: str, editor: dict) -> dict:
-    """The workflow as exported, on the tiny models, as shipped: "new (untrained)", context auto, text encoder
-    loaded (asserted); Edit Guidance's image_cfg 1 (the pipelines have no image guidance); in_context_video's
-    two references of one size; SaveImage prefixes of its own (so nothing comes from ComfyUI's cache); video
-    workflows also save Decode's frames as PNGs."""
-    api = tiny(editor[name])
+def native_prompt(editor: dict) -> dict:
+    """text_to_image as exported, on the tiny models, as shipped: "new (untrained)", context auto, text encoder
+    loaded (asserted); a SaveImage prefix of its own (so nothing comes from ComfyUI's cache)."""
+    api = tiny(editor["text_to_image"])
     connector = api[one(api, "MetaCanvasConnectorLoader")]["inputs"]
     assert (connector["checkpoint"], connector.get("context", "auto")) == ("new (untrained)", "auto"), connector
     assert api[one(api, "MetaCanvasBackboneLoader")]["inputs"].get("load_text_encoder", True) is True
-    for nid in ids(api, {"MetaCanvasEditGuidance"}):
-        api[nid]["inputs"]["image_cfg"] = 1.0
-    if name == "in_context_video":
-        for nid, image in zip(sorted(ids(api, {"LoadImage"}), key=int), SAME_SIZE_PAIR, strict=True):
-            api[nid]["inputs"]["image"] = image
-    for nid in ids(api, {"SaveImage", "SaveVideo"}):
-        api[nid]["inputs"]["filename_prefix"] = f"native_{name}"
-    if _is_video(api):
-        api[FRAMES_NODE] = {
-            "class_type": "SaveImage",
-            "inputs": {"images": [one(api, "MetaCanvasDecode"), 0], "filename_prefix": f"native_{name}_frames"},
-        }
+    for nid in ids(api, {"SaveImage"}):
+        api[nid]["inputs"]["filename_prefix"] = "native_text_to_image"
     return api
 
 
-@pytest.fixture(scope="module")
-def native_backbones(models_dir) -> dict:
-    from metacanvas_core.backbones import load_backbone
-
-    cache = {}
-
-    def get(folder: str):
-        if folder not in cache:
-            cache[folder] = load_backbone(models_dir / "diffusers" / folder)
-        return cache[folder]
-
-    return get
-
-
-def pipeline_frames(api: dict, backbone, input_dir: Path, task: str) -> torch.Tensor:
-    """What diffusers' own pipeline makes for this prompt: (N, H, W, 3) float in 0..1 (output_type "pt").
-    task: t2i (SanaPipeline), t2v (WanPipeline), i2v (WanImageToVideoPipeline), edit (FluxKontextPipeline)."""
-    from diffusers import FluxKontextPipeline, SanaPipeline, WanImageToVideoPipeline, WanPipeline
-    from PIL import Image
+def pipeline_frames(api: dict, backbone) -> torch.Tensor:
+    """What diffusers' own SanaPipeline makes for this prompt: (N, H, W, 3) float in 0..1 (output_type "pt")."""
+    from diffusers import SanaPipeline
 
     plan = api[one(api, "MetaCanvasPlan")]["inputs"]
     s = api[one(api, "MetaCanvasSampler")]["inputs"]
-    scheduler = backbone.make_scheduler(s["scheduler"])  # the one the workflow's Sampler names
-    call = dict(
+    pipe = SanaPipeline(
+        tokenizer=backbone.pipeline.tokenizer,
+        text_encoder=backbone.text_encoder,
+        vae=backbone.vae,
+        transformer=backbone.transformer,
+        scheduler=backbone.make_scheduler(s["scheduler"]),  # the one the workflow's Sampler names
+    )
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
         prompt=plan["prompt"],
         negative_prompt=plan["negative_prompt"],
         num_inference_steps=s["steps"],
@@ -394,117 +412,34 @@ def pipeline_frames(api: dict, backbone, input_dir: Path, task: str) -> torch.Te
         width=s["width"],
         generator=torch.Generator("cpu").manual_seed(s["seed"]),
         output_type="pt",
-    )
-    images = [input_dir / api[nid]["inputs"]["image"] for nid in sorted(ids(api, {"LoadImage"}), key=int)]
-    if task == "t2i":
-        pipe = SanaPipeline(
-            tokenizer=backbone.pipeline.tokenizer,
-            text_encoder=backbone.text_encoder,
-            vae=backbone.vae,
-            transformer=backbone.transformer,
-            scheduler=scheduler,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe(**call, guidance_scale=s["cfg"], use_resolution_binning=False).images.permute(0, 2, 3, 1)
-    if task in ("t2v", "i2v"):
-        parts = dict(
-            tokenizer=backbone.pipeline.tokenizer,
-            text_encoder=backbone.text_encoder,
-            vae=backbone.vae,
-            transformer=backbone.transformer,
-            scheduler=scheduler,
-            expand_timesteps=True,
-        )
-        call.update(num_frames=s["length"], guidance_scale=s["cfg"])
-        if task == "t2v":
-            pipe = WanPipeline(**parts)
-        else:  # the same PIL image: both the pipeline and our Wan adapter resize it with VideoProcessor.preprocess
-            pipe = WanImageToVideoPipeline(image_encoder=None, image_processor=None, **parts)
-            (path,) = images
-            call["image"] = Image.open(path).convert("RGB")
-        pipe.set_progress_bar_config(disable=True)
-        (frames,) = pipe(**call).frames  # (F, 3, H, W)
-        return frames.permute(0, 2, 3, 1)
-    assert task == "edit", task
-    from metacanvas_core.backbones.flux import reference_size
-
-    guidance = api[one(api, "MetaCanvasEditGuidance")]["inputs"]
-    assert guidance["image_cfg"] == 1.0
-    (path,) = images
-    image = Image.open(path).convert("RGB")
-    # With _auto_resize=False the pipeline encodes the image at its own size floored to multiples of 16; our
-    # REFERENCE_RULE picks that same size for these inputs (asserted), so both see the same reference pixels.
-    stride = backbone.pixel_stride
-    rule = reference_size(image.width, image.height, s["height"], s["width"], stride)
-    assert rule == (image.height // stride * stride, image.width // stride * stride), (rule, image.size)
-    p = backbone.pipeline
-    pipe = FluxKontextPipeline(
-        scheduler=scheduler,
-        vae=backbone.vae,
-        text_encoder=p.text_encoder,
-        tokenizer=p.tokenizer,
-        text_encoder_2=p.text_encoder_2,
-        tokenizer_2=p.tokenizer_2,
-        transformer=backbone.transformer,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        **call,
-        image=image,
-        true_cfg_scale=s["cfg"],  # <= 1: no true CFG, as our Sampler's cfg <= 1 drops the text term's null branch
-        guidance_scale=guidance["guidance"],
-        max_area=s["height"] * s["width"],
-        _auto_resize=False,
+        guidance_scale=s["cfg"],
+        use_resolution_binning=False,
     )
     return out.images.permute(0, 2, 3, 1)
 
 
-NATIVE_TASKS = {
-    "text_to_image": "t2i",
-    "text_to_video": "t2v",
-    "video_editing": "t2v",  # untrained: the source reaches the DiT only through the zero condition embedding
-    "image_to_video": "i2v",
-    "image_editing": "edit",
-    "in_context_video": "t2v",  # compared below: NOT equal (the references are frames in the DiT's sequence)
-}
+def test_untrained_native_is_the_backbone(server, editor, artifacts, models_dir):
+    """ "new (untrained)" + context auto in the real ComfyUI saves exactly SanaPipeline's output."""
+    from metacanvas_core.backbones import load_backbone
 
-
-@pytest.mark.parametrize("name", SHIPPED)
-def test_untrained_native_is_the_backbone(name, server, editor, inputs, artifacts, native_backbones, pack):
-    """ "new (untrained)" + context auto in the real ComfyUI saves exactly the diffusers pipeline's output.
-
-    video_editing: an untrained checkpoint's condition embedding is exactly zero, so the source video changes
-    nothing and the output is plain WanPipeline text-to-video of the instruction. in_context_video: its reference
-    images are clean latent frames placed before the video in the DiT's sequence (timestep 0), which the Wan
-    self-attention sees even untrained; no diffusers pipeline does that, so the saved frames are compared exactly
-    with the same node functions called in this process, and shown to differ from plain text-to-video."""
-    assert set(NATIVE_TASKS) == set(SHIPPED)
-    api = native_prompt(name, editor)
+    api = native_prompt(editor)
     t0 = time.time()
-    rc, report, entry = server.run_prompt(api, f"native_{name}", artifacts / f"native_{name}")
+    rc, report, entry = server.run_prompt(api, "native_text_to_image", artifacts / "native_text_to_image")
     assert rc == 0, report
     comfy_s = time.time() - t0
-    save = FRAMES_NODE if _is_video(api) else one(api, "SaveImage")
-    saved = load_saved(artifacts / f"native_{name}", entry["outputs"][save]["images"])
+    saved = load_saved(artifacts / "native_text_to_image", entry["outputs"][one(api, "SaveImage")]["images"])
     s = api[one(api, "MetaCanvasSampler")]["inputs"]
-    assert saved.shape == (s["length"], s["height"], s["width"], 3) and saved.std() > 0, saved.shape
+    assert saved.shape == (1, s["height"], s["width"], 3) and saved.std() > 0, saved.shape
 
-    backbone = native_backbones(api[one(api, "MetaCanvasBackboneLoader")]["inputs"]["backbone_folder"])
+    folder = api[one(api, "MetaCanvasBackboneLoader")]["inputs"]["backbone_folder"]
+    backbone = load_backbone(models_dir / "diffusers" / folder)
     t0 = time.time()
-    reference = as_saved(pipeline_frames(api, backbone, inputs, NATIVE_TASKS[name]))
+    reference = as_saved(pipeline_frames(api, backbone))
     pipe_s = time.time() - t0
     assert reference.shape == saved.shape
-    if name == "in_context_video":
-        ours = run_in_process(pack, api, inputs)[one(api, "MetaCanvasDecode")][0]
-        assert np.array_equal(saved, as_saved(ours)), "ComfyUI and the in-process node chain differ"
-        assert not np.array_equal(saved, reference), "the reference frames changed nothing"
-        print(f"{name}: ComfyUI == in-process nodes ({comfy_s:.1f}s); != plain WanPipeline T2V (references)")
-        return
     diff = np.abs(saved.astype(int) - reference.astype(int))
-    assert diff.max() == 0, f"{name}: {int((diff > 0).sum())} of {diff.size} values differ, by up to {diff.max()}"
-    print(
-        f"{name}: == {type(backbone).__name__} pipeline ({NATIVE_TASKS[name]}), ComfyUI {comfy_s:.1f}s, pipeline {pipe_s:.1f}s"
-    )
+    assert diff.max() == 0, f"{int((diff > 0).sum())} of {diff.size} values differ, by up to {diff.max()}"
+    print(f"text_to_image: == {type(backbone).__name__} pipeline, ComfyUI {comfy_s:.1f}s, pipeline {pipe_s:.1f}s")
 
 
 # --- A checkpoint trained from the CLI, used by a workflow in the real ComfyUI (issue 5) --------------------------
@@ -585,7 +520,7 @@ def test_trained_checkpoint_changes_the_image(server, api_prompt, models_dir, ar
 TIMING_RUNS = 5
 
 
-def test_timing_comfyui_vs_in_process(server, api_prompt, inputs, pack):
+def test_timing_comfyui_vs_in_process(server, api_prompt, pack):
     """text_to_image on the tiny models, TIMING_RUNS times with only the seed changing (the plan stays cached,
     as when an artist tries seeds): wall time from POST /prompt to the finished /history entry, against the
     MetaCanvas Sampler + Decode node functions called in this process on the same inputs (same torch thread
@@ -594,7 +529,7 @@ def test_timing_comfyui_vs_in_process(server, api_prompt, inputs, pack):
     that both make the same images."""
     warm = tiny(api_prompt, seed=99)
     server.queue_and_wait(warm)  # loaders and plan now cached in the server
-    done = run_in_process(pack, warm, inputs)  # and here: loaders, plan, projection (and a warm-up sample)
+    done = run_in_process(pack, warm, server.work / "input")  # here too: loaders, plan, projection, a warm-up sample
     nodes = pack.NODE_CLASS_MAPPINGS
     sampler_id, decode_id = one(warm, "MetaCanvasSampler"), one(warm, "MetaCanvasDecode")
     resolve = {k: (done[v[0]][v[1]] if isinstance(v, list) else v) for k, v in warm[sampler_id]["inputs"].items()}

@@ -49,9 +49,10 @@ if IN_HARNESS:
     from safetensors.torch import save_file
     from support.graph import run
 
-    from metacanvas_core.backbones import Branch, CanvasInjection, TextContext
+    from metacanvas_core.backbones import Branch
     from metacanvas_core.backbones.wan import WanBackbone
-    from metacanvas_core.conditioning import align_canvas
+    from metacanvas_core.injection import CanvasInjection
+    from metacanvas_core.text import TextContext
     from metacanvas_core.tiny import tiny_native_wan, tiny_wan_vae, wan_original_state
 
     PROMPT = "a red ball rolls from the left to the right"
@@ -65,10 +66,9 @@ if IN_HARNESS:
         return mc
 
     def loaded(pack, mc):
-        from metacanvas_pack.nodes.runtime import Managed
-        from metacanvas_pack.nodes.widgets import Loaded
+        from metacanvas_pack.nodes.runtime import Loaded
 
-        return Loaded(mc, {"metacanvas": Managed(mc)})
+        return Loaded(mc, {"metacanvas": mc})
 
     # --- native models ------------------------------------------------------------------------------------------
     @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ if IN_HARNESS:
         mc = metacanvas(pack, mllm, model, True)
         plan = plan_for(pack, mllm, mc, 64, 64)
         with torch.no_grad():
-            aligned = align_canvas(mc.model.canvas_connector, plan.canvas, plan.grid)
+            aligned = mc.model.align(plan)
         return mc, plan, aligned
 
     WAN_LATENT = torch.zeros(1, 48, 3, 4, 4)  # 9 frames of 64×64: the canvas grid is 3 keyframes × 1×1
@@ -312,7 +312,7 @@ if IN_HARNESS:
             pack_on = _first_block_inputs(block, lambda: backbone.predict(x, sigma * 1000, Branch(text, canvas)))
             pack_off = _first_block_inputs(block, lambda: backbone.predict(x, sigma * 1000, Branch(text)))
             # ComfyUI's side: the native model through the patch's wrapper, as a sampler calls it.
-            from metacanvas_pack.nodes.native import RUN_KEY, CanvasRun, MetaCanvasPatch, NativeCanvas, native_spec
+            from metacanvas_pack.nodes.model_patch import RUN_KEY, CanvasRun, MetaCanvasPatch, NativeCanvas, native_spec
 
             patch = MetaCanvasPatch(mcm, native_spec(model))
             uuid = object()
@@ -402,7 +402,7 @@ if IN_HARNESS:
         call (the lowvram path), and the plan equals the fully loaded one exactly."""
         mc = metacanvas(pack, mllm, wan[0], True)
         full = plan_for(pack, mllm, mc, 64, 64)
-        patcher = mllm.parts["mllm"].patcher
+        patcher = mllm.parts("mllm")[0].patcher
         comfy.model_management.unload_all_models()
         budget = patcher.model_size() // 10
         patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=budget)
@@ -551,7 +551,7 @@ if IN_HARNESS:
         """The patch under a context window: the residual and the condition embedding of a window's call are those
         of the whole video's call at the window's frames (canvas, mask and source video cut, never stretched), for
         a standard, a looped and a full window; reference frames stay before the window's frames."""
-        from metacanvas_pack.nodes.native import CanvasRun, MetaCanvasPatch, NativeCanvas, native_spec
+        from metacanvas_pack.nodes.model_patch import CanvasRun, MetaCanvasPatch, NativeCanvas, native_spec
 
         model, _ = wan
         mc, plan, aligned = aligned_plan(pack, mllm, model)
@@ -596,7 +596,7 @@ if IN_HARNESS:
         """A window whose frames are not the call's (guide frames), or per-token timesteps: refused naming the
         ComfyUI version, instead of a canvas silently misplaced."""
         from metacanvas_pack.nodes.compat import comfyui_version
-        from metacanvas_pack.nodes.native import CanvasRun, MetaCanvasPatch, NativeCanvas, native_spec
+        from metacanvas_pack.nodes.model_patch import CanvasRun, MetaCanvasPatch, NativeCanvas, native_spec
 
         from metacanvas_core.errors import MetaCanvasInputError
 
@@ -632,8 +632,7 @@ if IN_HARNESS:
         one checkpoint."""
         import shutil
 
-        from metacanvas_pack.nodes.runtime import Managed
-        from metacanvas_pack.nodes.widgets import Loaded
+        from metacanvas_pack.nodes.runtime import Loaded
 
         from metacanvas_core.checkpoint import load_metacanvas, save_metacanvas
         from metacanvas_core.errors import MetaCanvasInputError
@@ -647,7 +646,7 @@ if IN_HARNESS:
 
         def loaded_from(path):
             mcm = load_metacanvas(path)
-            return Loaded(mcm, {"metacanvas": Managed(mcm)})
+            return Loaded(mcm, {"metacanvas": mcm})
 
         a, b, copy = (
             loaded_from(p) for p in (first / "mc.safetensors", second / "mc.safetensors", tmp_path / "copy.safetensors")
@@ -668,7 +667,7 @@ if IN_HARNESS:
         then samples the patched model to the eager result."""
         import torch._dynamo
         from comfy_api.torch_helpers import set_torch_compile_wrapper
-        from metacanvas_pack.nodes.native import CanvasRun, MetaCanvasPatch, NativeCanvas, native_spec
+        from metacanvas_pack.nodes.model_patch import CanvasRun, MetaCanvasPatch, NativeCanvas, native_spec
 
         model, _ = wan
         mc, plan, aligned = aligned_plan(pack, mllm, model)

@@ -154,9 +154,8 @@ def places(tmp_path_factory) -> dict[str, Path]:
 def _native_specs(native_files: Path) -> dict:
     """The MetaCanvas backbone specs of the tiny native files, read from their headers as nodes/native.py reads the
     loaded models (ComfyUI's FLUX has heads of 128)."""
-    from metacanvas_core.backbones.flux import FluxKontextBackbone
-    from metacanvas_core.backbones.wan import WanBackbone
     from metacanvas_core.files import SafetensorsFile
+    from metacanvas_core.specs import flux_kontext_spec, wan_spec
 
     wan = SafetensorsFile.open(native_files / "diffusion_models" / TINY_FILES["wan2.2_ti2v_5B_fp16.safetensors"], "Wan")
     width, channels, *patch = wan.shapes["patch_embedding.weight"]
@@ -166,8 +165,8 @@ def _native_specs(native_files: Path) -> dict:
     )
     hidden = flux.shapes["img_in.weight"][0]
     return {
-        "wan": WanBackbone.spec_for(width, text_dim, channels, tuple(patch), 16),
-        "flux": FluxKontextBackbone.spec_for(
+        "wan": wan_spec(width, text_dim, channels, tuple(patch), 16),
+        "flux": flux_kontext_spec(
             hidden,
             (hidden // 128, 128),
             flux.shapes["txt_in.weight"][1],

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from metacanvas_core.backbones import Branch, CanvasInjection, TextContext
-from metacanvas_core.conditioning import align_canvas, project
+from metacanvas_core.backbones import Branch
+from metacanvas_core.conditioning import project
+from metacanvas_core.injection import CanvasInjection
 from metacanvas_core.metacanvas import new_metacanvas
+from metacanvas_core.text import TextContext
 
 
 def _plan(planner, mc, prompt="a red circle at the top left"):
@@ -42,7 +44,7 @@ def test_gradients_reach_canvas_and_connector(planner, sana):
 
     def loss():
         plan = mc.plan(planner, "two dogs", 64, 64)  # grad mode on: differentiable in the canvas
-        canvas = align_canvas(mc.canvas_connector, plan.canvas, plan.grid)
+        canvas = mc.align(plan)
         inj = CanvasInjection(mc.canvas_connector, canvas, slice(0, 1))
         branch = Branch(sana.encode_prompt(["two dogs"]), inj)
         v = sana.predict(sana.initial_noise(0, 1, 64, 64), torch.tensor(500.0), branch)

@@ -1,7 +1,10 @@
 """FLUX.1-Kontext editing on the tiny models: packing, reference tokens, the canvas on target tokens only,
-zero-init identity, equality with diffusers' FluxKontextPipeline, the node chain, bad input."""
+zero-init identity, equality with diffusers' FluxKontextPipeline, bad input; the pack's nodes refuse FLUX-Kontext
+(it runs natively)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -11,11 +14,12 @@ from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RES
 from PIL import Image
 from support.graph import run
 
-from metacanvas_core.backbones import Branch, CanvasInjection
+from metacanvas_core.backbones import Branch
 from metacanvas_core.backbones.flux import FluxKontextBackbone, pack, reference_size, unpack
 from metacanvas_core.checkpoint import load_metacanvas
 from metacanvas_core.conditioning import project
 from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.injection import CanvasInjection
 from metacanvas_core.inputs import VisualInputs
 from metacanvas_core.metacanvas import new_metacanvas
 from metacanvas_core.sampling import sample
@@ -199,9 +203,7 @@ def test_output_depends_on_the_input_image(planner, flux, trained):
 def test_bad_input(planner, flux, trained, tiny):
     with pytest.raises(MetaCanvasInputError, match="images: this MetaCanvas checkpoint is for flux_kontext"):
         trained.plan(planner, PROMPT, 64, 64)
-    grid = trained.canvas_grid(64, 64)
-    plan = planner.plan(PROMPT, trained.canvas(grid), grid, with_negative_context=True)
-    plan.size, plan.checkpoint, plan.identity = (64, 64), trained.name, trained.identity  # as MetaCanvas.plan would
+    plan = dataclasses.replace(trained.plan(planner, PROMPT, 64, 64, VisualInputs([photo()])), inputs=VisualInputs())
     with pytest.raises(MetaCanvasInputError, match="images: the FLUX.1-Kontext backbone edits an input image"):
         project(plan, trained, flux)
     plan = trained.plan(planner, PROMPT, 64, 64, VisualInputs([photo(), photo()]))
@@ -216,74 +218,48 @@ def test_bad_input(planner, flux, trained, tiny):
         check(load_metacanvas(tiny["sana_metacanvas"]), planner, flux)
 
 
-# --- the node chain, called directly as ComfyUI would --------------------------------------------
+# --- the pack's nodes: FLUX-Kontext runs in ComfyUI only as the native patch (native_image_editing) ---------------
 
 
-@pytest.fixture(scope="module")
-def loaded(pack):
-    m = pack.NODE_CLASS_MAPPINGS
-    (mllm,) = run(m["MetaCanvasMLLMLoader"], mllm_folder="tiny-qwen2_5-vl", dtype="fp32")
-    (backbone,) = run(m["MetaCanvasBackboneLoader"], backbone_folder="tiny-flux-kontext", dtype="fp32")
-    return m, mllm, backbone
+@pytest.mark.parametrize("folder", ["tiny-flux-kontext", "FLUX.1-Kontext-dev"])
+def test_the_backbone_loader_refuses_flux_kontext(pack, folder):
+    """The pack's Backbone Loader does not list a FLUX-Kontext folder and refuses one at validation (installed, or
+    named by a saved graph and not installed) with one message naming the folder and its replacement: core Load
+    Diffusion Model + MetaCanvas Apply, the template native_image_editing. Run anyway, it raises the same message."""
+    loader = pack.NODE_CLASS_MAPPINGS["MetaCanvasBackboneLoader"]
+    assert folder not in loader.INPUT_TYPES()["required"]["backbone_folder"][0]
+    message = loader.VALIDATE_INPUTS(backbone_folder=folder)
+    assert isinstance(message, str) and message.startswith(f"Backbone folder '{folder}' is FLUX.1-Kontext"), message
+    for needle in ("SANA only", "Load Diffusion Model", "MetaCanvas Apply", "native_image_editing"):
+        assert needle in message, needle
+    with pytest.raises(MetaCanvasInputError) as raised:
+        run(loader, backbone_folder=folder, dtype="fp32")
+    assert str(raised.value) == message
 
 
-def edit(loaded, image, checkpoint="tiny-flux-kontext-metacanvas.safetensors", use_canvas=True, size=(64, 64)):
-    m, mllm, backbone = loaded
-    width, height = size
-    (mc,) = run(m["MetaCanvasConnectorLoader"], mllm=mllm, backbone=backbone, checkpoint=checkpoint)
-    (plan,) = run(
-        m["MetaCanvasPlan"],
-        mllm=mllm,
-        metacanvas=mc,
-        prompt=PROMPT,
-        negative_prompt="",
-        width=width,
-        height=height,
-        images=image,
-    )
-    (cond,) = run(m["MetaCanvasProject"], plan=plan, metacanvas=mc, backbone=backbone)
-    (cond,) = run(m["MetaCanvasEditGuidance"], cond=cond, guidance=2.5, image_cfg=1.5)
-    (latent,) = run(
-        m["MetaCanvasSampler"],
-        backbone=backbone,
-        cond=cond,
-        seed=0,
-        steps=2,
-        cfg=3.0,
-        width=width,
-        height=height,
-        scheduler="flow_euler",
-        use_canvas=use_canvas,
-    )
-    out, _ = run(m["MetaCanvasDecode"], backbone=backbone, latent=latent)
-    return out
-
-
-def test_node_chain_edits_an_image(loaded):
-    image = torch.rand(1, 48, 80, 3)  # a LoadImage-style IMAGE with another aspect ratio than the output
-    out = edit(loaded, image)
-    assert out.shape == (1, 64, 64, 3) and out.dtype == torch.float32
-    assert 0.0 <= out.min() and out.max() <= 1.0 and out.std() > 0
-    assert not torch.equal(out, edit(loaded, torch.rand(1, 48, 80, 3)))  # the input image steers the edit
-    assert not torch.equal(out, edit(loaded, image, use_canvas=False))
-    assert edit(loaded, image, size=(96, 64)).shape == (1, 64, 96, 3)
-    untrained = "new (untrained)"
-    assert torch.equal(edit(loaded, image, untrained), edit(loaded, image, untrained, use_canvas=False))
-
-
-def test_node_chain_without_input_image(loaded):
-    with pytest.raises(MetaCanvasInputError, match="images: this MetaCanvas checkpoint is for flux_kontext"):
-        edit(loaded, None)
-
-
-def test_edit_guidance_node_documents_itself(pack):
+def test_edit_guidance_is_deprecated(pack):
+    """Edit Guidance served only the pack's FLUX graph: marked DEPRECATED (ComfyUI hides it from search and still
+    loads old graphs), with its inputs and defaults as saved graphs hold them; running it stops with a message that
+    names what replaces it in native_image_editing."""
     cls = pack.NODE_CLASS_MAPPINGS["MetaCanvasEditGuidance"]
+    assert cls.DEPRECATED is True and "Deprecated" in cls.DESCRIPTION
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["MetaCanvasEditGuidance"] == "MetaCanvas Edit Guidance"
     required = cls.INPUT_TYPES()["required"]
     assert list(required) == ["cond", "guidance", "image_cfg"]
     assert required["guidance"][1]["default"] == 2.5 and required["image_cfg"][1]["default"] == 1.5
+    assert cls.VALIDATE_INPUTS(guidance=2.5, image_cfg=1.5) is True  # an old graph's values pass validation
+    with pytest.raises(MetaCanvasInputError, match="Edit Guidance is deprecated") as raised:
+        run(cls, cond=None, guidance=2.5, image_cfg=1.5)
+    for needle in ("native_image_editing", "FluxGuidance", "DualCFGGuider"):
+        assert needle in str(raised.value), needle
+    others = {n for n, c in pack.NODE_CLASS_MAPPINGS.items() if getattr(c, "DEPRECATED", False)}
+    assert others == {"MetaCanvasEditGuidance"}
+
+
+def test_plan_node_documents_its_images(pack):
+    """In ComfyUI FLUX-Kontext runs natively: the image to edit is scaled by core FluxKontextImageScale."""
     tip = pack.NODE_CLASS_MAPPINGS["MetaCanvasPlan"].INPUT_TYPES()["optional"]["images"][1]["tooltip"]
-    assert "never cropped" in tip and "multiple of 16" in tip
+    assert "FluxKontextImageScale" in tip and "ReferenceLatent" in tip
 
 
 def test_one_pooled_rule_under_mllm_context(planner, flux):

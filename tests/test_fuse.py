@@ -9,10 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from metacanvas_core.backbones import Branch, CanvasInjection, TextContext, load_backbone
-from metacanvas_core.connectors import FUSE_CHUNK_TOKENS, LiveTensorBytes, measure_fuse
+from metacanvas_core.backbones import Branch, load_backbone
+from metacanvas_core.bench import LiveTensorBytes, measure_fuse, wan22_canvas_connector
+from metacanvas_core.connectors import FUSE_CHUNK_TOKENS
+from metacanvas_core.injection import CanvasInjection
 from metacanvas_core.inputs import VisualInputs
-from metacanvas_core.metacanvas import new_metacanvas, wan22_canvas_connector
+from metacanvas_core.metacanvas import new_metacanvas
+from metacanvas_core.text import TextContext
 
 # Chunked and unchunked fuse agree to this fraction of the residual's largest magnitude. Measured on this CPU (torch
 # 2.13; fp32 at width 3072, bf16 at 3072 and 256): max |diff| 0 (the chunks run the same kernels on fewer rows); the

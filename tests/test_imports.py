@@ -15,12 +15,12 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> set[str]:
-    """Absolute names of every module `path` imports (relative imports resolved)."""
+def imports(path: Path, tree: ast.AST | None = None) -> set[str]:
+    """Absolute names of every module `path` imports (relative imports resolved); `tree`: its parsed source."""
     here = module_name(path)
     package = here if path.name == "__init__.py" else here.rsplit(".", 1)[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree or ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -83,3 +83,38 @@ def test_core_never_imports_comfyui():
     for path in CORE.rglob("*.py"):
         top = {m.split(".")[0] for m in imports(path)}
         assert not top & COMFYUI_MODULES, f"{path.relative_to(CORE.parent)} imports {top & COMFYUI_MODULES}"
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """`imports`, less what only type checkers read (`if TYPE_CHECKING:` blocks)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            node.body = [ast.Pass()]
+    return imports(path, tree)
+
+
+def ast_imports_of_node_file(path: Path) -> list[str]:
+    """The metacanvas_core modules a file of nodes/ imports (absolute imports: nodes/ is not in the library)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("metacanvas_core"):
+            names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return names
+
+
+def test_the_native_path_never_reaches_the_diffusers_adapters():
+    """ComfyUI's native Wan2.2/FLUX path (the model patch and its nodes) runs the canvas mechanism the adapters also
+    run (`injection.py`, `specs.py`), never the diffusers adapters themselves (`backbones/`)."""
+    modules = {module_name(p): p for p in CORE.rglob("*.py")}
+    nodes = CORE.parent / "nodes"
+    reached, todo = set(), []
+    for name in ("model_patch.py", "nodes_native.py"):
+        todo += ast_imports_of_node_file(nodes / name)
+    while todo:
+        name = todo.pop()
+        if name in modules and name not in reached:
+            reached.add(name)
+            todo += runtime_imports(modules[name])
+    assert "metacanvas_core.injection" in reached and "metacanvas_core.specs" in reached
+    assert not {m for m in reached if m.startswith("metacanvas_core.backbones")}, sorted(reached)

@@ -9,13 +9,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from support.graph import run
 
-from metacanvas_core.backbones import BackboneSpec
 from metacanvas_core.casting import ScaledFP8Linear, make_castable, set_cast
 from metacanvas_core.errors import MetaCanvasInputError
 from metacanvas_core.files import SafetensorsFile
 from metacanvas_core.inputs import VisualInputs
 from metacanvas_core.metacanvas import new_metacanvas
 from metacanvas_core.planner import Planner
+from metacanvas_core.specs import BackboneSpec
 from metacanvas_core.tiny import write_qwen_single_file
 
 PROMPT = "a red cube left of a blue ball"

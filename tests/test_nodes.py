@@ -84,6 +84,8 @@ def test_validation_messages(pack):
     m = pack.NODE_CLASS_MAPPINGS
     msg = m["MetaCanvasSampler"].VALIDATE_INPUTS(width=500, height=512)
     assert isinstance(msg, str) and "width 500" in msg and "multiple of 16" in msg
+    msg = m["MetaCanvasSampler"].VALIDATE_INPUTS(width=512, height=512, length=5)
+    assert msg.startswith("length 5: MetaCanvas Sampler samples SANA, which makes images") and "native_" in msg
     assert m["MetaCanvasPlan"].VALIDATE_INPUTS(width=512, height=512) is True
     msg = m["MetaCanvasMLLMLoader"].VALIDATE_INPUTS(mllm_folder="Qwen2.5-VL-7B-Instruct")
     assert "Qwen2.5-VL-7B-Instruct" in msg and "LLM" in msg and "Put it in" in msg
@@ -101,7 +103,7 @@ def test_runtime_errors_name_the_input(loaded):
     (mc,) = run(m["MetaCanvasConnectorLoader"], mllm=mllm, backbone=backbone, checkpoint="new (untrained)")
     (plan,) = run(m["MetaCanvasPlan"], mllm=mllm, metacanvas=mc, prompt="", negative_prompt="", width=64, height=64)
     (cond,) = run(m["MetaCanvasProject"], plan=plan, metacanvas=mc, backbone=backbone)
-    with pytest.raises(MetaCanvasInputError, match="width 66 is not a positive multiple of 4, the pixel stride"):
+    with pytest.raises(MetaCanvasInputError, match=r"width 66 is not a positive multiple of 4 \(the pixel stride"):
         run(
             m["MetaCanvasSampler"],
             backbone=backbone,
@@ -125,3 +127,32 @@ def test_wrong_model_kind(pack, models_dir):
     (wrong / "config.json").write_text('{"model_type": "gemma2"}')
     with pytest.raises(MetaCanvasInputError, match="'gemma2' model; the MLLM Loader needs Qwen2.5-VL"):
         run(m["MetaCanvasMLLMLoader"], mllm_folder="not-qwen", dtype="fp32")
+
+
+def test_the_backbone_loader_is_sana_only(pack, models_dir):
+    """The pack's own loader and sampler serve SANA (ComfyUI has none); Wan2.2 and FLUX-Kontext run as the native
+    patch (their refusals: test_wan.py, test_flux.py). The combo lists only folders whose model_index.json names a
+    SANA pipeline; any other pipeline folder is refused at validation, named."""
+    from metacanvas_core.backbones.sana import SanaBackbone
+    from metacanvas_core.errors import MetaCanvasInputError
+
+    loader = pack.NODE_CLASS_MAPPINGS["MetaCanvasBackboneLoader"]
+    other = models_dir / "diffusers" / "not-sana"
+    other.mkdir(exist_ok=True)
+    (other / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    try:
+        choices = loader.INPUT_TYPES()["required"]["backbone_folder"][0]
+        assert "tiny-sana" in choices and "not-sana" not in choices
+        assert not {"tiny-wan2_2-ti2v", "tiny-flux-kontext"} & set(choices)
+        assert "SanaPipeline" in SanaBackbone.pipeline_class_names
+        assert loader.VALIDATE_INPUTS(backbone_folder="tiny-sana") is True
+        message = loader.VALIDATE_INPUTS(backbone_folder="not-sana")
+        assert message.startswith("Backbone folder 'not-sana' is a 'StableDiffusionPipeline' folder"), message
+        assert "loads SANA only" in message and "SanaPipeline" in message
+        with pytest.raises(MetaCanvasInputError, match="'not-sana' is a 'StableDiffusionPipeline' folder"):
+            run(loader, backbone_folder="not-sana", dtype="fp32")
+    finally:
+        (other / "model_index.json").unlink()
+        other.rmdir()
+    message = loader.VALIDATE_INPUTS(backbone_folder="Sana_1600M_512px_diffusers")  # not installed here
+    assert "'Sana_1600M_512px_diffusers' was not found" in message and "Put it in" in message

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from support.graph import run
 
+from metacanvas_core.checkpoint import load_metacanvas
 from metacanvas_core.preview import keyframe_images, pca_rgb, plan_preview
 
 
@@ -72,8 +73,8 @@ def _plan(nodes, backbone_folder, checkpoint, width, height, **plan_inputs):
     return plan, mc
 
 
-def test_node_one_image_per_keyframe_at_the_output_size(nodes):
-    m, _ = nodes
+def test_node_one_image_per_keyframe_at_the_output_size(nodes, pack, models_dir):
+    m, mllm = nodes
     plan, mc = _plan(nodes, "tiny-sana", "tiny-sana-metacanvas.safetensors", 96, 64)
     (image,) = run(m["MetaCanvasPlanPreview"], plan=plan, metacanvas=mc)
     assert image.shape == (1, 64, 96, 3) and image.dtype == torch.float32 and image.std() > 0
@@ -83,7 +84,11 @@ def test_node_one_image_per_keyframe_at_the_output_size(nodes):
     (half,) = run(m["MetaCanvasPlanPreview"], plan=plan, metacanvas=mc, image=generated, blend=0.5)
     torch.testing.assert_close(half, 0.5 * image + 0.5 * generated)
 
-    video_plan, video_mc = _plan(nodes, "tiny-wan2_2-ti2v", "tiny-wan2_2-metacanvas.safetensors", 128, 128)
+    # Wan2.2 runs natively in ComfyUI: its checkpoint as the Connector Loader hands it on for a native MODEL.
+    wan_mc = load_metacanvas(models_dir / "metacanvas" / "tiny-wan2_2-metacanvas.safetensors")
+    video_mc = pack.nodes.runtime.Loaded(wan_mc, {"metacanvas": wan_mc})
+    kw = dict(prompt="a red ball rolls", negative_prompt="", width=128, height=128)
+    (video_plan,) = run(m["MetaCanvasPlan"], mllm=mllm, metacanvas=video_mc, **kw)
     (frames,) = run(m["MetaCanvasPlanPreview"], plan=video_plan, metacanvas=video_mc, image=torch.rand(5, 128, 128, 3))
     assert frames.shape == (3, 128, 128, 3)  # Wan2.2's 3 keyframes
 

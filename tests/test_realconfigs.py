@@ -26,7 +26,7 @@ def test_sana_1600m_geometry_and_connector():
         vae = AutoencoderDC.from_config(cfg["vae"])
     sana = SanaBackbone("Sana_1600M_512px_diffusers", transformer, vae, cfg["scheduler"], None, None)
     assert (sana.width, sana.pixel_stride, sana.default_size, sana.text_dim) == (2240, 32, (512, 512), 2304)
-    assert canvas_grid_for(sana.token_grid(512, 512), sana.canvas_factor) == CanvasGrid(1, 16, 16)  # the paper's
+    assert canvas_grid_for(sana.token_grid(512, 512), sana.spec.canvas_factor) == CanvasGrid(1, 16, 16)  # the paper's
     assert sana.spec.canvas_rule == "factor" and sana.spec.canvas_grid() == CanvasGrid(1, 16, 16)
     assert sana.make_scheduler("dpm_solver_flow").config.flow_shift == cfg["scheduler"]["flow_shift"]
     with torch.device("meta"):
@@ -70,9 +70,11 @@ def test_wan2_2_ti2v_5b_geometry_and_connectors():
         transformer = WanTransformer3DModel.from_config(cfg["transformer"])
         vae = AutoencoderKLWan.from_config(cfg["vae"])
     wan = WanBackbone("Wan2.2-TI2V-5B-Diffusers", transformer, vae, cfg["scheduler"])
-    assert (wan.width, wan.pixel_stride, wan.text_dim, wan.attention_heads) == (3072, 32, 4096, (96, 32))  # Alg. 1
+    assert (wan.width, wan.pixel_stride, wan.text_dim, wan.spec.attention_heads) == (3072, 32, 4096, (96, 32))  # Alg. 1
     assert wan.token_grid(704, 1280, 121) == (31, 22, 40)  # the paper's 31×22×40
-    assert canvas_grid_for(wan.token_grid(704, 1280, 121), wan.canvas_factor, wan.keyframes) == CanvasGrid(3, 11, 20)
+    assert canvas_grid_for(wan.token_grid(704, 1280, 121), wan.spec.canvas_factor, wan.spec.keyframes) == CanvasGrid(
+        3, 11, 20
+    )
     assert wan.spec.canvas_rule == "factor"
     assert wan.spec.condition == {"in_channels": 48 + 2, "width": 3072, "patch_size": (1, 2, 2)}
     assert wan.make_scheduler("unipc_flow").config.flow_shift == 5.0

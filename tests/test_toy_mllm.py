@@ -43,5 +43,5 @@ def test_language_mllm_learns_grounding_and_loads_in_the_planner(tmp_path):
     grid = CanvasGrid(1, 3, 3)
     canvas = CanvasEmbedding(planner.hidden_size, grid)
     with torch.no_grad():
-        plan = planner.plan(layout.prompt_of(test[0]), canvas(grid), grid)
-    assert plan.canvas.shape == (1, grid.numel, planner.hidden_size) and torch.isfinite(plan.canvas).all()
+        _, states = planner.write(layout.prompt_of(test[0]), canvas(grid), grid)
+    assert states.shape == (1, grid.numel, planner.hidden_size) and torch.isfinite(states).all()

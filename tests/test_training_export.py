@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from metacanvas_core.backbones import Branch, TextContext, load_backbone
+from metacanvas_core.backbones import Branch, load_backbone
+from metacanvas_core.text import TextContext
 from metacanvas_core.training.config import TrainConfig
 from metacanvas_core.training.trainer import Trainer
 

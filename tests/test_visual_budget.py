@@ -15,12 +15,11 @@ from support.graph import run
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from metacanvas_core import realconfigs
-from metacanvas_core.backbones.flux import FluxKontextBackbone
-from metacanvas_core.backbones.wan import WanBackbone
 from metacanvas_core.checkpoint import load_metacanvas, save_metacanvas
 from metacanvas_core.inputs import VisualInputs
 from metacanvas_core.metacanvas import MetaCanvas, default_visual_tokens, new_metacanvas
 from metacanvas_core.planner import Planner
+from metacanvas_core.specs import flux_kontext_spec, wan_spec
 
 WIDE = Image.new("RGB", (1280, 704), (90, 160, 40))  # Wan2.2's 16:9 output size
 SMALL = Image.new("RGB", (56, 56), (200, 10, 10))
@@ -60,8 +59,8 @@ def test_video_frames_at_the_budget(real_processor_planner):
 
 def test_default_budgets():
     """144 per picture on Wan2.2 (the paper's video setup), one canvas frame on image backbones."""
-    wan = WanBackbone.spec_for(3072, 4096, 48, (1, 2, 2), 16)
-    flux = FluxKontextBackbone.spec_for(3072, (24, 128), 4096, 768, 8)
+    wan = wan_spec(3072, 4096, 48, (1, 2, 2), 16)
+    flux = flux_kontext_spec(3072, (24, 128), 4096, 768, 8)
     sana = dataclasses.replace(flux, kind="sana", pixel_stride=32, default_size=(512, 512), fixed_canvas=None)  # SANA
     assert (default_visual_tokens(wan), default_visual_tokens(flux), default_visual_tokens(sana)) == (144, 1024, 256)
 

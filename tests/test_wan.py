@@ -1,5 +1,5 @@
 """Wan2.2-TI2V video: keyframe canvas, zero-init identity, equality with diffusers' Wan pipelines,
-image-to-video first frame, canvas never on reference tokens, the four tasks through the nodes."""
+image-to-video first frame, canvas never on reference tokens; the pack's nodes refuse Wan (it runs natively)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from diffusers import WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 from support.graph import run
 
-from metacanvas_core.backbones import Branch, CanvasInjection, load_backbone
+from metacanvas_core.backbones import Branch, load_backbone
 from metacanvas_core.checkpoint import load_metacanvas
 from metacanvas_core.conditioning import project
 from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.injection import CanvasInjection
 from metacanvas_core.inputs import VisualInputs
 from metacanvas_core.metacanvas import new_metacanvas
 from metacanvas_core.sampling import sample
@@ -145,7 +146,7 @@ def test_chunked_decode_equals_the_vae(wan):
 
 def test_bad_video_input(planner, wan, trained, tiny, sana):
     cond = _cond(planner, wan, trained)
-    with pytest.raises(MetaCanvasInputError, match="length 8 is not 4k\\+1 frames.*use 5 or 9"):
+    with pytest.raises(MetaCanvasInputError, match="length 8 is not 4k\\+1 .*set length to 5 or 9"):
         sample(wan, cond, seed=0, steps=1, cfg=1.0, height=H, width=W, scheduler="unipc_flow", frames=8)
     with pytest.raises(MetaCanvasInputError, match="width 80 is not a positive multiple of 32"):
         sample(wan, cond, seed=0, steps=1, cfg=1.0, height=H, width=80, scheduler="unipc_flow", frames=5)
@@ -160,51 +161,36 @@ def test_bad_video_input(planner, wan, trained, tiny, sana):
         sana.check_size(64, 64, 5)
 
 
-TASKS = {
-    "text_to_video": {},
-    "image_to_video": {"images": torch.rand(1, H, W, 3), "image_role": "first frame"},
-    "video_editing": {"video": torch.rand(9, H, W, 3)},
-    "in_context_video": {"images": torch.rand(2, H, W, 3), "image_role": "references"},
-}
+NATIVE_WAN = ("native_text_to_video", "native_image_to_video", "native_video_editing", "native_in_context_video")
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_each_task_through_the_nodes(pack, task):
-    m = pack.NODE_CLASS_MAPPINGS
-    (mllm,) = run(m["MetaCanvasMLLMLoader"], mllm_folder="tiny-qwen2_5-vl", dtype="fp32")
-    (backbone,) = run(m["MetaCanvasBackboneLoader"], backbone_folder="tiny-wan2_2-ti2v", dtype="fp32")
-    (mc,) = run(
-        m["MetaCanvasConnectorLoader"], mllm=mllm, backbone=backbone, checkpoint="tiny-wan2_2-metacanvas.safetensors"
-    )
-    (plan,) = run(
-        m["MetaCanvasPlan"],
-        mllm=mllm,
-        metacanvas=mc,
-        prompt="the ball turns blue",
-        negative_prompt="",
-        width=W,
-        height=H,
-        **TASKS[task],
-    )
-    (cond,) = run(m["MetaCanvasProject"], plan=plan, metacanvas=mc, backbone=backbone)
-    (latent,) = run(
-        m["MetaCanvasSampler"],
-        backbone=backbone,
-        cond=cond,
-        seed=0,
-        steps=2,
-        cfg=4.0,
-        width=W,
-        height=H,
-        scheduler="unipc_flow",
-        use_canvas=True,
-        length=9,
-        frame_rate=16.0,
-    )
-    frames, video = run(m["MetaCanvasDecode"], backbone=backbone, latent=latent)
-    assert frames.shape == (9, H, W, 3) and torch.isfinite(frames).all()
-    assert torch.equal(video.images, frames) and video.frame_rate == 16
-    assert m["MetaCanvasSampler"].VALIDATE_INPUTS(width=W, height=H, length=8).startswith("length 8 must be 1")
+@pytest.mark.parametrize("folder", ["tiny-wan2_2-ti2v", "Wan2.2-TI2V-5B-Diffusers"])
+def test_the_backbone_loader_refuses_wan(pack, folder):
+    """Wan2.2 runs in ComfyUI only as the native patch: the pack's Backbone Loader does not list a Wan folder and
+    refuses one at validation (a saved graph naming the installed tiny folder, or the real one not installed), with
+    one message naming the folder and what replaces it: core Load Diffusion Model + MetaCanvas Apply, the native
+    templates. Run anyway, it raises the same message."""
+    loader = pack.NODE_CLASS_MAPPINGS["MetaCanvasBackboneLoader"]
+    choices = loader.INPUT_TYPES()["required"]["backbone_folder"][0]
+    assert "tiny-sana" in choices and folder not in choices
+    message = loader.VALIDATE_INPUTS(backbone_folder=folder)
+    assert isinstance(message, str) and message.startswith(f"Backbone folder '{folder}' is Wan2.2"), message
+    for needle in ("SANA only", "Load Diffusion Model", "diffusion_models/wan2.2_ti2v_5B_fp16.safetensors"):
+        assert needle in message, needle
+    assert "MetaCanvas Apply" in message and all(name in message for name in NATIVE_WAN), message
+    with pytest.raises(MetaCanvasInputError) as raised:
+        run(loader, backbone_folder=folder, dtype="fp32")
+    assert str(raised.value) == message
+
+
+def test_the_sampler_makes_images_only(pack):
+    """The pack's Sampler samples SANA: a video length (a saved Wan graph's 121) is refused at validation, naming
+    the native Wan graphs; length 1, as every saved SANA graph holds, passes."""
+    sampler = pack.NODE_CLASS_MAPPINGS["MetaCanvasSampler"]
+    assert sampler.VALIDATE_INPUTS(width=W, height=H, length=1) is True
+    message = sampler.VALIDATE_INPUTS(width=W, height=H, length=121)
+    assert isinstance(message, str) and message.startswith("length 121: MetaCanvas Sampler samples SANA"), message
+    assert "native_text_to_video" in message and "MetaCanvas Apply" in message
 
 
 def test_native_wan_inputs_reach_the_vae_as_in_training(pack):
@@ -214,7 +200,7 @@ def test_native_wan_inputs_reach_the_vae_as_in_training(pack):
     import numpy as np
     from PIL import Image
 
-    from metacanvas_core.backbones.wan import vae_pixels
+    from metacanvas_core.injection import vae_pixels
 
     nodes_native = __import__("metacanvas_pack.nodes.nodes_native", fromlist=["_encode"])
     frames = [Image.fromarray(np.random.default_rng(k).integers(0, 256, (48, 80, 3), dtype=np.uint8)) for k in range(3)]
@@ -226,7 +212,7 @@ def test_native_wan_inputs_reach_the_vae_as_in_training(pack):
 
     vae = RecordingVAE()
     nodes_native._encode(vae, frames, 64, 32)
-    trained = vae_pixels(frames, 32, 64)[0].permute(1, 2, 3, 0)  # (n, H, W, 3) in [-1, 1]
+    trained = vae_pixels(frames, 32, 64, 16)[0].permute(1, 2, 3, 0)  # (n, H, W, 3) in [-1, 1]
     assert vae.pixels.shape == (3, 32, 64, 3)
     torch.testing.assert_close(vae.pixels * 2 - 1, trained, rtol=0, atol=2.4e-7)
     bicubic = np.stack([np.asarray(f.resize((64, 32), Image.BICUBIC)) for f in frames]).astype(np.float32) / 255

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import MetaCanvasInputError
 from ..files import SafetensorsFile
-from .base import SCHEDULERS, Backbone, BackboneSpec, Branch, CanvasInjection, TextContext
+from .base import SCHEDULERS, Backbone, Branch
 from .flux import FluxKontextBackbone
 from .sana import SanaBackbone
 from .wan import WanBackbone
@@ -57,10 +57,7 @@ __all__ = [
     "BACKBONES",
     "SCHEDULERS",
     "Backbone",
-    "BackboneSpec",
     "Branch",
-    "CanvasInjection",
-    "TextContext",
     "backbone_class_for",
     "load_backbone",
 ]

@@ -40,15 +40,16 @@ from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from ..connectors import ConditionEmbedding
 from ..errors import MetaCanvasInputError
+from ..injection import add_to_image_tokens
 from ..inputs import VisualInputs
-from .base import Backbone, BackboneSpec, Branch, CanvasInjection, TextContext, patch_embedding_hook, read_json
+from ..specs import FLUX_KONTEXT, KONTEXT_SIDE, BackboneSpec, flux_kontext_spec
+from ..text import TextContext
+from .base import Backbone, Branch, patch_embedding_hook, read_json
 
 _CALL_DEFAULTS = inspect.signature(FluxKontextPipeline.__call__).parameters
 DEFAULT_GUIDANCE: float = _CALL_DEFAULTS["guidance_scale"].default
 MAX_SEQUENCE_LENGTH: int = _CALL_DEFAULTS["max_sequence_length"].default
-KONTEXT_AREA = 1024 * 1024  # the area of PREFERRED_KONTEXT_RESOLUTIONS (FLUX.1-Kontext's training buckets)
-KONTEXT_SIDE = 1024  # FLUX.1-Kontext's square resolution: the default output size
-CANVAS_SIDE = 32  # the paper's editing canvas, 32×32 = 1024 tokens, fixed over the image at every size
+KONTEXT_AREA = KONTEXT_SIDE**2  # the area of PREFERRED_KONTEXT_RESOLUTIONS (FLUX.1-Kontext's training buckets)
 
 REFERENCE_RULE = (
     "The input image is resized, never cropped: to the FLUX.1-Kontext preferred resolution nearest its own "
@@ -75,19 +76,6 @@ class FluxReferences:
     size: tuple[int, int]  # (height, width) the image was resized to
 
 
-def add_to_image_tokens(
-    tokens: torch.Tensor, canvas: CanvasInjection, clock: torch.Tensor, grid: tuple[int, int]
-) -> torch.Tensor:
-    """FLUX's embedded image tokens (B, target + reference rows, D) + the canvas on the target rows only.
-
-    The target (the noisy latent, packed 2×2, row-major on its `grid` of tokens) comes first; Kontext reference
-    tokens after it are never touched. The same for the pack's FLUX and ComfyUI's native one.
-    """
-    n_target = grid[0] * grid[1]
-    target = canvas.add_to(tokens[:, :n_target].unflatten(1, (1, *grid)), clock).flatten(1, 3)
-    return torch.cat([target, tokens[:, n_target:]], 1)
-
-
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) VAE latents -> (B, h/2·w/2, 4C) FLUX tokens, with the pipeline's own helper."""
     b, c, h, w = latents.shape
@@ -102,11 +90,9 @@ def unpack(tokens: torch.Tensor, latent_height: int, latent_width: int, vae_stri
 
 
 class FluxKontextBackbone(Backbone):
-    kind = "flux_kontext"
+    kind = FLUX_KONTEXT
     pipeline_class_names = ("FluxKontextPipeline",)
     context_source = "mllm"
-    canvas_factor = 1  # recorded with the fixed canvas (sizes in multiples of the pixel stride); used by older files
-    needs_input_image = True
     batch_guidance = False  # one call per branch, as FluxKontextPipeline does for true CFG (no text mask)
 
     def __init__(self, folder: str, transformer, vae, scheduler_config: dict, encoders: dict | None = None) -> None:
@@ -167,30 +153,8 @@ class FluxKontextBackbone(Backbone):
     @property
     def spec(self) -> BackboneSpec:
         c = self.transformer.config
-        return self.spec_for(self.width, self.attention_heads, self.text_dim, c.pooled_projection_dim, self.vae_stride)
-
-    @classmethod
-    def spec_for(
-        cls, width: int, attention_heads: tuple[int, int], text_dim: int, pooled_dim: int, vae_stride: int
-    ) -> BackboneSpec:
-        """The spec of a FLUX.1-Kontext DiT of these dimensions (this adapter's, or ComfyUI's native model).
-
-        Context connector: UniWorld-V1's, MLLM -> 3·4096 -> 4096 (the paper's editing setup starts from it).
-        """
-        pixel_stride = vae_stride * 2  # 2×2 packing
-        return BackboneSpec(
-            kind=cls.kind,
-            width=width,
-            pixel_stride=pixel_stride,
-            text_dim=text_dim,
-            attention_heads=attention_heads,
-            default_size=(KONTEXT_SIDE, KONTEXT_SIDE),
-            canvas_factor=cls.canvas_factor,
-            keyframes=cls.keyframes,
-            context_dropout=cls.context_dropout,
-            context_hidden_dim=3 * text_dim,
-            pooled_dim=pooled_dim,
-            fixed_canvas=(CANVAS_SIDE, CANVAS_SIDE),
+        return flux_kontext_spec(
+            self.width, self.attention_heads, self.text_dim, c.pooled_projection_dim, self.vae_stride
         )
 
     # --- the model ---------------------------------------------------------------------------

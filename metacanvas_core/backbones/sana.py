@@ -15,7 +15,9 @@ import torch
 from diffusers import AutoencoderDC, SanaPipeline, SanaTransformer2DModel
 from transformers import AutoModel, AutoTokenizer
 
-from .base import Backbone, Branch, TextContext, patch_embedding_hook, read_json
+from ..specs import SANA, BackboneSpec
+from ..text import TextContext
+from .base import Backbone, Branch, patch_embedding_hook, read_json
 
 _CALL_DEFAULTS = inspect.signature(SanaPipeline.__call__).parameters
 COMPLEX_HUMAN_INSTRUCTION: list[str] = _CALL_DEFAULTS["complex_human_instruction"].default
@@ -23,10 +25,9 @@ MAX_SEQUENCE_LENGTH: int = _CALL_DEFAULTS["max_sequence_length"].default
 
 
 class SanaBackbone(Backbone):
-    kind = "sana"
+    kind = SANA
     pipeline_class_names = ("SanaPipeline",)
     context_source = "native"
-    canvas_factor = 1
 
     def __init__(self, folder: str, transformer, vae, scheduler_config: dict, text_encoder, tokenizer) -> None:
         super().__init__(folder, transformer, vae, scheduler_config)
@@ -69,6 +70,23 @@ class SanaBackbone(Backbone):
     @property
     def text_dim(self) -> int:
         return self.transformer.config.caption_channels
+
+    @property
+    def spec(self) -> BackboneSpec:
+        """One canvas token per DiT token (factor 1: the paper's 16×16 canvas at 512²), one frame, the DiT's own
+        attention heads in the connector, a context connector of 4 × the MLLM's width without dropout."""
+        return BackboneSpec(
+            kind=self.kind,
+            width=self.width,
+            pixel_stride=self.pixel_stride,
+            text_dim=self.text_dim,
+            attention_heads=self.attention_heads,
+            default_size=self.default_size,
+            canvas_factor=1,
+            keyframes=1,
+            context_dropout=0.0,
+            context_hidden_dim=None,
+        )
 
     def parts(self):
         return {**super().parts(), **({"text_encoder": self.text_encoder} if self.text_encoder is not None else {})}

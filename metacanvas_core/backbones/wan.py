@@ -31,19 +31,19 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-from diffusers.video_processor import VideoProcessor
 from PIL import Image
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..connectors import ConditionEmbedding
 from ..errors import MetaCanvasInputError
+from ..injection import add_to_patch_embedding, prepend_references, vae_pixels, wan_condition
 from ..inputs import ImageRole, VisualInputs
-from .base import Backbone, BackboneSpec, Branch, CanvasInjection, TextContext, patch_embedding_hook, read_json
+from ..sizes import check_size
+from ..specs import WAN, WAN_DEFAULT_SIZE, WAN_MAX_REFERENCES, BackboneSpec, wan_spec
+from ..text import TextContext
+from .base import Backbone, Branch, patch_embedding_hook, read_json
 
 MAX_SEQUENCE_LENGTH: int = inspect.signature(WanPipeline.__call__).parameters["max_sequence_length"].default
-MAX_REFERENCES = 3  # the paper's in-context video (OmniContext-Video style) takes 1–3 reference images
-DEFAULT_SIZE = (704, 1280)  # Wan2.2-TI2V-5B's 720p (also 1280×704)
-FUSE_HEAD_DIM = 32  # Algorithm 1's fuse block: heads of 32 (96 at width 3072)
 
 
 @dataclass(frozen=True)
@@ -57,55 +57,12 @@ class WanReferences:
     source: torch.Tensor | None = None  # the source video's latents (video editing)
     condition: ConditionEmbedding | None = None  # the checkpoint's condition embedding (references, source)
 
-    @property
-    def n_reference(self) -> int:
-        return 0 if self.reference is None else self.reference.shape[2]
-
-
-def vae_pixels(frames: list[Image.Image], height: int, width: int, vae_stride: int = 16) -> torch.Tensor:
-    """Frames as the Wan VAE reads them for the DiT (reference images, a source video), resized (stretched) to
-    height × width the one way training does: diffusers' VideoProcessor (Lanczos), in [-1, 1]: (1, 3, n, H, W).
-    The pack's Wan and the native Wan Inputs node both call this, so a checkpoint sees its inputs as trained."""
-    return VideoProcessor(vae_scale_factor=vae_stride).preprocess_video(frames, height=height, width=width)
-
-
-def add_to_patch_embedding(
-    out: torch.Tensor,
-    canvas: CanvasInjection | None,
-    clock: torch.Tensor,
-    n_ref: int,
-    noisy: torch.Tensor | None = None,
-    condition: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Wan's patch embeddings (B, D, R+F, H', W') [+ the condition embedding's output] + the canvas.
-
-    The canvas (on the video's F latent frames: canvas frame i belongs to video frame i) lands on the noisy video
-    frames only: never on the R reference frames before the video, nor where `noisy` (B, F) is 0 (frames given
-    clean, at timestep 0: image-to-video's first frame), whose tokens keep their values exactly. `noisy` is a tensor
-    so that no host sync decides where the canvas goes (one compiled graph under torch.compile). The same for the
-    pack's Wan and ComfyUI's native one.
-    """
-    if condition is not None:
-        out = out + condition.to(out.dtype)
-    if canvas is None:
-        return out
-    tokens = out.permute(0, 2, 3, 4, 1)  # (B, T, H', W', D)
-    if noisy is not None:
-        keep = noisy[canvas.rows].float()[..., None, None]  # (b, F, 1, 1)
-        canvas = replace(canvas, mask=keep if canvas.mask is None else canvas.mask * keep)
-    video = canvas.add_to(tokens[:, n_ref:], clock)
-    return torch.cat([tokens[:, :n_ref], video], 1).permute(0, 4, 1, 2, 3)
-
 
 class WanBackbone(Backbone):
-    kind = "wan"
+    kind = WAN
     pipeline_class_names = ("WanPipeline", "WanImageToVideoPipeline")
     context_source = "mllm"
-    canvas_factor = 2  # the paper's 11×20 canvas on the 22×40 token grid of 704×1280 (the integer factor: ours)
-    keyframes = 3  # the paper's Table 6: 3 keyframes beat 1, 6, 11, 31
     batch_guidance = False  # WanPipeline calls the model once per CFG branch
-    context_dropout = 0.1  # the paper's context MLP dropout (video setup)
-    is_video = True
 
     def __init__(self, folder: str, transformer, vae, scheduler_config: dict, text_encoder=None, tokenizer=None):
         super().__init__(folder, transformer, vae, scheduler_config)
@@ -154,7 +111,7 @@ class WanBackbone(Backbone):
 
     @property
     def default_size(self) -> tuple[int, int]:
-        return DEFAULT_SIZE
+        return WAN_DEFAULT_SIZE
 
     def latent_frames(self, frames: int) -> int:
         return (frames - 1) // self.temporal_stride + 1
@@ -164,20 +121,10 @@ class WanBackbone(Backbone):
 
     def check_size(self, height: int, width: int, frames: int = 1) -> None:
         super().check_size(height, width)
-        k = self.temporal_stride
-        if frames < 1 or (frames - 1) % k:
-            raise MetaCanvasInputError(
-                f"length {frames} is not {k}k+1 frames, which the Wan2.2 VAE needs: use {max(1, (frames - 1) // k * k + 1)}"
-                f" or {((frames - 1) // k + 1) * k + 1}."
-            )
+        check_size("length", frames, self.temporal_stride, "frames the Wan2.2 VAE takes", offset=1)
 
     def token_grid(self, height: int, width: int, frames: int = 1) -> tuple[int, int, int]:
         return self.latent_frames(frames), height // self.pixel_stride, width // self.pixel_stride
-
-    @property
-    def attention_heads(self) -> tuple[int, int]:
-        """Algorithm 1: the fuse block is `SanaTransformerBlock(dim=3072, heads=96, head_dim=32)`."""
-        return self.width // FUSE_HEAD_DIM, FUSE_HEAD_DIM
 
     @property
     def text_dim(self) -> int:
@@ -186,29 +133,7 @@ class WanBackbone(Backbone):
     @property
     def spec(self) -> BackboneSpec:
         c = self.transformer.config
-        return self.spec_for(self.width, self.text_dim, c.in_channels, tuple(c.patch_size), self.vae_stride)
-
-    @classmethod
-    def spec_for(
-        cls, width: int, text_dim: int, latent_channels: int, patch_size: tuple[int, int, int], vae_stride: int
-    ) -> BackboneSpec:
-        """The spec of a Wan2.2-TI2V DiT of these dimensions (this adapter's, or ComfyUI's native model).
-
-        Condition inputs: [source latent (z) | is-reference | has-source] per latent frame -> the DiT width.
-        """
-        return BackboneSpec(
-            kind=cls.kind,
-            width=width,
-            pixel_stride=vae_stride * patch_size[1],
-            text_dim=text_dim,
-            attention_heads=(width // FUSE_HEAD_DIM, FUSE_HEAD_DIM),
-            default_size=DEFAULT_SIZE,
-            canvas_factor=cls.canvas_factor,
-            keyframes=cls.keyframes,
-            context_dropout=cls.context_dropout,
-            context_hidden_dim=None,
-            condition={"in_channels": latent_channels + 2, "width": width, "patch_size": tuple(patch_size)},
-        )
+        return wan_spec(self.width, self.text_dim, c.in_channels, tuple(c.patch_size), self.vae_stride)
 
     def parts(self):
         return {**super().parts(), **({"text_encoder": self.text_encoder} if self.text_encoder is not None else {})}
@@ -286,9 +211,9 @@ class WanBackbone(Backbone):
                 )
             refs = replace(refs, first_frame=self.encode_video(list(images), height, width))
         elif images:
-            if len(images) > MAX_REFERENCES:
+            if len(images) > WAN_MAX_REFERENCES:
                 raise MetaCanvasInputError(
-                    f"images: {len(images)} reference images; MetaCanvas video takes 1 to {MAX_REFERENCES}."
+                    f"images: {len(images)} reference images; MetaCanvas video takes 1 to {WAN_MAX_REFERENCES}."
                 )
             refs = replace(refs, reference=torch.cat([self.encode_video([im], height, width) for im in images], 2))
         if video:  # encoded by `fit_references`, once the sampler's length says how many frames are needed
@@ -318,17 +243,6 @@ class WanBackbone(Backbone):
         source = self.encode_video(list(video[:needed]), *references.size)
         return replace(references, source_frames=(), size=None, source=source)
 
-    def _condition(self, refs: WanReferences, frames: int, shape: tuple[int, ...]) -> torch.Tensor:
-        """[source latent | is-reference | has-source] per latent frame, references first: (1, z+2, R+F, h, w)."""
-        _, z, _, h, w = shape
-        n_ref = refs.n_reference
-        c = torch.zeros(1, z + 2, n_ref + frames, h, w, device=self.device)
-        c[:, z, :n_ref] = 1
-        if refs.source is not None:
-            c[:, :z, n_ref:] = refs.source
-            c[:, z + 1, n_ref:] = 1
-        return c
-
     # --- denoising --------------------------------------------------------------------------
     def _first_frame_mask(self, latents: torch.Tensor, refs: WanReferences | None) -> torch.Tensor:
         """1 where a latent frame is noisy, 0 on the clean image-to-video first frame: (1, 1, F, h, w)."""
@@ -355,19 +269,18 @@ class WanBackbone(Backbone):
         refs: WanReferences | None = branch.references
         b, _, frames = latents.shape[:3]
         mask = self._first_frame_mask(latents, refs)
-        noisy = mask[:, 0, :, 0, 0].expand(b, -1)
+        noisy = mask[:, 0, :, 0, 0].expand(b, -1)  # (b, F): 0 on the clean first frame
         x = latents
         if refs is not None and refs.first_frame is not None:
             x = (1 - mask) * refs.first_frame + mask * latents
-        n_ref = refs.n_reference if refs is not None else 0
-        if n_ref:
-            x = torch.cat([refs.reference.expand(b, -1, -1, -1, -1).to(x.dtype), x], 2)
-            mask = torch.cat([torch.zeros_like(mask[:, :, :1]).expand(-1, -1, n_ref, -1, -1), mask], 2)
+        x, per_frame = prepend_references(x, noisy * t, None if refs is None else refs.reference)
+        n_ref = x.shape[2] - frames
         _, p_h, p_w = model.config.patch_size
-        timestep = (mask[0][0][:, ::p_h, ::p_w] * t).flatten().unsqueeze(0).expand(b, -1)
+        timestep = per_frame.repeat_interleave((x.shape[-2] // p_h) * (x.shape[-1] // p_w), dim=1)  # per token
         condition = None
         if refs is not None and refs.condition is not None:
-            condition = refs.condition(self._condition(refs, frames, latents.shape))
+            source = wan_condition(n_ref, frames, (latents.shape[1], *latents.shape[-2:]), refs.source, self.device)
+            condition = refs.condition(source)
         canvas = branch.canvas
         clock = (t if clock is None else clock).expand(b).float()  # the connector's sigma·1000
 

@@ -11,7 +11,7 @@ whether its samples run as one batch, as micro-batches one after another (gradie
 processes, up to the rounding of the sums (dropout inside trained modules, such as a LoRA's, draws from the global
 generator, seeded per micro-batch by the trainer).
 
-The projection is the inference path's (`conditioning.align_canvas`, `mllm_context`,
+The projection is the inference path's (`metacanvas.align_canvas`, `mllm_context`,
 `CanvasInjection.on_tokens`, `Backbone.prepare_references`), with gradients on.
 """
 
@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import Backbone, Branch, CanvasInjection, TextContext
-from ..conditioning import align_canvas, mllm_context, mllm_pooled
+from ..backbones import Backbone, Branch
+from ..conditioning import mllm_context, mllm_pooled
 from ..errors import MetaCanvasInputError
+from ..injection import CanvasInjection
 from ..inputs import ContextSource
-from ..metacanvas import MetaCanvas
+from ..metacanvas import MetaCanvas, align_canvas
 from ..planner import Planner
+from ..text import TextContext
 from .batches import Batch
 from .config import CANVAS_PARTS, TrainConfig
 from .data import _seed
@@ -161,7 +163,7 @@ class FlowMatchingObjective(nn.Module):
         `prompt_states`: the MLLM's prompt states of the first kept samples, from their plans (causal attention:
         the same as without the canvas)."""
         mc, planner, backbone = self.mc, self.frozen.planner, self.frozen.backbone
-        if mc.config.context_source == ContextSource.NATIVE:
+        if mc.config.context_source == ContextSource.TEXT_ENCODER:
             parts = [
                 self.native_context(batch.texts[i], False) if i in kept else self.native_context("", True)
                 for i in order

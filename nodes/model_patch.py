@@ -9,7 +9,7 @@
   it would without the canvas), and registers a forward hook on the patch embedding (Wan `patch_embedding`, FLUX
   `img_in`) for the run.
 - DIFFUSION_MODEL (every model call): for the batch rows whose conditioning carries a canvas, sets what the hook
-  adds with the pack's own functions (`wan.add_to_patch_embedding`, `flux.add_to_image_tokens`): only noisy target
+  adds with the canvas mechanism the diffusers adapters also use (`metacanvas_core/injection.py`): only noisy target
   tokens (never Kontext reference tokens, Wan reference frames or frames at timestep 0), the connector's clock
   sigma·1000; under a context window, the canvas, its mask and Wan's source video cut to the window's frames. Every
   assumption about ComfyUI's calling convention that decides where the canvas goes is checked here.
@@ -27,12 +27,27 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from metacanvas_core.backbones import BackboneSpec, CanvasInjection
-from metacanvas_core.backbones.base import mask_on_tokens
-from metacanvas_core.backbones.flux import FluxKontextBackbone, add_to_image_tokens
-from metacanvas_core.backbones.wan import WanBackbone, add_to_patch_embedding
 from metacanvas_core.errors import MetaCanvasInputError
+from metacanvas_core.injection import (
+    CanvasInjection,
+    add_to_image_tokens,
+    add_to_patch_embedding,
+    canvas_acts,
+    mask_on_tokens,
+    prepend_references,
+    wan_condition,
+)
 from metacanvas_core.metacanvas import MetaCanvas
+from metacanvas_core.sizes import check_size
+from metacanvas_core.specs import (
+    FLUX_KONTEXT,
+    FLUX_VAE_STRIDE,
+    WAN,
+    WAN_VAE_STRIDE,
+    BackboneSpec,
+    flux_kontext_spec,
+    wan_spec,
+)
 
 from .compat import comfyui_version
 
@@ -40,9 +55,8 @@ PATCH_KEY = "metacanvas"  # the wrappers' key on the patcher
 CANVAS_KEY = "metacanvas_canvas"  # on a CONDITIONING entry: a NativeCanvas
 WAN_KEY = "metacanvas_wan"  # on a CONDITIONING entry: WanConditions
 RUN_KEY = "metacanvas_run"  # in transformer_options during a sampling run: a CanvasRun
-WAN22_VAE_STRIDE, FLUX_VAE_STRIDE = 16, 8
-VAE_STRIDES = {WanBackbone.kind: WAN22_VAE_STRIDE, FluxKontextBackbone.kind: FLUX_VAE_STRIDE}
-LATENT_NODES = {WanBackbone.kind: "Wan22ImageToVideoLatent", FluxKontextBackbone.kind: "the image's VAE Encode"}
+VAE_STRIDES = {WAN: WAN_VAE_STRIDE, FLUX_KONTEXT: FLUX_VAE_STRIDE}
+LATENT_NODES = {WAN: "Wan22ImageToVideoLatent", FLUX_KONTEXT: "the image's VAE Encode"}
 
 
 def latent_size(kind: str, samples: torch.Tensor) -> tuple[int, int]:
@@ -68,8 +82,7 @@ class NativeCanvas:
 
     @property
     def acts(self) -> bool:
-        """Whether it changes anything: strength 0 or an all-zero mask is exactly no canvas."""
-        return self.strength != 0 and (self.mask is None or bool(self.mask.any()))
+        return canvas_acts(self.strength, self.mask)
 
 
 @dataclass
@@ -91,12 +104,12 @@ def native_spec(model) -> BackboneSpec:
     base, dm, name = _comfy_model(model)
     kind = type(base).__name__
     if kind == "WAN22" and type(dm).__name__ == "WanModel" and dm.in_dim == 48 and dm.out_dim == 48:
-        return WanBackbone.spec_for(dm.dim, dm.text_dim, dm.in_dim, tuple(dm.patch_size), WAN22_VAE_STRIDE)
+        return wan_spec(dm.dim, dm.text_dim, dm.in_dim, tuple(dm.patch_size), WAN_VAE_STRIDE)
     if kind == "Flux" and type(dm).__name__ == "Flux":
         p = dm.params
         if p.guidance_embed and p.in_channels == 16 and p.patch_size == 2:
             heads = (dm.num_heads, dm.hidden_size // dm.num_heads)
-            return FluxKontextBackbone.spec_for(dm.hidden_size, heads, p.context_in_dim, p.vec_in_dim, FLUX_VAE_STRIDE)
+            return flux_kontext_spec(dm.hidden_size, heads, p.context_in_dim, p.vec_in_dim, FLUX_VAE_STRIDE)
     raise MetaCanvasInputError(
         f"model: MetaCanvas patches native Wan2.2-TI2V-5B (diffusion_models/wan2.2_ti2v_5B_fp16.safetensors) and "
         f"FLUX.1-Kontext-dev (diffusion_models/flux1-dev-kontext_fp8_scaled.safetensors); this MODEL is {name}. "
@@ -166,7 +179,7 @@ class MetaCanvasPatch:
     def hooked(self, run: CanvasRun, dm) -> Iterator[None]:
         """The patch-embedding hook (Wan `patch_embedding`, FLUX `img_in`) of one sampling run, registered outside the
         compiled model calls: it adds what the current call set (`CanvasRun.call`), nothing between calls."""
-        embedding = dm.img_in if self.spec.kind == FluxKontextBackbone.kind else dm.patch_embedding
+        embedding = dm.img_in if self.spec.kind == FLUX_KONTEXT else dm.patch_embedding
         handle = embedding.register_forward_hook(lambda _module, _args, out: self._add(run, out))
         try:
             yield
@@ -176,7 +189,7 @@ class MetaCanvasPatch:
     def run_of(self, conds: dict, base, noise: torch.Tensor) -> CanvasRun:
         """The acting canvases of the positive entries (the negative, and an image-guidance middle branch, never get
         one) and their Wan inputs, checked against this patch's MetaCanvas and the latent being sampled."""
-        video = self.spec.kind != FluxKontextBackbone.kind
+        video = self.spec.kind != FLUX_KONTEXT
         if noise.ndim != (5 if video else 4):
             raise MetaCanvasInputError(
                 f"the sampler's latent has shape {tuple(noise.shape)}; MetaCanvas on {self.spec.kind} knows latents of "
@@ -184,7 +197,7 @@ class MetaCanvasPatch:
             )
         positive = conds.get("positive", [])
         if video and any(e.get(CANVAS_KEY) is not None or e.get(WAN_KEY) is not None for e in positive):
-            _check_wan_latent_size(noise.shape[-2], noise.shape[-1], self.spec.pixel_stride // WAN22_VAE_STRIDE)
+            _check_wan_latent_size(noise.shape[-2], noise.shape[-1], self.spec.pixel_stride)
         canvases, wan = {}, []
         for entry in positive:
             canvas = entry.get(CANVAS_KEY)
@@ -246,7 +259,7 @@ class MetaCanvasPatch:
         with_canvas = [(i, run.canvases[u]) for i, u in enumerate(uuids) if u in run.canvases]
         rows = [i * chunk + r for i, _ in with_canvas for r in range(chunk)]
         clock = torch.cat([options["sigmas"].float()] * len(uuids)).to(x.device) * 1000  # the connector's sigma·1000
-        if self.spec.kind == FluxKontextBackbone.kind:
+        if self.spec.kind == FLUX_KONTEXT:
             run.call = self._flux(args, kwargs, x, with_canvas, rows, chunk, clock)
         else:
             args, run.call = self._wan(args, options, x, run, with_canvas, rows, chunk, clock)
@@ -254,14 +267,14 @@ class MetaCanvasPatch:
             out = executor(*args, **kwargs)
         finally:
             run.call = None
-        return out if self.spec.kind == FluxKontextBackbone.kind else out[:, :, run_refs(run) :]
+        return out if self.spec.kind == FLUX_KONTEXT else out[:, :, run_refs(run) :]
 
     def _add(self, run: CanvasRun, out: torch.Tensor) -> torch.Tensor | None:
         """The patch-embedding hook: the current call's canvas (and Wan condition) on the embedded tokens."""
         call = run.call
         if call is None:
             return None
-        if self.spec.kind == FluxKontextBackbone.kind:
+        if self.spec.kind == FLUX_KONTEXT:
             return add_to_image_tokens(out, call.canvas, call.clock, call.grid)
         return add_to_patch_embedding(out, call.canvas, call.clock, call.n_ref, call.noisy, call.condition)
 
@@ -300,32 +313,21 @@ class MetaCanvasPatch:
             )
         per_frame = timestep if timestep.ndim == 2 else timestep[:, None].expand(b, frames)
         window = _window_frames(options, frames, run.frames)
-        n_ref = run_refs(run)
         args = list(args)
-        if n_ref:  # reference frames before the video, clean (timestep 0), as the pack's Wan takes them
-            args[0] = torch.cat([run.reference.to(x.device, x.dtype).expand(b, -1, -1, -1, -1), x], 2)
-            args[1] = torch.cat([per_frame.new_zeros(b, n_ref), per_frame], 1)
+        n_ref = run_refs(run)
+        if n_ref:  # reference frames before the video, clean (timestep 0), as the adapters put them
+            args[0], args[1] = prepend_references(x, per_frame, run.reference)
         condition = None
         if run.reference is not None or run.source is not None:
-            condition = self.mc.condition_embedding(self._condition(run, window, x)).to(x.device)
-        p = self.spec.pixel_stride // WAN22_VAE_STRIDE
+            source = None if run.source is None else run.source[:, :, window]
+            layout = wan_condition(n_ref, len(window), (x.shape[1], h, w), source, x.device)
+            condition = self.mc.condition_embedding(layout).to(x.device)
+        p = self.spec.pixel_stride // WAN_VAE_STRIDE
         canvas = None
         if rows:  # the fuse block in the DiT's compute dtype (x's), not the float32 ComfyUI embeds patches in
             canvas = self._injection(with_canvas, chunk, (run.frames, h // p, w // p), rows, x.device)
             canvas = replace(canvas.on_frames(window), compute_dtype=x.dtype)
         return args, ModelCall(canvas, clock, n_ref, per_frame != 0, condition)
-
-    def _condition(self, run: CanvasRun, window: list[int], x: torch.Tensor) -> torch.Tensor:
-        """[source latent | is-reference | has-source] per latent frame of the call, references first (the pack's
-        Wan layout), the source video cut to the call's frames."""
-        z, h, w = x.shape[1], x.shape[-2], x.shape[-1]
-        n_ref = run_refs(run)
-        c = torch.zeros(1, z + 2, n_ref + len(window), h, w, device=x.device)
-        c[:, z, :n_ref] = 1
-        if run.source is not None:
-            c[:, :z, n_ref:] = run.source[:, :, window].to(x.device)
-            c[:, z + 1, n_ref:] = 1
-        return c
 
 
 def run_refs(run: CanvasRun) -> int:
@@ -353,17 +355,13 @@ def _window_frames(options: dict, frames: int, total: int) -> list[int]:
     return indices
 
 
-def _check_wan_latent_size(h: int, w: int, patch: int) -> None:
-    """The canvas lies on whole DiT patches: a latent whose size the patches do not tile (ComfyUI's Wan pads it)
-    has no canvas position for the padded tokens; refused naming the input and its valid neighbours."""
-    stride = patch * WAN22_VAE_STRIDE
-    for name, value in (("width", w * WAN22_VAE_STRIDE), ("height", h * WAN22_VAE_STRIDE)):
-        if value % stride:
-            raise MetaCanvasInputError(
-                f"{name} {value}: MetaCanvas on Wan2.2 needs a latent {name} that is a multiple of {stride} pixels "
-                f"(whole 2×2 DiT patches for the canvas): set the {name} of Wan22ImageToVideoLatent (or of the latent "
-                f"you sample) to {max(stride, value // stride * stride)} or {(value // stride + 1) * stride}."
-            )
+def _check_wan_latent_size(h: int, w: int, stride: int) -> None:
+    """The canvas lies on whole DiT patches (`stride` pixels): a latent whose size the patches do not tile (ComfyUI's
+    Wan pads it) has no canvas position for the padded tokens; refused naming the input and its valid neighbours."""
+    why = "MetaCanvas on Wan2.2 needs whole 2×2 DiT patches for the canvas"
+    for name, value in (("width", w * WAN_VAE_STRIDE), ("height", h * WAN_VAE_STRIDE)):
+        setting = f"the {name} of Wan22ImageToVideoLatent (or of the latent you sample)"
+        check_size(name, value, stride, why, setting)
 
 
 def _transformer_options(args, kwargs) -> dict:

@@ -1,5 +1,6 @@
-"""Untrained MetaCanvas + native context = the backbone itself: our sampler against diffusers' own pipelines,
-given only prompt strings (the pipelines run their own text encoders). Canvas on (zero-initialised).
+"""Untrained MetaCanvas + the backbone's own text encoder = the backbone itself: the adapters' sampler against
+diffusers' own pipelines, given only prompt strings (the pipelines run their own text encoders). Canvas on
+(zero-initialised).
 SANA's (SanaPipeline, both schedulers, decoded images too) is in test_sampling.py.
 
 All comparisons are exact (`torch.equal`): the prompt encoding is the pipelines' own method, the noise
