@@ -67,7 +67,7 @@ def mllm_pooled(mc: MetaCanvas) -> torch.Tensor | None:
     if mc.config.backbone == FLUX_KONTEXT and mc.pooled is None:
         raise MetaCanvasInputError(
             f"MetaCanvas checkpoint '{mc.name}' stores no pooled vector for FLUX's pooled slot (it predates it): "
-            "export it again with this version, or use native context (the backbone's own CLIP text encoder)."
+            "export it again with this version, or use context 'native' (the backbone's own CLIP text encoder)."
         )
     return mc.pooled
 

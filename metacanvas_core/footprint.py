@@ -106,7 +106,7 @@ PLAN = Step("MetaCanvas Plan", ("Qwen2.5-VL-7B",), fp8=("Qwen2.5-VL-7B",))
 
 
 def _pack(kind: str, dit: str, vae: str, text: tuple[str, ...], encodes: bool) -> tuple[Step, ...]:
-    """The pack's own graph with an untrained checkpoint: native context (the backbone's text encoder in Project)."""
+    """The pack's own graph with an untrained checkpoint: context 'native' (the backbone's own text encoder in Project)."""
     mc = f"MetaCanvas {kind} native"
     project = Step("MetaCanvas Project", (*text, mc, *((vae,) if encodes else ())))
     return PLAN, project, Step("MetaCanvas Sampler", (dit, mc)), Step("MetaCanvas Decode", (vae,))

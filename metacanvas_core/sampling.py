@@ -97,7 +97,7 @@ def sample(
 
 def connector_clock(scheduler, step: int, device: torch.device) -> torch.Tensor:
     """The canvas connector's clock at a scheduler's step: sigma·1000 in float32 from its sigmas, as the trainer
-    (`objective.py`) and ComfyUI's native path (`nodes/native.py`) compute it. The UniPC and DPM schedulers' own
+    (`objective.py`) and ComfyUI's native path (`nodes/model_patch.py`) compute it. The UniPC and DPM schedulers' own
     timesteps are int64, rounded down from sigma·1000 (up to one unit off), so the connector never reads them; the DiT
     still gets them, as the diffusers pipelines pass them."""
     return scheduler.sigmas[step].to(device, torch.float32) * 1000

@@ -229,7 +229,7 @@ def write_tiny_sana(folder: Path, seed: int = 0) -> Path:
 def write_tiny_flux_kontext(folder: Path, seed: int = 0) -> Path:
     """FLUX.1-Kontext pipeline folder in the real layout: a 1+1-block transformer (width 32, guidance
     embedding), a 16-channel AutoencoderKL with stride 8 (as FLUX's), a 2-layer CLIP text encoder for
-    the pooled slot and a 2-layer T5 (the native context; the paper's is the MLLM's)."""
+    the pooled slot and a 2-layer T5 (context 'native'; the paper's is the MLLM's)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -6,7 +6,7 @@ and ComfyUI's memory manager as they are.
 - MetaCanvas Text Conditioning (plan -> positive, negative): the MLLM's prompt through the context connector, as
   native CONDITIONING (the paper's text path for Wan2.2 and FLUX-Kontext; no umT5/T5 needed).
 - MetaCanvas Attach Canvas (CONDITIONING -> CONDITIONING): the plan's canvas on a positive conditioning — from Text
-  Conditioning, or from core Load CLIP + CLIP Text Encode (native context) — with strength and mask.
+  Conditioning, or from core Load CLIP + CLIP Text Encode (context 'native': the model's own text encoder) — with strength and mask.
 - MetaCanvas Wan Inputs: reference images / a source video of the plan, encoded by the native Wan2.2 VAE, for
   in-context video and video editing (image-to-video's first frame goes through core Wan22ImageToVideoLatent).
 """
@@ -95,7 +95,7 @@ class MetaCanvasTextConditioning:
 
     @classmethod
     def INPUT_TYPES(cls):
-        clip = "{} from core CLIP Text Encode (the model's own text encoder, e.g. umt5_xxl for Wan2.2, clip_l + t5xxl for FLUX): used when the checkpoint takes native context ('new (untrained)' on a native model); not run when it takes MLLM context."
+        clip = "{} from core CLIP Text Encode (the model's own text encoder, e.g. umt5_xxl for Wan2.2, clip_l + t5xxl for FLUX): used when the checkpoint takes context 'native', the model's own text encoder ('new (untrained)' on a native model); not run when it takes MLLM context."
         return {
             "required": {
                 "plan": ("METACANVAS_PLAN", {"tooltip": "The MLLM's plan (MetaCanvas Plan)."}),

@@ -152,7 +152,7 @@ def places(tmp_path_factory) -> dict[str, Path]:
 
 
 def _native_specs(native_files: Path) -> dict:
-    """The MetaCanvas backbone specs of the tiny native files, read from their headers as nodes/native.py reads the
+    """The MetaCanvas backbone specs of the tiny native files, read from their headers as nodes/model_patch.py reads the
     loaded models (ComfyUI's FLUX has heads of 128)."""
     from metacanvas_core.files import SafetensorsFile
     from metacanvas_core.specs import flux_kontext_spec, wan_spec

@@ -194,7 +194,7 @@ def test_the_sampler_makes_images_only(pack):
 
 
 def test_native_wan_inputs_reach_the_vae_as_in_training(pack):
-    """MetaCanvas Wan Inputs resizes reference images and source frames the one way training does (`wan.vae_pixels`:
+    """MetaCanvas Wan Inputs resizes reference images and source frames the one way training does (`injection.vae_pixels`:
     diffusers' VideoProcessor, Lanczos): the 0..1 pixels it hands ComfyUI's VAE become, once that VAE maps them to
     [-1, 1] (x * 2 - 1), training's pixels to float32 rounding; the bicubic resize it used before differs."""
     import numpy as np

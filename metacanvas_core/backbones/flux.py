@@ -117,7 +117,7 @@ class FluxKontextBackbone(Backbone):
     def from_folder(
         cls, folder: Path, dtype: torch.dtype, device: str | torch.device, text_encoder: bool = True
     ) -> FluxKontextBackbone:
-        """`text_encoder`: also load T5-XXL (native context); CLIP-L is read in any case for the pooled slot."""
+        """`text_encoder`: also load T5-XXL (context 'native'); CLIP-L is read in any case for the pooled slot."""
         kw = dict(local_files_only=True, use_safetensors=True)
         transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype, **kw)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **kw)

@@ -1,20 +1,165 @@
-"""The pack's own sampling path, for SANA (ComfyUI has no SANA): project the plan for the backbone, sample with the
-pack's sampler, decode with the backbone's VAE. Wan2.2 and FLUX-Kontext run in ComfyUI as the native patch
-(nodes_native.py); the Edit Guidance node of the former FLUX path stays, deprecated, so old graphs still load."""
+"""The pack's own path, for SANA (text-to-image; ComfyUI has no SANA): load it from a diffusers folder, project the
+plan for it, sample with the pack's sampler, decode with its VAE. Wan2.2 and FLUX-Kontext run in ComfyUI as the native
+patch (nodes_native.py): a Wan2.2 or FLUX-Kontext folder is refused here naming the template that replaces it, and the
+Edit Guidance node of the former FLUX path stays, deprecated, so old graphs still load."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path, PurePath
 
 import torch
 
-from metacanvas_core.backbones import SCHEDULERS
+from metacanvas_core.backbones import SCHEDULERS, load_backbone
+from metacanvas_core.backbones.flux import FluxKontextBackbone
+from metacanvas_core.backbones.sana import SanaBackbone
+from metacanvas_core.backbones.wan import WanBackbone
 from metacanvas_core.conditioning import Conditioning, project
 from metacanvas_core.errors import MetaCanvasInputError
 from metacanvas_core.sampling import sample
 
-from .runtime import Loaded, intermediate_device, load, make_video, step_callback
-from .widgets import CANVAS_DIAL, CATEGORY, check_numbers, check_size, size_inputs
+from .runtime import (
+    Loaded,
+    find_model,
+    intermediate_device,
+    list_folders,
+    load,
+    make_video,
+    offload_device,
+    resolve_dtype,
+    step_callback,
+)
+from .widgets import CANVAS_DIAL, CATEGORY, DTYPES, check_numbers, check_size, size_inputs
+
+DIFFUSERS = ("diffusers",)
+BACKBONE_FOLDER = "Backbone folder"
+# What runs Wan2.2 and FLUX-Kontext in ComfyUI instead of the Backbone Loader: the native patch (core Load Diffusion
+# Model + MetaCanvas Apply + core samplers), in these templates.
+NATIVE_REPLACEMENTS = {
+    WanBackbone: (
+        "Wan2.2",
+        "core Load Diffusion Model (diffusion_models/wan2.2_ti2v_5B_fp16.safetensors) + MetaCanvas Apply + core "
+        "KSampler: open the template native_text_to_video (or native_image_to_video, native_video_editing, "
+        "native_in_context_video)",
+    ),
+    FluxKontextBackbone: (
+        "FLUX.1-Kontext",
+        "core Load Diffusion Model (diffusion_models/flux1-dev-kontext_fp8_scaled.safetensors) + MetaCanvas Apply + "
+        "core FluxGuidance, DualCFGGuider and SamplerCustomAdvanced: open the template native_image_editing",
+    ),
+}
+
+
+def _pipeline_class(folder: Path) -> str | None:
+    """The `_class_name` in a diffusers folder's model_index.json, or None when it cannot be read."""
+    try:
+        name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _kind_of_name(name: str) -> type | None:
+    """Wan2.2 or FLUX-Kontext from a folder name alone (a saved graph naming a folder that is not installed)."""
+    last = PurePath(name).name.lower()
+    return WanBackbone if "wan2" in last else FluxKontextBackbone if "kontext" in last else None
+
+
+def _refusal(name: str, kind: type | None) -> str | None:
+    """The message for a Wan2.2 or FLUX-Kontext folder given to the Backbone Loader: what replaces it."""
+    if kind not in NATIVE_REPLACEMENTS:
+        return None
+    model, replacement = NATIVE_REPLACEMENTS[kind]
+    return (
+        f"{BACKBONE_FOLDER} '{name}' is {model}: the MetaCanvas Backbone Loader loads SANA only. {model} runs in "
+        f"ComfyUI as the native patch: {replacement} (Workflow -> Browse Templates -> MetaCanvas)."
+    )
+
+
+def check_backbone_folder(name: str) -> Path:
+    """The SANA folder `name` names, or MetaCanvasInputError: for a Wan2.2 or FLUX-Kontext folder (installed, or
+    named in a saved graph) the message says which native template replaces it."""
+    try:
+        folder = find_model(DIFFUSERS, name, BACKBONE_FOLDER)
+    except MetaCanvasInputError as e:
+        plain = not PurePath(name).is_absolute() and ".." not in PurePath(name).parts
+        raise MetaCanvasInputError((plain and _refusal(name, _kind_of_name(name))) or str(e)) from None
+    pipeline = _pipeline_class(folder)
+    if pipeline in SanaBackbone.pipeline_class_names:
+        return folder
+    kind = next((cls for cls in NATIVE_REPLACEMENTS if pipeline in cls.pipeline_class_names), None)
+    sana = ", ".join(SanaBackbone.pipeline_class_names)
+    found = f"is a '{pipeline}' folder" if pipeline else "has no model_index.json naming its pipeline"
+    raise MetaCanvasInputError(
+        _refusal(name, kind)
+        or f"{BACKBONE_FOLDER} '{name}' {found}: the MetaCanvas Backbone Loader loads SANA only (a diffusers folder "
+        f"whose model_index.json names {sana}, e.g. Sana_1600M_512px_diffusers)."
+    )
+
+
+def sana_folders() -> list[str]:
+    """The diffusers folders holding a SANA pipeline (the Backbone Loader's choices)."""
+    names = list_folders(DIFFUSERS, "model_index.json")
+    return [
+        n
+        for n in names
+        if _pipeline_class(find_model(DIFFUSERS, n, BACKBONE_FOLDER)) in SanaBackbone.pipeline_class_names
+    ]
+
+
+class MetaCanvasBackboneLoader:
+    DESCRIPTION = (
+        "Loads SANA (text-to-image; ComfyUI has no SANA loader) from a diffusers folder for the pack's own Project, "
+        "Sampler and Decode. Wan2.2 and FLUX-Kontext run as the native patch instead: core Load Diffusion Model + "
+        "MetaCanvas Apply (templates native_text_to_video, native_image_editing, ...); a Wan2.2 or FLUX-Kontext "
+        "folder is refused with the template that replaces it."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("METACANVAS_BACKBONE",)
+    RETURN_NAMES = ("backbone",)
+    OUTPUT_TOOLTIPS = ("SANA: transformer, DC-AE and, when load_text_encoder is on, its own Gemma-2 text encoder.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "backbone_folder": (
+                    sana_folders(),
+                    {
+                        "tooltip": "A SANA diffusers pipeline folder in models/diffusers (model_index.json names SanaPipeline), e.g. Sana_1600M_512px_diffusers. Wan2.2 and FLUX-Kontext: the native templates (core Load Diffusion Model + MetaCanvas Apply)."
+                    },
+                ),
+                "dtype": (
+                    DTYPES,
+                    {
+                        "default": "auto",
+                        "tooltip": "Weight precision. auto = bf16 where the GPU supports it, else fp32.",
+                    },
+                ),
+                "load_text_encoder": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Also load SANA's own Gemma-2 text encoder from the folder (context 'native': the plain SANA output with an untrained MetaCanvas). Off saves memory when the checkpoint takes its context from the MLLM.",
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, backbone_folder):
+        try:
+            check_backbone_folder(backbone_folder)
+        except MetaCanvasInputError as e:
+            return str(e)
+        return True
+
+    def load(self, backbone_folder: str, dtype: str, load_text_encoder: bool = True):
+        folder = check_backbone_folder(backbone_folder)
+        backbone = load_backbone(folder, resolve_dtype(dtype), offload_device(), load_text_encoder)
+        return (Loaded(backbone, backbone.parts()),)
 
 
 @dataclass
@@ -28,7 +173,7 @@ class Projected:
 class MetaCanvasProject:
     DESCRIPTION = (
         "Projects the plan for the SANA backbone: the canvas connector aligns the canvas to the DiT width; the prompt "
-        "goes into the backbone's text slot (native context: SANA's Gemma-2). Native graphs use Text Conditioning "
+        "goes into the backbone's text slot (context 'native': SANA's Gemma-2). Native graphs use Text Conditioning "
         "and Attach Canvas instead."
     )
     CATEGORY = CATEGORY
@@ -289,12 +434,14 @@ class MetaCanvasDecode:
 
 
 NODE_CLASS_MAPPINGS = {
+    "MetaCanvasBackboneLoader": MetaCanvasBackboneLoader,
     "MetaCanvasProject": MetaCanvasProject,
     "MetaCanvasSampler": MetaCanvasSampler,
     "MetaCanvasDecode": MetaCanvasDecode,
     "MetaCanvasEditGuidance": MetaCanvasEditGuidance,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "MetaCanvasBackboneLoader": "MetaCanvas Backbone Loader",
     "MetaCanvasProject": "MetaCanvas Project",
     "MetaCanvasSampler": "MetaCanvas Sampler",
     "MetaCanvasDecode": "MetaCanvas Decode",
