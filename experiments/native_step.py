@@ -91,7 +91,8 @@ def native_model(kind: str, size: str, device: torch.device, dtype: torch.dtype)
     import comfy.model_patcher
 
     from metacanvas_core import realconfigs
-    from metacanvas_core.tiny import tiny_native_wan, wan_original_state
+    from metacanvas_core.comfy_files import wan_original_state
+    from metacanvas_core.tiny import tiny_native_wan
 
     if kind == "wan":
         if size == "tiny":

@@ -94,6 +94,7 @@ _KINDS = [
     ("a Qwen-Image DiT", ("transformer_blocks.0.img_mod.1.weight", "txt_norm.weight"), ()),
     ("a Wan DiT", ("head.modulation", "patch_embedding.weight"), ()),
     ("a FLUX DiT", ("double_blocks.0.img_attn.norm.key_norm.scale",), ()),
+    ("a FLUX DiT (diffusers layout)", ("x_embedder.weight", "transformer_blocks.0.attn.add_q_proj.weight"), ()),
     ("a Wan VAE", ("decoder.middle.0.residual.0.gamma",), ()),
     ("a FLUX/SD VAE", ("decoder.conv_in.weight",), ("decoder.middle.0.residual.0.gamma",)),
     ("a T5 text encoder", ("encoder.block.0.layer.0.SelfAttention.k.weight",), ()),

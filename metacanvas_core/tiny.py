@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import realconfigs
+from .comfy_files import wan_original_state
 
 QWEN_SPECIAL = [
     "<|endoftext|>",
@@ -434,43 +435,7 @@ def write_all(models: Path) -> dict[str, Path]:
 
 
 # --- ComfyUI's own single files (native graphs: core loaders + MetaCanvas Apply) ----------------------------------
-# diffusers' Wan transformer names -> the original (ComfyUI's, Comfy-Org's files) names: diffusers' own conversion
-# (`convert_wan_transformer_to_diffusers`) read backwards. norm2/norm3 swap places (cross-attention's norm).
-_WAN_ORIGINAL_NAMES = [
-    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
-    ("condition_embedder.time_proj", "time_projection.1"),
-    ("attn2", "cross_attn"),
-    ("attn1", "self_attn"),
-    (".to_out.0.", ".o."),
-    (".to_q.", ".q."),
-    (".to_k.", ".k."),
-    (".to_v.", ".v."),
-    ("ffn.net.0.proj", "ffn.0"),
-    ("ffn.net.2", "ffn.2"),
-    (".norm2.", ".norm__swap."),
-    (".norm3.", ".norm2."),
-    (".norm__swap.", ".norm3."),
-]
 NATIVE_WAN_DIM = 128  # ComfyUI reads Wan's heads as width // 128: the narrowest Wan it loads
-
-
-def wan_original_state(diffusers_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A diffusers WanTransformer3DModel's weights under the original names ComfyUI's single files use."""
-    out = {}
-    for key, value in diffusers_state.items():
-        if key == "scale_shift_table":
-            key = "head.modulation"
-        elif key.startswith("proj_out."):
-            key = "head.head." + key[len("proj_out.") :]
-        else:
-            for old, new in _WAN_ORIGINAL_NAMES:
-                key = key.replace(old, new)
-            key = key.replace(".scale_shift_table", ".modulation")
-        out[key] = value
-    return out
 
 
 def tiny_native_wan(seed: int = 0):

@@ -82,7 +82,13 @@ def train(args: argparse.Namespace) -> None:
         out = args.output_dir
         print(f"trained {trainer.step} steps in {time.perf_counter() - start:.1f} s")
         print(f"MetaCanvas checkpoint: {out / (config.name + '.safetensors')} (copy it to models/metacanvas/)")
-        if trainer.trains_dit:
+        if "diffusion_model" in trainer.exported:  # Wan2.2, FLUX.1-Kontext: ComfyUI's native MODEL
+            print(
+                f"trained DiT: {trainer.exported['diffusion_model']} (copy it to models/diffusion_models/ and load it "
+                "with Load Diffusion Model in the native_* templates; the folder "
+                f"{out / 'backbone'} is for training from it)"
+            )
+        elif trainer.trains_dit:
             print(f"trained backbone: {out / 'backbone'} (copy or link it to models/diffusers/<name>)")
         if trainer.samples is not None:
             print(

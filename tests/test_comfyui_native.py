@@ -51,9 +51,10 @@ if IN_HARNESS:
 
     from metacanvas_core.backbones import Branch
     from metacanvas_core.backbones.wan import WanBackbone
+    from metacanvas_core.comfy_files import wan_original_state
     from metacanvas_core.injection import CanvasInjection
     from metacanvas_core.text import TextContext
-    from metacanvas_core.tiny import tiny_native_wan, tiny_wan_vae, wan_original_state
+    from metacanvas_core.tiny import tiny_native_wan, tiny_wan_vae
 
     PROMPT = "a red ball rolls from the left to the right"
 
@@ -710,3 +711,89 @@ if IN_HARNESS:
         set_torch_compile_wrapper(compiled, backend="eager")
         eager = ksample(apply(pack, model, mc), with_canvas, negative, WAN_LATENT, steps=2)
         torch.testing.assert_close(ksample(compiled, with_canvas, negative, WAN_LATENT, steps=2), eager)
+
+    # --- the trained DiT as ComfyUI's own single file ---------------------------------------------------------------
+    def test_a_trained_dit_exported_by_training_loads_in_comfyuis_core_loader(tmp_path):
+        """Training's export of a trained Wan2.2 / FLUX.1-Kontext DiT writes a single file ComfyUI's own loader
+        (`comfy.sd.load_diffusion_model`, what core Load Diffusion Model calls) reads as the right model with the
+        trained weights. Wan2.2 at ComfyUI's narrowest width (all DiT trained, as wan_s3): a WAN22 model whose
+        every weight equals the trained one under its original name. FLUX.1-Kontext at the width ComfyUI 0.3.64
+        fixes (3072, 24 heads; one double block; its image stream trained, as flux_kontext_edit): detected as Flux
+        with guidance from the diffusers layout, and ComfyUI's forward equals diffusers' on the same inputs, far from
+        diffusers' forward of the untrained weights. Their RoPE and attention code differ: measured (CPU, fp32)
+        7.1e-7 (ComfyUI 0.3.64) and 8.7e-7 (0.33.0) of the output's largest value apart; the training moved it by
+        1.5 of it; allowed 1e-5."""
+        from diffusers.pipelines.flux.pipeline_flux_kontext import FluxKontextPipeline
+
+        from metacanvas_core import realconfigs
+        from metacanvas_core.training.config import DIT_PATTERNS
+        from metacanvas_core.training.export import export_backbone
+
+        source = tmp_path / "source"  # the pipeline folder training read (the export links its other parts)
+        source.mkdir()
+        (source / "model_index.json").write_text("{}")
+
+        def stand_in_training(model, part, seed):
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if re.search(DIT_PATTERNS[part], name):
+                        p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            return model
+
+        def exported(model, kind, run):
+            path = export_backbone(model.state_dict(), model, source, tmp_path / run / "backbone", None, kind, run)
+            assert path.parent == tmp_path / run / "diffusion_models"
+            return path
+
+        # Wan2.2-TI2V-5B
+        untrained = tiny_native_wan(seed=5).state_dict()
+        wan_dit = stand_in_training(tiny_native_wan(seed=5), "dit", 1)
+        path = exported(wan_dit, "wan", "wan-run")
+        assert path.name == "wan-run_wan2.2_ti2v_5B_fp32.safetensors"
+        native = comfy.sd.load_diffusion_model(str(path))
+        assert type(native.model).__name__ == "WAN22"
+        comfy_state = native.model.diffusion_model.state_dict()
+        trained = wan_original_state(wan_dit.state_dict())
+        assert comfy_state.keys() == trained.keys(), sorted(comfy_state.keys() ^ trained.keys())[:5]
+        for key, value in trained.items():
+            assert comfy_state[key].dtype == torch.float32 and torch.equal(comfy_state[key], value), key
+        assert all(not torch.equal(untrained[k], v) for k, v in wan_dit.state_dict().items())  # all trained
+        del native, comfy_state
+
+        # FLUX.1-Kontext
+        flux_dit = realconfigs.build("flux_1_kontext_dev/transformer", "cpu", num_layers=1, num_single_layers=0)
+        flux_dit.eval()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 16, 8, 12, generator=g)  # a latent of 8x12: 4x6 tokens
+        context, pooled = torch.randn(1, 7, 4096, generator=g), torch.randn(1, 768, generator=g)
+        t, guidance = torch.tensor([0.7]), torch.tensor([2.5])
+        diffusers_inputs = {
+            "hidden_states": FluxKontextPipeline._pack_latents(x, 1, 16, 8, 12),
+            "encoder_hidden_states": context,
+            "pooled_projections": pooled,
+            "timestep": t,
+            "guidance": guidance,
+            "img_ids": FluxKontextPipeline._prepare_latent_image_ids(1, 4, 6, "cpu", torch.float32),
+            "txt_ids": torch.zeros(7, 3),
+            "return_dict": False,
+        }
+        with torch.no_grad():
+            before = flux_dit(**diffusers_inputs)[0]
+            stand_in_training(flux_dit, "dit_image_stream", 2)
+            after = flux_dit(**diffusers_inputs)[0]
+        path = exported(flux_dit, "flux_kontext", "flux-run")
+        assert path.name == "flux-run_flux1-dev-kontext_fp32.safetensors"
+        del flux_dit
+        native = comfy.sd.load_diffusion_model(str(path))
+        config = native.model.model_config.unet_config
+        assert type(native.model).__name__ == "Flux" and config["image_model"] == "flux" and config["guidance_embed"]
+        dm = native.model.diffusion_model
+        assert {p.dtype for p in dm.parameters()} == {torch.float32}
+        with torch.no_grad():
+            comfy_out = dm(x, t, context, y=pooled, guidance=guidance)
+        comfy_out = FluxKontextPipeline._pack_latents(comfy_out, 1, 16, 8, 12)
+        scale = after.abs().max()
+        gap, moved = (comfy_out - after).abs().max() / scale, (before - after).abs().max() / scale
+        print(f"FLUX.1-Kontext single file: ComfyUI vs diffusers {gap:.1e}, trained vs untrained {moved:.1e} (of max)")
+        assert gap < 1e-5 and moved > 1e-2, (gap, moved)

@@ -1,6 +1,8 @@
-"""Export: what a training run hands to users — a MetaCanvas checkpoint, and the trained DiT as a pipeline folder.
+"""Export: what a training run hands to users — a MetaCanvas checkpoint, and the trained DiT as a pipeline folder
+(the trainer's own input: resuming, the next stage, the CLI) and, for Wan2.2 and FLUX.1-Kontext, as the single file
+ComfyUI's core Load Diffusion Model reads (inside ComfyUI these run only as its native MODEL + MetaCanvas Apply).
 
-Both are written from full (gathered) state dicts, so they are the same whether the run was sharded or not.
+All are written from full (gathered) state dicts, so they are the same whether the run was sharded or not.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_metacanvas
+from ..comfy_files import SINGLE_FILE_BASES, config_metadata, single_file_name, write_single_file
 from ..metacanvas import MetaCanvas, MetaCanvasConfig
 from ..planner import CanvasLora
 
@@ -39,9 +42,19 @@ def export_metacanvas(
 
 
 def export_backbone(
-    state: dict[str, torch.Tensor], transformer: nn.Module, source: Path, folder: Path, lora_scale: float | None
-) -> None:
-    """A diffusers pipeline folder: the trained transformer (its DiT LoRA merged), the other parts linked to `source`."""
+    state: dict[str, torch.Tensor],
+    transformer: nn.Module,
+    source: Path,
+    folder: Path,
+    lora_scale: float | None,
+    kind: str | None = None,
+    run: str | None = None,
+) -> Path | None:
+    """A diffusers pipeline folder: the trained transformer (its DiT LoRA merged), the other parts linked to `source`.
+
+    For a `kind` ComfyUI runs natively (Wan2.2, FLUX.1-Kontext) also the same weights as a ComfyUI single file,
+    `<folder's parent>/diffusion_models/<run>_<model>_<dtype>.safetensors` (`comfy_files`); returns its path (None
+    for SANA, which ComfyUI has no model for: the Backbone Loader reads the folder)."""
     if lora_scale is not None:
         state = lora_merged_state(state, lora_scale)
     fresh = type(transformer).from_config(transformer.config)
@@ -57,3 +70,16 @@ def export_backbone(
                 shutil.copy2(entry, target)  # model_index.json and other small files
             else:
                 target.symlink_to(entry.resolve(), target_is_directory=True)
+    if kind not in SINGLE_FILE_BASES:
+        return None
+    weights = fresh.state_dict()
+    dtype = next(iter(weights.values())).dtype
+    path = folder.parent / "diffusion_models" / single_file_name(run or folder.parent.name, kind, dtype)
+    metadata = {
+        "metacanvas.run": run or "",
+        "metacanvas.source": source.name,
+        "metacanvas.dit_lora": "merged" if lora_scale is not None else "none",
+        "metacanvas.diffusers_class": type(fresh).__name__,
+        "metacanvas.diffusers_config": config_metadata(fresh.config),
+    }
+    return write_single_file(kind, weights, path, metadata)

@@ -91,6 +91,7 @@ class Trainer:
         self._build_optimizer()
         self.step = 0
         self.samples: Path | None = None
+        self.exported: dict[str, Path] = {}  # what export() wrote, by kind (metacanvas, backbone, diffusion_model)
         if resume is not None:
             self._resume(Path(resume))
 
@@ -416,12 +417,14 @@ class Trainer:
 
     # --- export -----------------------------------------------------------------------------
     def export(self) -> dict[str, Path]:
-        """Write the MetaCanvas checkpoint (+ the trained backbone as a pipeline folder) into the output folder."""
+        """Write the MetaCanvas checkpoint (+ the trained backbone as a pipeline folder and, for Wan2.2 and
+        FLUX.1-Kontext, as a ComfyUI single file under `diffusion_models/`) into the output folder."""
         acc = self.accelerator
         state = checkpoints.full_state_dict(self.module)  # full weights on the main process (gathers FSDP shards)
         paths = {"metacanvas": self.out / f"{self.config.name}.safetensors"}
         if self.trains_dit:
             paths["backbone"] = self.out / "backbone"
+        self.exported = paths
         if not acc.is_main_process:
             return paths
 
@@ -436,13 +439,17 @@ class Trainer:
             )
         export_metacanvas(part("mc."), self.mc.config, lora, paths["metacanvas"])
         if self.trains_dit:
-            export_backbone(
+            single_file = export_backbone(
                 part("transformer."),
                 self.backbone.transformer,
                 self.backbone_folder,
                 paths["backbone"],
                 self.dit_lora_scale,
+                self.backbone.kind,
+                self.config.name,
             )
+            if single_file is not None:
+                paths["diffusion_model"] = single_file
         publish(self.out)
         return paths
 
