@@ -21,7 +21,6 @@ WAN_CANVAS_FACTOR = 2  # the paper's 11×20 canvas on the 22×40 token grid of 7
 WAN_KEYFRAMES = 3  # the paper's Table 6: 3 keyframes beat 1, 6, 11, 31
 WAN_CONTEXT_DROPOUT = 0.1  # the paper's context MLP dropout (video setup)
 WAN_VAE_STRIDE = 16  # pixels per latent position of the Wan2.2 VAE (height and width)
-WAN_TEMPORAL_STRIDE = 4  # frames per latent frame after the first: lengths are 4k+1
 WAN_MAX_REFERENCES = 3  # the paper's in-context video (OmniContext-Video style) takes 1–3 reference images
 FUSE_HEAD_DIM = 32  # Algorithm 1's fuse block: heads of 32 (96 at width 3072)
 

@@ -123,9 +123,6 @@ class WanBackbone(Backbone):
         super().check_size(height, width)
         check_size("length", frames, self.temporal_stride, "frames the Wan2.2 VAE takes", offset=1)
 
-    def token_grid(self, height: int, width: int, frames: int = 1) -> tuple[int, int, int]:
-        return self.latent_frames(frames), height // self.pixel_stride, width // self.pixel_stride
-
     @property
     def text_dim(self) -> int:
         return self.transformer.config.text_dim
