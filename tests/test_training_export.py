@@ -50,10 +50,10 @@ def test_dit_lora_is_merged_on_export(tiny, tmp_path):
 
 
 # --- the trained DiT as ComfyUI's single file (Wan2.2, FLUX.1-Kontext: ComfyUI's native MODEL) ---------------------
-def trained_on(tiny, tmp_path, recipe: str, backbone: str) -> Trainer:
+def trained_on(tiny, tmp_path, recipe: str, backbone: str, more: list[str] = ()) -> Trainer:
     from metacanvas_core.training.config import load_config
 
-    overrides = [f"mllm={tiny['mllm']}", f"backbone={tiny[backbone]}", "max_steps=2", "eval_samples=0"]
+    overrides = [f"mllm={tiny['mllm']}", f"backbone={tiny[backbone]}", "max_steps=2", "eval_samples=0", *more]
     trainer = Trainer(load_config(RECIPES / f"{recipe}.json", overrides), tmp_path, progress=False)
     trainer.train()
     return trainer
@@ -68,15 +68,15 @@ def read_single_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def test_a_trained_wan_dit_is_also_a_comfyui_file_under_the_original_names(tiny, tmp_path):
     """tiny_wan_s2 trains the Wan DiT's cross-attention: the export writes it, beside the folder, under the original
-    Wan names ComfyUI reads; diffusers' own reader of those files (`convert_wan_transformer_to_diffusers`) gives
-    back every trained weight bit for bit."""
+    Wan names ComfyUI reads, in bf16 (`single_file_dtype`'s default); diffusers' own reader of those files
+    (`convert_wan_transformer_to_diffusers`) gives back every trained weight, rounded to bf16, bit for bit."""
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     from metacanvas_core.comfy_files import wan_original_state
 
     trainer = trained_on(tiny, tmp_path, "tiny_wan_s2", "wan")
     path = trainer.exported["diffusion_model"]
-    assert path == tmp_path / "diffusion_models" / "tiny-wan-s2_wan2.2_ti2v_5B_fp32.safetensors"
+    assert path == tmp_path / "diffusion_models" / "tiny-wan-s2_wan2.2_ti2v_5B_bf16.safetensors"
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
     assert (tmp_path / "backbone" / "transformer").is_dir()  # the folder stays (resume, the next stage, the CLI)
     trained = trainer.backbone.transformer.state_dict()
@@ -91,15 +91,16 @@ def test_a_trained_wan_dit_is_also_a_comfyui_file_under_the_original_names(tiny,
     back = convert_wan_transformer_to_diffusers(dict(weights))
     assert back.keys() == trained.keys()
     for key, value in trained.items():
-        assert back[key].dtype == value.dtype == torch.float32 and torch.equal(back[key], value), key
+        assert value.dtype == torch.float32 and torch.equal(back[key], value.to(torch.bfloat16)), key
     assert metadata["metacanvas.backbone"] == "wan" and metadata["metacanvas.run"] == "tiny-wan-s2"
     assert metadata["metacanvas.diffusers_class"] == "WanTransformer3DModel"
 
 
 def test_a_trained_flux_kontext_dit_is_also_a_comfyui_file_in_diffusers_layout(tiny, tmp_path):
     """tiny_flux_kontext_edit trains FLUX's image stream: the single file holds the trained transformer's state dict
-    as it is (ComfyUI converts the diffusers layout on load), equal to the exported folder's transformer."""
-    trainer = trained_on(tiny, tmp_path, "tiny_flux_kontext_edit", "flux_kontext")
+    as it is (ComfyUI converts the diffusers layout on load), equal to the exported folder's transformer; here in
+    fp32 (`single_file_dtype` set), so exactly."""
+    trainer = trained_on(tiny, tmp_path, "tiny_flux_kontext_edit", "flux_kontext", ["single_file_dtype=fp32"])
     path = trainer.exported["diffusion_model"]
     assert path == tmp_path / "diffusion_models" / "tiny-flux-kontext-edit_flux1-dev-kontext_fp32.safetensors"
     trained = trainer.backbone.transformer.state_dict()

@@ -15,6 +15,8 @@ from pathlib import Path
 from types import UnionType
 from typing import get_args, get_origin, get_type_hints
 
+import torch
+
 from ..errors import MetaCanvasInputError
 from ..planner import CANVAS_LORA_SETTINGS
 
@@ -38,6 +40,7 @@ DIT_PATTERNS = {
 }
 CANVAS_PARTS = ("canvas", "canvas_connector", "mllm_lora")
 SOURCE_KINDS = ("manifest", "synthetic", "webdataset")
+SINGLE_FILE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -84,6 +87,9 @@ class TrainConfig:
     global_batch: int | None = None
     gradient_checkpointing: bool = False
     frozen_dtype: str = "fp32"  # dtype of models that are not trained at all ("bf16" for the real ones)
+    # dtype of the trained Wan/FLUX DiT's ComfyUI single file (`export.py`): bf16 as ComfyUI computes these DiTs
+    # (Comfy-Org's files are 16-bit; an fp32 Wan2.2-5B file would be 20 GB); the diffusers folder keeps the trained dtype
+    single_file_dtype: str = "bf16"
     latent_cache: str | None = None  # folder for VAE latents (relative: in the output folder); built at the start
     text_cache_size: int = 1024  # prompts whose frozen text-encoder states are kept in memory
     skip_bad_records: bool = False
@@ -168,6 +174,8 @@ class TrainConfig:
             raise bad("mixed_precision is 'auto', 'bf16' or 'no'")
         if self.frozen_dtype not in ("fp32", "bf16"):
             raise bad("frozen_dtype is 'fp32' or 'bf16'")
+        if self.single_file_dtype not in SINGLE_FILE_DTYPES:
+            raise bad(f"single_file_dtype is one of {', '.join(SINGLE_FILE_DTYPES)}")
         if self.codec not in ("vae", "pixels"):
             raise bad("codec is 'vae' or 'pixels'")
         if self.sharding not in ("ddp", "fsdp"):

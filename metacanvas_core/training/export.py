@@ -49,12 +49,14 @@ def export_backbone(
     lora_scale: float | None,
     kind: str | None = None,
     run: str | None = None,
+    single_file_dtype: torch.dtype | None = None,
 ) -> Path | None:
     """A diffusers pipeline folder: the trained transformer (its DiT LoRA merged), the other parts linked to `source`.
 
     For a `kind` ComfyUI runs natively (Wan2.2, FLUX.1-Kontext) also the same weights as a ComfyUI single file,
-    `<folder's parent>/diffusion_models/<run>_<model>_<dtype>.safetensors` (`comfy_files`); returns its path (None
-    for SANA, which ComfyUI has no model for: the Backbone Loader reads the folder)."""
+    `<folder's parent>/diffusion_models/<run>_<model>_<dtype>.safetensors` (`comfy_files`), in `single_file_dtype`
+    (None: the trained dtype); returns its path (None for SANA, which ComfyUI has no model for: the Backbone Loader
+    reads the folder)."""
     if lora_scale is not None:
         state = lora_merged_state(state, lora_scale)
     fresh = type(transformer).from_config(transformer.config)
@@ -73,6 +75,8 @@ def export_backbone(
     if kind not in SINGLE_FILE_BASES:
         return None
     weights = fresh.state_dict()
+    if single_file_dtype is not None:
+        weights = {k: v.to(single_file_dtype) if v.is_floating_point() else v for k, v in weights.items()}
     dtype = next(iter(weights.values())).dtype
     path = folder.parent / "diffusion_models" / single_file_name(run or folder.parent.name, kind, dtype)
     metadata = {

@@ -29,7 +29,7 @@ from ..metacanvas import default_context_source, new_metacanvas
 from ..planner import CanvasLora, Planner
 from . import checkpoints
 from .batches import BatchMaker, ImageEncoder
-from .config import TrainConfig, accumulation, as_run, resolve_path, source_batches
+from .config import SINGLE_FILE_DTYPES, TrainConfig, accumulation, as_run, resolve_path, source_batches
 from .data import BACKBONE_KINDS, DataMix, Source, _seed, read_manifest
 from .export import export_backbone, export_metacanvas
 from .init import init_modules
@@ -447,6 +447,7 @@ class Trainer:
                 self.dit_lora_scale,
                 self.backbone.kind,
                 self.config.name,
+                SINGLE_FILE_DTYPES[self.config.single_file_dtype],
             )
             if single_file is not None:
                 paths["diffusion_model"] = single_file
