@@ -5,13 +5,12 @@ Edit Guidance node of the former FLUX path stays, deprecated, so old graphs stil
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 import torch
 
-from metacanvas_core.backbones import SCHEDULERS, load_backbone
+from metacanvas_core.backbones import SCHEDULERS, load_backbone, pipeline_class_name
 from metacanvas_core.backbones.flux import FluxKontextBackbone
 from metacanvas_core.backbones.sana import SanaBackbone
 from metacanvas_core.backbones.wan import WanBackbone
@@ -51,15 +50,6 @@ NATIVE_REPLACEMENTS = {
 }
 
 
-def _pipeline_class(folder: Path) -> str | None:
-    """The `_class_name` in a diffusers folder's model_index.json, or None when it cannot be read."""
-    try:
-        name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return name if isinstance(name, str) else None
-
-
 def _kind_of_name(name: str) -> type | None:
     """Wan2.2 or FLUX-Kontext from a folder name alone (a saved graph naming a folder that is not installed)."""
     last = PurePath(name).name.lower()
@@ -85,7 +75,7 @@ def check_backbone_folder(name: str) -> Path:
     except MetaCanvasInputError as e:
         plain = not PurePath(name).is_absolute() and ".." not in PurePath(name).parts
         raise MetaCanvasInputError((plain and _refusal(name, _kind_of_name(name))) or str(e)) from None
-    pipeline = _pipeline_class(folder)
+    pipeline = pipeline_class_name(folder)
     if pipeline in SanaBackbone.pipeline_class_names:
         return folder
     kind = next((cls for cls in NATIVE_REPLACEMENTS if pipeline in cls.pipeline_class_names), None)
@@ -104,7 +94,7 @@ def sana_folders() -> list[str]:
     return [
         n
         for n in names
-        if _pipeline_class(find_model(DIFFUSERS, n, BACKBONE_FOLDER)) in SanaBackbone.pipeline_class_names
+        if pipeline_class_name(find_model(DIFFUSERS, n, BACKBONE_FOLDER)) in SanaBackbone.pipeline_class_names
     ]
 
 

@@ -17,17 +17,24 @@ from .wan import WanBackbone
 BACKBONES: dict[str, type[Backbone]] = {cls.kind: cls for cls in (SanaBackbone, FluxKontextBackbone, WanBackbone)}
 
 
+def pipeline_class_name(folder: str | Path) -> str | None:
+    """The `_class_name` in a diffusers folder's model_index.json; None when the folder has no readable one."""
+    try:
+        name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
 def backbone_class_for(folder: str | Path) -> type[Backbone]:
     """The adapter for a diffusers folder, with an error naming the folder when none fits."""
     folder = Path(folder)
-    index = folder / "model_index.json"
-    if not index.is_file():
+    if not (folder / "model_index.json").is_file():
         raise MetaCanvasInputError(
             f"'{folder}' has no model_index.json: the Backbone Loader needs a diffusers-format pipeline folder "
             "(e.g. Sana_1600M_512px_diffusers or FLUX.1-Kontext-dev)."
         )
-
-    name = json.loads(index.read_text()).get("_class_name")
+    name = pipeline_class_name(folder)
     for cls in BACKBONES.values():
         if name in cls.pipeline_class_names:
             return cls
@@ -59,5 +66,6 @@ __all__ = [
     "Backbone",
     "Branch",
     "backbone_class_for",
+    "pipeline_class_name",
     "load_backbone",
 ]
